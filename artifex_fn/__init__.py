@@ -1,0 +1,66 @@
+"""artifex_fn: functional reinforcement-learning fine-tuning for JAX.
+
+The RL math layer is re-exported here flat; see the module docstrings of
+``artifex_fn._src`` for conventions (time on the last axis by default,
+unreduced losses, masks where zero marks padding).
+"""
+
+from artifex_fn._src.advantages import GroupAdvantages
+from artifex_fn._src.advantages import group_advantages
+from artifex_fn._src.advantages import normalize_advantages
+from artifex_fn._src.aggregation import AGGREGATION_MODES
+from artifex_fn._src.aggregation import aggregate_loss
+from artifex_fn._src.aggregation import aggregate_loss_parts
+from artifex_fn._src.divergences import entropy_from_log_probs
+from artifex_fn._src.divergences import entropy_from_logits
+from artifex_fn._src.divergences import kl_estimate
+from artifex_fn._src.divergences import kl_from_log_probs
+from artifex_fn._src.divergences import kl_from_logits
+from artifex_fn._src.log_probs import sequence_lengths
+from artifex_fn._src.log_probs import sequence_log_probs
+from artifex_fn._src.log_probs import token_log_probs
+from artifex_fn._src.multistep import discounted_returns
+from artifex_fn._src.multistep import gae_advantages
+from artifex_fn._src.multistep import lambda_returns
+from artifex_fn._src.multistep import reverse_linear_recurrence
+from artifex_fn._src.policy_gradients import clip_fraction
+from artifex_fn._src.policy_gradients import clipped_surrogate_loss
+from artifex_fn._src.policy_gradients import importance_ratio
+from artifex_fn._src.policy_gradients import policy_gradient_loss
+from artifex_fn._src.policy_gradients import value_loss
+from artifex_fn._src.preference import PREFERENCE_LOSS_TYPES
+from artifex_fn._src.preference import PreferenceLoss
+from artifex_fn._src.preference import dpo_loss
+from artifex_fn._src.preference import simpo_loss
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "AGGREGATION_MODES",
+    "GroupAdvantages",
+    "PREFERENCE_LOSS_TYPES",
+    "PreferenceLoss",
+    "aggregate_loss",
+    "aggregate_loss_parts",
+    "clip_fraction",
+    "clipped_surrogate_loss",
+    "discounted_returns",
+    "dpo_loss",
+    "entropy_from_log_probs",
+    "entropy_from_logits",
+    "gae_advantages",
+    "group_advantages",
+    "importance_ratio",
+    "kl_estimate",
+    "kl_from_log_probs",
+    "kl_from_logits",
+    "lambda_returns",
+    "normalize_advantages",
+    "policy_gradient_loss",
+    "reverse_linear_recurrence",
+    "sequence_lengths",
+    "sequence_log_probs",
+    "simpo_loss",
+    "token_log_probs",
+    "value_loss",
+)

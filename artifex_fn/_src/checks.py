@@ -1,0 +1,81 @@
+"""Argument checks shared by the math layer.
+
+Every check runs at trace time on static shapes and raises ``ValueError``
+naming the argument and the expected shape, so a bad call fails before
+anything is compiled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def check_min_rank(x: jax.Array, rank: int, name: str) -> None:
+    """Raises unless ``x`` has at least ``rank`` dimensions."""
+    if x.ndim < rank:
+        raise ValueError(
+            f"`{name}` must have rank >= {rank}, got shape {tuple(x.shape)}.")
+
+
+def check_same_shape(x: jax.Array, name: str, ref: jax.Array,
+                     ref_name: str) -> None:
+    """Raises unless ``x`` has exactly the shape of ``ref``."""
+    if tuple(x.shape) != tuple(ref.shape):
+        raise ValueError(
+            f"`{name}` must have the shape of `{ref_name}` "
+            f"{tuple(ref.shape)}, got {tuple(x.shape)}.")
+
+
+def check_shape(x: jax.Array, expected: Sequence[int], name: str,
+                what: str = "") -> None:
+    """Raises unless ``x.shape == expected``; ``what`` explains the shape."""
+    if tuple(x.shape) != tuple(expected):
+        extra = f" ({what})" if what else ""
+        raise ValueError(
+            f"`{name}` must have shape {tuple(expected)}{extra}, "
+            f"got {tuple(x.shape)}.")
+
+
+def check_broadcastable(x: jax.Array, shape: Sequence[int], name: str) -> None:
+    """Raises unless ``x`` broadcasts to exactly ``shape``."""
+    try:
+        out = jnp.broadcast_shapes(tuple(x.shape), tuple(shape))
+    except ValueError:
+        out = None
+    if out != tuple(shape):
+        raise ValueError(
+            f"`{name}` with shape {tuple(x.shape)} does not broadcast to "
+            f"{tuple(shape)}.")
+
+
+def check_choice(value, choices: Sequence, name: str) -> None:
+    """Raises unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(
+            f"`{name}` must be one of {list(choices)}, got {value!r}.")
+
+
+def normalize_axis(axis: int, ndim: int, name: str) -> int:
+    """Returns ``axis`` as a non-negative index, or raises naming ``name``."""
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"`{name}`={axis} is out of range for an array of rank {ndim}.")
+    return axis % ndim
+
+
+def float_dtypes(*arrays) -> tuple[jnp.dtype, jnp.dtype]:
+    """Returns (result dtype, compute dtype) for floating-point maths.
+
+    The result dtype is the inputs' promoted floating dtype (float32 for
+    integer or boolean inputs). The compute dtype is at least float32: half
+    precision inputs are computed in float32 and cast back, float64 stays
+    float64.
+    """
+    dtypes = [jnp.asarray(a).dtype for a in arrays if a is not None]
+    out = jnp.result_type(*dtypes) if dtypes else jnp.dtype(jnp.float32)
+    if not jnp.issubdtype(out, jnp.floating):
+        out = jnp.dtype(jnp.float32)
+    return jnp.dtype(out), jnp.dtype(jnp.promote_types(out, jnp.float32))

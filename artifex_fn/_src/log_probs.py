@@ -1,0 +1,149 @@
+"""Token log-probabilities from logits, and masked per-sequence reductions.
+
+``token_log_probs`` is a selective log-softmax: it returns
+:math:`\\log\\mathrm{softmax}(z)_y = z_y - \\mathrm{logsumexp}(z)` for the
+chosen token ``y`` only. The log-sum-exp is accumulated in float32 from the
+logits in their own dtype, so a ``[B, L, V]`` bfloat16 input never gets a
+float32 ``[B, L, V]`` copy; ``chunk_size`` bounds the working set further by
+mapping over chunks of rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from artifex_fn._src import checks
+
+
+def _selective_log_softmax(logits, tokens, dt):
+    picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+    top = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    sum_exp = jnp.sum(jnp.exp((logits - top).astype(dt)), axis=-1)
+    lse = jnp.log(sum_exp) + top[..., 0].astype(dt)
+    return picked.astype(dt) - lse
+
+
+def token_log_probs(
+    logits: jax.Array,
+    tokens: jax.Array,
+    *,
+    temperature: float | jax.Array | None = None,
+    chunk_size: int | None = None,
+) -> jax.Array:
+    r"""Log-probability of each chosen token, :math:`\log p(y_t | \cdot)`.
+
+    Args:
+      logits: ``[..., V]`` unnormalised logits (any float dtype).
+      tokens: ``[...]`` integer token ids, the shape of ``logits`` without
+        its last axis.
+      temperature: optional sampling temperature; logits are divided by it.
+      chunk_size: if given, rows (all leading axes flattened) are processed
+        ``chunk_size`` at a time with ``lax.map`` to bound peak memory.
+
+    Returns:
+      ``[...]`` log-probabilities in at least float32 (half-precision logits
+      give float32: log-prob differences feed importance ratios, where
+      bfloat16 rounding would dominate).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import artifex_fn as afn
+      >>> afn.token_log_probs(jnp.zeros((1, 2, 4)), jnp.array([[0, 3]]))
+      Array([[-1.3862944, -1.3862944]], dtype=float32)
+    """
+    logits = jnp.asarray(logits)
+    tokens = jnp.asarray(tokens)
+    checks.check_min_rank(logits, 1, "logits")
+    checks.check_shape(tokens, logits.shape[:-1], "tokens",
+                       "the shape of `logits` without its last axis")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(
+            f"`tokens` must be integers, got dtype {tokens.dtype}.")
+    _, dt = checks.float_dtypes(logits)
+    if temperature is not None:
+        logits = logits / jnp.asarray(temperature, logits.dtype)
+    if chunk_size is None:
+        return _selective_log_softmax(logits, tokens, dt)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(
+            f"`chunk_size` must be a positive int, got {chunk_size!r}.")
+    lead = logits.shape[:-1]
+    rows = math.prod(lead)
+    n_chunks = -(-rows // chunk_size)
+    pad = n_chunks * chunk_size - rows
+    flat_logits = logits.reshape(rows, logits.shape[-1])
+    flat_tokens = tokens.reshape(rows)
+    if pad:
+        flat_logits = jnp.pad(flat_logits, ((0, pad), (0, 0)))
+        flat_tokens = jnp.pad(flat_tokens, (0, pad))
+    out = lax.map(
+        lambda xs: _selective_log_softmax(xs[0], xs[1], dt),
+        (flat_logits.reshape(n_chunks, chunk_size, -1),
+         flat_tokens.reshape(n_chunks, chunk_size)))
+    return out.reshape(-1)[:rows].reshape(lead)
+
+
+def _mask_like(mask, x, name="mask"):
+    if mask is None:
+        return jnp.ones(x.shape, x.dtype)
+    mask = jnp.asarray(mask)
+    checks.check_broadcastable(mask, x.shape, name)
+    return jnp.broadcast_to(mask, x.shape).astype(x.dtype)
+
+
+def sequence_lengths(mask: jax.Array, *, axis: int = -1) -> jax.Array:
+    """Number of valid tokens of each sequence, ``sum(mask, axis)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import artifex_fn as afn
+      >>> afn.sequence_lengths(jnp.array([[1, 1, 0], [1, 0, 0]]))
+      Array([2., 1.], dtype=float32)
+    """
+    mask = jnp.asarray(mask)
+    checks.check_min_rank(mask, 1, "mask")
+    return jnp.sum(mask.astype(jnp.float32), axis=axis)
+
+
+def sequence_log_probs(
+    token_log_probs: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    normalize: bool = False,
+    axis: int = -1,
+) -> jax.Array:
+    """Masked sum (or, with ``normalize``, mean) of token log-probs.
+
+    The sum is :math:`\\log\\pi(y|x)` of a whole response, the input of
+    :func:`artifex_fn.dpo_loss`; the mean is SimPO's length-normalised score.
+    Padding entries are ignored even when they hold ``-inf`` or NaN; an
+    empty sequence gives ``0``.
+
+    Args:
+      token_log_probs: ``[..., L]`` per-token log-probabilities.
+      mask: optional mask broadcastable to ``token_log_probs``.
+      normalize: divide by the number of valid tokens.
+      axis: the token axis.
+
+    Returns:
+      ``[...]`` per-sequence values.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import artifex_fn as afn
+      >>> lp = jnp.array([[-1.0, -2.0, -jnp.inf]])
+      >>> afn.sequence_log_probs(lp, jnp.array([[1, 1, 0]]))
+      Array([-3.], dtype=float32)
+    """
+    x = jnp.asarray(token_log_probs)
+    checks.check_min_rank(x, 1, "token_log_probs")
+    m = _mask_like(mask, x)
+    total = jnp.sum(jnp.where(m > 0, x, 0.0) * m, axis=axis)
+    if not normalize:
+        return total
+    count = jnp.sum(m, axis=axis)
+    return jnp.where(count > 0, total / jnp.where(count > 0, count, 1), 0.0)

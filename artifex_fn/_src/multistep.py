@@ -1,0 +1,362 @@
+"""Multi-step returns and advantages: discounted returns, lambda-returns, GAE.
+
+Conventions (shared by every function here):
+
+* Time runs along ``time_axis`` (the last axis by default); every other axis
+  is a batch axis. ``rewards[..., t]`` is the reward for the transition
+  ``s_t -> s_{t+1}`` taken with action ``a_t``.
+* ``terminated[..., t]`` marks that ``s_{t+1}`` is terminal: nothing is
+  bootstrapped past it. ``truncated[..., t]`` marks that the episode was cut
+  after step ``t`` (time limit, end of a rollout): the recursion stops but the
+  value of ``s_{t+1}`` is bootstrapped. Termination wins where both are set.
+* ``values`` holds ``V(s_0..s_{T-1})`` (length ``T``) or ``V(s_0..s_T)``
+  (length ``T + 1``, the spec's convention). The value bootstrapped after step
+  ``t`` is ``next_values[..., t]`` when given (needed with auto-resetting
+  environments, whose ``values[..., t + 1]`` belongs to the next episode),
+  else ``values[..., t + 1]``, else ``bootstrap_value`` (zero when absent) for
+  the last step.
+* ``mask[..., t] == 0`` marks padding. Padded steps give zero and the step
+  before a padded one is treated as truncated, so a right-padded batch gives
+  on its valid prefix exactly what the sliced trajectories give.
+
+All three quantities solve one reverse linear recurrence
+``x_t = a_t + b_t x_{t+1}`` (``x_T = 0``), computed either with a sequential
+``lax.scan`` or with ``lax.associative_scan`` over affine maps (log-depth,
+faster on accelerators for long horizons).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from artifex_fn._src import checks
+
+Method = Literal["auto", "scan", "associative"]
+_METHODS = ("auto", "scan", "associative")
+
+# Horizon from which `method="auto"` takes the associative scan on GPU/TPU.
+# On CPU the sequential scan is faster at every length we measured
+# (benchmarks/bench_returns.py).
+ASSOCIATIVE_MIN_LENGTH = 256
+
+
+def resolve_method(method: str, length: int) -> str:
+    """Returns the concrete method ``"scan"`` or ``"associative"``.
+
+    ``"auto"`` picks the sequential scan on CPU, where it is the fastest at
+    every length we measured; on GPU and TPU it picks the associative scan
+    for horizons of at least ``ASSOCIATIVE_MIN_LENGTH`` steps.
+    """
+    checks.check_choice(method, _METHODS, "method")
+    if method != "auto":
+        return method
+    if jax.default_backend() == "cpu" or length < ASSOCIATIVE_MIN_LENGTH:
+        return "scan"
+    return "associative"
+
+
+def reverse_linear_recurrence(a: jax.Array, b: jax.Array, *,
+                              method: Method = "auto") -> jax.Array:
+    """Solves ``x_t = a_t + b_t * x_{t+1}`` backwards with ``x_T = 0``.
+
+    Args:
+      a: ``[T, ...]`` offsets, time on axis 0.
+      b: ``[T, ...]`` multipliers, same shape as ``a``.
+      method: ``"scan"``, ``"associative"`` or ``"auto"``.
+
+    Returns:
+      ``[T, ...]`` solution ``x``.
+    """
+    method = resolve_method(method, a.shape[0])
+    if method == "scan":
+        def step(carry, ab):
+            a_t, b_t = ab
+            x_t = a_t + b_t * carry
+            return x_t, x_t
+
+        _, xs = lax.scan(step, jnp.zeros_like(a[0]), (a, b), reverse=True)
+        return xs
+
+    # Each step is the affine map x -> a + b x. Composing step t with the
+    # already-composed suffix (A, B) gives (a + b A, b B).
+    def compose(later, earlier):
+        a_l, b_l = later
+        a_e, b_e = earlier
+        return a_e + b_e * a_l, b_e * b_l
+
+    xs, _ = lax.associative_scan(compose, (a, b), reverse=True)
+    return xs
+
+
+def _broadcast_param(x, shape, dtype, axis, name):
+    x = jnp.asarray(x)
+    if x.ndim == 0:
+        return x.astype(dtype)
+    checks.check_broadcastable(x, shape, name)
+    return jnp.moveaxis(jnp.broadcast_to(x, shape), axis, 0).astype(dtype)
+
+
+def _recurrence_terms(rewards, values, *, gamma, lambda_, terminated,
+                      truncated, next_values, bootstrap_value, mask,
+                      time_axis):
+    """Builds the time-major (a, b) of the recurrence and the output layout."""
+    rewards = jnp.asarray(rewards)
+    checks.check_min_rank(rewards, 1, "rewards")
+    axis = checks.normalize_axis(time_axis, rewards.ndim, "time_axis")
+    shape = tuple(rewards.shape)
+    length = shape[axis]
+    batch_shape = shape[:axis] + shape[axis + 1:]
+    out_dtype, dt = checks.float_dtypes(rewards, values, next_values,
+                                        bootstrap_value)
+
+    def time_major(x, name):
+        x = jnp.asarray(x)
+        checks.check_broadcastable(x, shape, name)
+        return jnp.moveaxis(jnp.broadcast_to(x, shape), axis, 0).astype(dt)
+
+    r = time_major(rewards, "rewards")
+    zeros = jnp.zeros_like(r)
+    term = zeros if terminated is None else time_major(terminated,
+                                                       "terminated")
+    trunc = zeros if truncated is None else time_major(truncated, "truncated")
+    g = _broadcast_param(gamma, shape, dt, axis, "gamma")
+    lam = _broadcast_param(lambda_, shape, dt, axis, "lambda_")
+
+    if bootstrap_value is not None:
+        bootstrap_value = jnp.asarray(bootstrap_value)
+        checks.check_broadcastable(bootstrap_value, batch_shape,
+                                   "bootstrap_value")
+        boot = jnp.broadcast_to(bootstrap_value, batch_shape).astype(dt)
+    else:
+        boot = jnp.zeros(batch_shape, dt)
+
+    v = None
+    if values is not None:
+        values = jnp.asarray(values)
+        plus_one = shape[:axis] + (length + 1,) + shape[axis + 1:]
+        if tuple(values.shape) == plus_one:
+            if bootstrap_value is not None:
+                raise ValueError(
+                    "`values` holds T + 1 entries (its last is the "
+                    "bootstrap value), so `bootstrap_value` must be None.")
+            v_all = jnp.moveaxis(values, axis, 0).astype(dt)
+            v, nv = v_all[:-1], v_all[1:]
+        elif tuple(values.shape) == shape:
+            v = jnp.moveaxis(values, axis, 0).astype(dt)
+            nv = jnp.concatenate([v[1:], boot[None]], axis=0)
+        else:
+            raise ValueError(
+                f"`values` must have shape {shape} (V(s_0..s_T-1)) or "
+                f"{plus_one} (V(s_0..s_T)), got {tuple(values.shape)}.")
+    else:
+        nv = jnp.concatenate([zeros[1:], boot[None]], axis=0)
+    if next_values is not None:
+        if bootstrap_value is not None:
+            raise ValueError(
+                "Pass either `next_values` or `bootstrap_value`, not both: "
+                "`next_values[..., -1]` is the bootstrap value.")
+        nv = time_major(next_values, "next_values")
+
+    # Continuation of the recursion past step t: not truncated, next step is
+    # not padding, and t is not the last step (x_T = 0).
+    not_last = (jnp.arange(length) < length - 1).astype(dt)
+    not_last = not_last.reshape((length,) + (1,) * (r.ndim - 1))
+    cont = (1.0 - trunc) * not_last
+    if mask is not None:
+        m = time_major(mask, "mask")
+        m_next = jnp.concatenate([m[1:], jnp.ones_like(m[:1])], axis=0)
+        cont = cont * m_next
+    else:
+        m = None
+    discount = g * (1.0 - term)
+    return dict(r=r, v=v, nv=nv, discount=discount, cont=cont, lam=lam, m=m,
+                axis=axis, out_dtype=out_dtype)
+
+
+def _finish(a, b, terms, method, stop_target_gradients):
+    m = terms["m"]
+    if m is not None:
+        valid = m > 0
+        a = jnp.where(valid, a, 0.0)
+        b = jnp.where(valid, b, 0.0)
+    x = reverse_linear_recurrence(a, b, method=method)
+    x = jnp.moveaxis(x, 0, terms["axis"]).astype(terms["out_dtype"])
+    return lax.stop_gradient(x) if stop_target_gradients else x
+
+
+def discounted_returns(
+    rewards: jax.Array,
+    *,
+    gamma: float | jax.Array,
+    terminated: jax.Array | None = None,
+    truncated: jax.Array | None = None,
+    next_values: jax.Array | None = None,
+    bootstrap_value: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    time_axis: int = -1,
+    stop_target_gradients: bool = True,
+    method: Method = "auto",
+) -> jax.Array:
+    r"""Discounted returns with separate termination and truncation.
+
+    .. math::
+        G_t = r_t + \gamma_t (1 - d_t)\,[(1 - u_t)\, G_{t+1} + u_t\, V'_t]
+
+    with ``d`` = ``terminated``, ``u`` = ``truncated`` (and the last step,
+    and every step followed by padding) and ``V'_t`` the bootstrap value
+    after step ``t`` (``next_values``, else zero; ``bootstrap_value`` for the
+    last step). Without flags this is ``G_t = sum_k gamma^k r_{t+k}``
+    (Sutton & Barto 2018, eq. 3.8).
+
+    Args:
+      rewards: ``[..., T]`` rewards (time on ``time_axis``).
+      gamma: discount in ``[0, 1]``; a scalar or an array broadcastable to
+        ``rewards`` (per-step discounts).
+      terminated: optional ``[..., T]`` flags, true where ``s_{t+1}`` is
+        terminal.
+      truncated: optional ``[..., T]`` flags, true where the episode was cut
+        after step ``t`` (bootstrap from ``next_values``).
+      next_values: optional ``[..., T]`` values ``V(s_{t+1})`` to bootstrap
+        from at truncations and at the last step.
+      bootstrap_value: optional ``[...]`` value of the state after the last
+        step (``[B]`` for ``[B, T]`` rewards).
+      mask: optional ``[..., T]``, zero on padding steps.
+      time_axis: the axis that indexes time.
+      stop_target_gradients: wrap the result in ``stop_gradient``.
+      method: ``"scan"``, ``"associative"`` or ``"auto"``.
+
+    Returns:
+      ``[..., T]`` returns, in the dtype of ``rewards``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import artifex_fn as afn
+      >>> afn.discounted_returns(jnp.array([1.0, 1.0, 1.0]), gamma=0.5)
+      Array([1.75, 1.5 , 1.  ], dtype=float32)
+      >>> afn.discounted_returns(jnp.array([1.0, 1.0, 1.0]), gamma=0.5,
+      ...                        terminated=jnp.array([0, 1, 0]))
+      Array([1.5, 1. , 1. ], dtype=float32)
+    """
+    terms = _recurrence_terms(
+        rewards, None, gamma=gamma, lambda_=1.0, terminated=terminated,
+        truncated=truncated, next_values=next_values,
+        bootstrap_value=bootstrap_value, mask=mask, time_axis=time_axis)
+    c, k = terms["discount"], terms["cont"]
+    a = terms["r"] + c * (1.0 - k) * terms["nv"]
+    return _finish(a, c * k, terms, method, stop_target_gradients)
+
+
+def lambda_returns(
+    rewards: jax.Array,
+    values: jax.Array,
+    *,
+    gamma: float | jax.Array,
+    lambda_: float | jax.Array,
+    terminated: jax.Array | None = None,
+    truncated: jax.Array | None = None,
+    next_values: jax.Array | None = None,
+    bootstrap_value: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    time_axis: int = -1,
+    stop_target_gradients: bool = True,
+    method: Method = "auto",
+) -> jax.Array:
+    r"""TD(lambda) returns (Sutton & Barto 2018, sec. 12.1).
+
+    .. math::
+        G^\lambda_t = r_t + \gamma_t (1 - d_t)\,
+          [(1 - \lambda u'_t) V'_t + \lambda u'_t G^\lambda_{t+1}]
+
+    where ``u'_t = 1 - truncated_t`` (zero at the last step and before
+    padding) and ``V'_t`` is the value bootstrapped after step ``t`` (see
+    the module docstring). ``lambda_ = 1`` gives Monte-Carlo returns
+    bootstrapped at the end, ``lambda_ = 0`` one-step TD targets.
+
+    Args:
+      rewards: ``[..., T]`` rewards.
+      values: ``[..., T]`` values ``V(s_t)`` or ``[..., T + 1]`` values
+        including ``V(s_T)``.
+      gamma: discount in ``[0, 1]``, scalar or broadcastable to ``rewards``.
+      lambda_: mixing parameter in ``[0, 1]``, scalar or broadcastable.
+      terminated, truncated, next_values, bootstrap_value, mask, time_axis,
+        stop_target_gradients, method: as in :func:`discounted_returns`.
+
+    Returns:
+      ``[..., T]`` lambda-returns in the dtype of ``rewards``/``values``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import artifex_fn as afn
+      >>> afn.lambda_returns(jnp.array([1.0, 0.0]), jnp.array([0.0, 2.0, 4.0]),
+      ...                    gamma=1.0, lambda_=0.5)
+      Array([4., 4.], dtype=float32)
+    """
+    terms = _recurrence_terms(
+        rewards, values, gamma=gamma, lambda_=lambda_, terminated=terminated,
+        truncated=truncated, next_values=next_values,
+        bootstrap_value=bootstrap_value, mask=mask, time_axis=time_axis)
+    c, k, lam = terms["discount"], terms["cont"], terms["lam"]
+    a = terms["r"] + c * (1.0 - lam * k) * terms["nv"]
+    return _finish(a, c * lam * k, terms, method, stop_target_gradients)
+
+
+def gae_advantages(
+    rewards: jax.Array,
+    values: jax.Array,
+    *,
+    gamma: float | jax.Array,
+    lambda_: float | jax.Array,
+    terminated: jax.Array | None = None,
+    truncated: jax.Array | None = None,
+    next_values: jax.Array | None = None,
+    bootstrap_value: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    time_axis: int = -1,
+    stop_target_gradients: bool = True,
+    method: Method = "auto",
+) -> jax.Array:
+    r"""Generalized Advantage Estimation (Schulman et al. 2016, eq. 16).
+
+    .. math::
+        \delta_t = r_t + \gamma_t (1 - d_t) V'_t - V(s_t), \qquad
+        A_t = \delta_t + \gamma_t \lambda (1 - d_t) u'_t A_{t+1}
+
+    with ``u'_t = 1 - truncated_t`` (zero at the last step and before
+    padding) and ``V'_t`` the value bootstrapped after step ``t``. At a
+    truncation the TD error still bootstraps from ``V'_t``; at a termination
+    it does not. ``lambda_ = 0`` gives the TD errors, ``lambda_ = 1`` the
+    Monte-Carlo returns minus the values. The value targets are
+    ``advantages + values``.
+
+    Args:
+      rewards: ``[..., T]`` rewards.
+      values: ``[..., T]`` values ``V(s_t)`` or ``[..., T + 1]`` values
+        including ``V(s_T)``.
+      gamma: discount in ``[0, 1]``, scalar or broadcastable to ``rewards``.
+      lambda_: GAE lambda in ``[0, 1]``, scalar or broadcastable.
+      terminated, truncated, next_values, bootstrap_value, mask, time_axis,
+        stop_target_gradients, method: as in :func:`discounted_returns`.
+
+    Returns:
+      ``[..., T]`` advantages in the dtype of ``rewards``/``values``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import artifex_fn as afn
+      >>> afn.gae_advantages(jnp.array([1.0, 0.0]), jnp.array([0.0, 2.0, 4.0]),
+      ...                    gamma=1.0, lambda_=0.5)
+      Array([4., 2.], dtype=float32)
+    """
+    terms = _recurrence_terms(
+        rewards, values, gamma=gamma, lambda_=lambda_, terminated=terminated,
+        truncated=truncated, next_values=next_values,
+        bootstrap_value=bootstrap_value, mask=mask, time_axis=time_axis)
+    if terms["v"] is None:  # pragma: no cover - values is positional
+        raise ValueError("`values` is required.")
+    c, k, lam = terms["discount"], terms["cont"], terms["lam"]
+    delta = terms["r"] + c * terms["nv"] - terms["v"]
+    return _finish(delta, c * lam * k, terms, method, stop_target_gradients)

@@ -1,0 +1,267 @@
+"""Policy-gradient and value losses, unreduced.
+
+Every loss here returns one value per token (or per sample); reduce it with
+:func:`artifex_fn.aggregate_loss` and a mask. Advantages and value targets are
+treated as constants (``stop_gradient``).
+
+* Vanilla policy gradient (Williams 1992): :math:`-A \\log\\pi(a|s)`.
+* PPO clipped surrogate (Schulman et al. 2017, eq. 7) with asymmetric
+  "clip-higher" bounds (Yu et al. 2025, DAPO) and dual clip (Ye et al. 2020).
+* Sequence-level importance ratios (Zheng et al. 2025, GSPO).
+* Value loss with optional clipping around the old values (as in the PPO
+  baselines) and optional Huber loss.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from artifex_fn._src import checks
+from artifex_fn._src.divergences import MAX_LOG_RATIO
+
+
+def _broadcast_advantages(advantages, log_probs):
+    """Expands per-sequence ``[...]`` advantages over the token axis."""
+    advantages = jnp.asarray(advantages)
+    if advantages.ndim == log_probs.ndim - 1:
+        advantages = advantages[..., None]
+    checks.check_broadcastable(advantages, log_probs.shape, "advantages")
+    return jnp.broadcast_to(advantages, log_probs.shape)
+
+
+def importance_ratio(
+    log_probs: jax.Array,
+    old_log_probs: jax.Array,
+    *,
+    level: Literal["token", "sequence"] = "token",
+    mask: jax.Array | None = None,
+    max_log_ratio: float = MAX_LOG_RATIO,
+) -> jax.Array:
+    r"""Importance ratios :math:`\pi_\theta / \pi_{old}` from log-probs.
+
+    ``level="token"``: :math:`r_t = \exp(\log\pi_\theta(y_t) -
+    \log\pi_{old}(y_t))`. ``level="sequence"`` (GSPO, Zheng et al. 2025):
+    the length-normalised sequence ratio :math:`s = \exp(\frac{1}{|y|}
+    \sum_t m_t (\log\pi_\theta(y_t) - \log\pi_{old}(y_t)))` over the last
+    axis, broadcast back to every token. Log-ratios are clamped to
+    ``[-max_log_ratio, max_log_ratio]`` before ``exp``, so no input
+    overflows.
+
+    Args:
+      log_probs: ``[..., L]`` (or ``[...]`` for token level) current
+        log-probabilities.
+      old_log_probs: same shape, log-probabilities of the behaviour policy.
+      level: ``"token"`` or ``"sequence"``.
+      mask: optional mask over tokens (sequence level only).
+      max_log_ratio: clamp bound on the log-ratio.
+
+    Returns:
+      Ratios with the shape and dtype of ``log_probs``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import artifex_fn as afn
+      >>> afn.importance_ratio(jnp.array([0.0, 1000.0]), jnp.zeros(2))
+      Array([1.000000e+00, 4.851652e+08], dtype=float32)
+    """
+    checks.check_choice(level, ("token", "sequence"), "level")
+    log_probs = jnp.asarray(log_probs)
+    old_log_probs = jnp.asarray(old_log_probs)
+    checks.check_same_shape(old_log_probs, "old_log_probs", log_probs,
+                            "log_probs")
+    out_dtype, dt = checks.float_dtypes(log_probs, old_log_probs)
+    log_ratio = log_probs.astype(dt) - lax.stop_gradient(
+        old_log_probs.astype(dt))
+    if level == "sequence":
+        checks.check_min_rank(log_probs, 1, "log_probs")
+        if mask is None:
+            m = jnp.ones_like(log_ratio)
+        else:
+            mask = jnp.asarray(mask)
+            checks.check_broadcastable(mask, log_ratio.shape, "mask")
+            m = jnp.broadcast_to(mask, log_ratio.shape).astype(dt)
+        count = jnp.sum(m, axis=-1, keepdims=True)
+        total = jnp.sum(jnp.where(m > 0, log_ratio, 0.0) * m, axis=-1,
+                        keepdims=True)
+        seq = jnp.where(count > 0, total / jnp.maximum(count, 1e-12), 0.0)
+        log_ratio = jnp.broadcast_to(seq, log_ratio.shape)
+    log_ratio = jnp.clip(log_ratio, -max_log_ratio, max_log_ratio)
+    return jnp.exp(log_ratio).astype(out_dtype)
+
+
+def policy_gradient_loss(log_probs: jax.Array, advantages: jax.Array
+                         ) -> jax.Array:
+    r"""REINFORCE loss :math:`-\mathrm{sg}(A) \log\pi(a|s)` (Williams 1992).
+
+    Args:
+      log_probs: ``[...]`` log-probabilities of the taken actions.
+      advantages: advantages (or returns) of the same shape, or with one
+        axis fewer (per-sequence advantages broadcast over tokens).
+
+    Returns:
+      Per-element losses, shape of ``log_probs``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import artifex_fn as afn
+      >>> afn.policy_gradient_loss(jnp.array([-1.0, -2.0]), jnp.array([1.0, -1.0]))
+      Array([ 1., -2.], dtype=float32)
+    """
+    log_probs = jnp.asarray(log_probs)
+    adv = lax.stop_gradient(_broadcast_advantages(advantages, log_probs))
+    out_dtype, _ = checks.float_dtypes(log_probs, adv)
+    return (-adv * log_probs).astype(out_dtype)
+
+
+def clipped_surrogate_loss(
+    log_probs: jax.Array,
+    old_log_probs: jax.Array,
+    advantages: jax.Array,
+    *,
+    epsilon_low: float | jax.Array = 0.2,
+    epsilon_high: float | jax.Array | None = None,
+    dual_clip: float | jax.Array | None = None,
+    level: Literal["token", "sequence"] = "token",
+    mask: jax.Array | None = None,
+    max_log_ratio: float = MAX_LOG_RATIO,
+) -> jax.Array:
+    r"""PPO clipped surrogate loss per token (Schulman et al. 2017, eq. 7).
+
+    .. math::
+        \ell = -\min\big(r A,\ \mathrm{clip}(r, 1-\epsilon_{low},
+        1+\epsilon_{high}) A\big)
+
+    With ``dual_clip = c > 1`` (Ye et al. 2020) the loss of negative
+    advantages is also bounded: :math:`\ell = \min(\ell, -cA)` where
+    :math:`A < 0`. ``epsilon_high`` defaults to ``epsilon_low``; a larger
+    value is DAPO's clip-higher (Yu et al. 2025). ``level="sequence"``
+    uses GSPO's sequence ratio (:func:`importance_ratio`).
+
+    Args:
+      log_probs: ``[..., L]`` current log-probabilities of the taken tokens.
+      old_log_probs: same shape, under the behaviour policy.
+      advantages: same shape, or ``[...]`` per sequence.
+      epsilon_low: lower clip range, ratio floor ``1 - epsilon_low``.
+      epsilon_high: upper clip range (default ``epsilon_low``).
+      dual_clip: optional dual-clip constant ``c > 1``.
+      level: ``"token"`` or ``"sequence"`` importance ratios.
+      mask: token mask, used by the sequence ratio.
+      max_log_ratio: clamp bound on the log-ratio before ``exp``.
+
+    Returns:
+      Per-token losses with the shape of ``log_probs``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import artifex_fn as afn
+      >>> lp = jnp.log(jnp.array([1.5, 0.5]))
+      >>> afn.clipped_surrogate_loss(lp, jnp.zeros(2), jnp.array([1.0, -1.0]))
+      Array([-1.2,  0.8], dtype=float32)
+    """
+    log_probs = jnp.asarray(log_probs)
+    ratio = importance_ratio(log_probs, old_log_probs, level=level, mask=mask,
+                             max_log_ratio=max_log_ratio)
+    adv = lax.stop_gradient(_broadcast_advantages(advantages, log_probs))
+    out_dtype, dt = checks.float_dtypes(log_probs, adv)
+    ratio, adv = ratio.astype(dt), adv.astype(dt)
+    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+    clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + eps_high)
+    loss = -jnp.minimum(ratio * adv, clipped * adv)
+    if dual_clip is not None:
+        loss = jnp.where(adv < 0, jnp.minimum(loss, -dual_clip * adv), loss)
+    return loss.astype(out_dtype)
+
+
+def clip_fraction(
+    ratio: jax.Array,
+    *,
+    epsilon_low: float | jax.Array = 0.2,
+    epsilon_high: float | jax.Array | None = None,
+) -> jax.Array:
+    """Per-token indicator that ``ratio`` lies outside the clip range.
+
+    Average it with :func:`aggregate_loss` (``"token_mean"``) for the usual
+    ``clip_fraction`` metric.
+
+    Args:
+      ratio: importance ratios from :func:`importance_ratio`.
+      epsilon_low: lower clip range.
+      epsilon_high: upper clip range (default ``epsilon_low``).
+
+    Returns:
+      Float array of 0/1 with the shape of ``ratio``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import artifex_fn as afn
+      >>> afn.clip_fraction(jnp.array([0.7, 1.0, 1.3]))
+      Array([1., 0., 1.], dtype=float32)
+    """
+    ratio = jnp.asarray(ratio)
+    out_dtype, _ = checks.float_dtypes(ratio)
+    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+    outside = (ratio < 1.0 - epsilon_low) | (ratio > 1.0 + eps_high)
+    return outside.astype(out_dtype)
+
+
+def value_loss(
+    values: jax.Array,
+    targets: jax.Array,
+    *,
+    old_values: jax.Array | None = None,
+    clip_epsilon: float | jax.Array | None = None,
+    huber_delta: float | None = None,
+) -> jax.Array:
+    r"""Value-function regression loss per element.
+
+    .. math:: \ell = \tfrac12 (V - R)^2
+
+    or the Huber loss with ``huber_delta``. With ``old_values`` and
+    ``clip_epsilon`` the clipped form of the PPO baselines is used:
+    :math:`\max(\ell(V), \ell(V_{old} + \mathrm{clip}(V - V_{old},
+    -\epsilon, \epsilon)))`. Targets (and old values) are constants.
+
+    Args:
+      values: ``[...]`` predicted values.
+      targets: ``[...]`` value targets (returns), same shape.
+      old_values: optional values predicted when the data was collected.
+      clip_epsilon: clip range around ``old_values``.
+      huber_delta: optional Huber threshold.
+
+    Returns:
+      Per-element losses with the shape of ``values``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import artifex_fn as afn
+      >>> afn.value_loss(jnp.array([1.0, 3.0]), jnp.array([0.0, 0.0]))
+      Array([0.5, 4.5], dtype=float32)
+    """
+    values = jnp.asarray(values)
+    targets = lax.stop_gradient(jnp.asarray(targets))
+    checks.check_same_shape(targets, "targets", values, "values")
+    out_dtype, dt = checks.float_dtypes(values, targets)
+    v, t = values.astype(dt), targets.astype(dt)
+
+    def err(x):
+        d = x - t
+        if huber_delta is None:
+            return 0.5 * jnp.square(d)
+        a = jnp.abs(d)
+        quad = jnp.minimum(a, huber_delta)
+        return 0.5 * jnp.square(quad) + huber_delta * (a - quad)
+
+    loss = err(v)
+    if clip_epsilon is not None:
+        if old_values is None:
+            raise ValueError("`clip_epsilon` needs `old_values`.")
+        old = lax.stop_gradient(jnp.asarray(old_values))
+        checks.check_same_shape(old, "old_values", values, "values")
+        old = old.astype(dt)
+        v_clipped = old + jnp.clip(v - old, -clip_epsilon, clip_epsilon)
+        loss = jnp.maximum(loss, err(v_clipped))
+    return loss.astype(out_dtype)

@@ -1,0 +1,1 @@
+"""Entry point mirroring the documented ``artifex.generative_models`` layout."""
