@@ -33,11 +33,19 @@ from artifex_fn._src.preference import PreferenceLoss
 from artifex_fn._src.preference import dpo_loss
 from artifex_fn._src.preference import simpo_loss
 
+# Algorithms: `afn.ppo.update`, `afn.grpo.GRPOConfig`, ...
+from artifex_fn import dpo
+from artifex_fn import grpo
+from artifex_fn import ppo
+from artifex_fn import reinforce
+from artifex_fn._src.algorithms.common import TrainState
+
 __version__ = "0.1.0"
 
 __all__ = (
     "AGGREGATION_MODES",
     "GroupAdvantages",
+    "TrainState",
     "PREFERENCE_LOSS_TYPES",
     "PreferenceLoss",
     "aggregate_loss",
@@ -45,11 +53,13 @@ __all__ = (
     "clip_fraction",
     "clipped_surrogate_loss",
     "discounted_returns",
+    "dpo",
     "dpo_loss",
     "entropy_from_log_probs",
     "entropy_from_logits",
     "gae_advantages",
     "group_advantages",
+    "grpo",
     "importance_ratio",
     "kl_estimate",
     "kl_from_log_probs",
@@ -57,6 +67,8 @@ __all__ = (
     "lambda_returns",
     "normalize_advantages",
     "policy_gradient_loss",
+    "ppo",
+    "reinforce",
     "reverse_linear_recurrence",
     "sequence_lengths",
     "sequence_log_probs",

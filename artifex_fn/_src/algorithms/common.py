@@ -1,0 +1,189 @@
+"""Shared pieces of the algorithm layer: configs as pytrees, the training
+state, policy outputs as distributions, and the optimiser step.
+
+Configs are frozen dataclasses registered as pytrees: numeric
+hyper-parameters are leaves (so ``jax.vmap`` over a stack of configs, e.g.
+different ``clip_param`` values, compiles once), while callables, strings
+and shape-changing integers are static metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import chex
+import distrax
+import jax
+import jax.numpy as jnp
+import optax
+
+
+
+def pytree_config(static: tuple[str, ...]):
+    """Class decorator: frozen dataclass, pytree with ``static`` as metadata."""
+
+    def wrap(cls):
+        cls = dataclasses.dataclass(frozen=True)(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = set(static) - set(names)
+        if unknown:  # pragma: no cover - programming error
+            raise TypeError(f"unknown static fields {unknown}")
+        jax.tree_util.register_dataclass(
+            cls, data_fields=[n for n in names if n not in static],
+            meta_fields=[n for n in names if n in static])
+        return cls
+
+    return wrap
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_range(name: str, value, lo=-math.inf, hi=math.inf, *,
+                lo_open=False, hi_open=False, optional=False) -> None:
+    """Validates a hyper-parameter if it is a Python number.
+
+    Traced or array values (configs are rebuilt with those inside
+    transformations) are not checked.
+    """
+    if value is None:
+        if optional:
+            return
+        raise ValueError(f"`{name}` must be a number, got None.")
+    if not _is_number(value):
+        return
+    bad_lo = value <= lo if lo_open else value < lo
+    bad_hi = value >= hi if hi_open else value > hi
+    if bad_lo or bad_hi or math.isnan(value):
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        raise ValueError(
+            f"`{name}` must be in {left}{lo}, {hi}{right}, got {value!r}.")
+
+
+def check_int(name: str, value, minimum: int) -> None:
+    """Validates a static integer field."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+
+
+@chex.dataclass(frozen=True)
+class TrainState:
+    """State of an algorithm: everything ``update`` reads and writes.
+
+    Attributes:
+      params: policy parameters (any pytree).
+      opt_state: state of ``config.optimizer``.
+      step: number of updates applied (int32 scalar).
+      key: PRNG key (``uint32[2]``) for minibatch shuffling and sampling.
+      ref_params: optional frozen reference parameters (GRPO's KL term,
+        DPO's reference log-probs); never updated.
+      config: the algorithm's config (numeric fields are leaves).
+    """
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    key: jax.Array
+    ref_params: Any
+    config: Any
+
+
+def init_state(params, config, *, key=None, ref_params=None) -> TrainState:
+    """Builds the initial :class:`TrainState` for any algorithm config."""
+    if config.optimizer is None:
+        raise ValueError(
+            "`config.optimizer` is None: pass an optax GradientTransformation, "
+            "e.g. `optimizer=optax.adam(3e-4)`.")
+    if key is None:
+        key = jax.random.PRNGKey(0)
+    elif jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return TrainState(params=params, opt_state=config.optimizer.init(params),
+                      step=jnp.zeros((), jnp.int32), key=jnp.asarray(key),
+                      ref_params=ref_params, config=config)
+
+
+def require_policy(config) -> Callable:
+    if config.policy is None:
+        raise ValueError(
+            "`config.policy` is None: pass a function "
+            "`(params, observations) -> distrax.Distribution` (or logits).")
+    return config.policy
+
+
+def as_distribution(out) -> distrax.Distribution:
+    """Returns ``out`` if it is a distribution, else ``Categorical(logits)``."""
+    if hasattr(out, "log_prob"):
+        return out
+    return distrax.Categorical(logits=jnp.asarray(out))
+
+
+def reduce_to_rank(x: jax.Array, rank: int, name: str) -> jax.Array:
+    """Sums trailing event axes of per-dimension log-probs/entropies."""
+    x = jnp.asarray(x)
+    if x.ndim < rank:
+        raise ValueError(
+            f"the policy's {name} has shape {tuple(x.shape)}; expected at "
+            f"least {rank} leading batch axes.")
+    while x.ndim > rank:
+        x = jnp.sum(x, axis=-1)
+    return x
+
+
+def log_prob_and_entropy(dist, actions, rank: int):
+    """Log-probabilities of ``actions`` and entropies, with ``rank`` axes.
+
+    Distributions without a closed-form entropy fall back to the
+    single-sample estimate ``-log p(a)`` at the taken actions.
+    """
+    log_prob = reduce_to_rank(dist.log_prob(actions), rank, "log_prob")
+    try:
+        entropy = reduce_to_rank(dist.entropy(), rank, "entropy")
+    except NotImplementedError:
+        entropy = -log_prob
+    return log_prob, entropy
+
+
+def leading_size(x, name: str) -> int:
+    leaves = jax.tree_util.tree_leaves(x)
+    if not leaves:
+        raise ValueError(f"`batch['{name}']` is empty.")
+    return leaves[0].shape[0]
+
+
+def optimizer_step(params, opt_state, grads, optimizer, max_grad_norm=None):
+    """One optimiser step with optional global-norm clipping.
+
+    Returns ``(params, opt_state, grad_norm)`` where ``grad_norm`` is the
+    norm before clipping.
+    """
+    grad_norm = optax.global_norm(grads)
+    if max_grad_norm is not None:
+        grads, _ = optax.clip_by_global_norm(max_grad_norm).update(
+            grads, optax.EmptyState())
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, grad_norm
+
+
+def batch_array(batch, key: str, *, required=True):
+    if key not in batch:
+        if required:
+            raise ValueError(f"batch is missing the key '{key}'.")
+        return None
+    return batch[key]
+
+
+def masked_mean_std(x, mask=None):
+    """Mean and population std of ``x`` over entries where ``mask`` is set."""
+    x = jnp.asarray(x, jnp.float32)
+    m = jnp.ones_like(x) if mask is None else jnp.broadcast_to(
+        jnp.asarray(mask, jnp.float32), x.shape)
+    n = jnp.maximum(jnp.sum(m), 1.0)
+    mean = jnp.sum(jnp.where(m > 0, x, 0.0)) / n
+    var = jnp.sum(jnp.where(m > 0, (x - mean) ** 2, 0.0)) / n
+    return mean, jnp.sqrt(var)
+
+

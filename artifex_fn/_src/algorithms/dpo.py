@@ -1,0 +1,201 @@
+"""Direct Preference Optimization (Rafailov et al. 2023) and SimPO (Meng et
+al. 2024) as ``init``/``update``.
+
+Two batch forms:
+
+* flat log-probabilities, as in the guide: ``chosen_log_probs``,
+  ``rejected_log_probs`` (``[B]`` sequence log-prob sums) and, unless
+  ``reference_free``, ``ref_chosen_log_probs``, ``ref_rejected_log_probs``;
+  SimPO also reads ``chosen_lengths`` / ``rejected_lengths`` (default 1,
+  i.e. the inputs are already length-normalised). These drive the pure
+  :func:`loss`; they carry no gradient to the parameters.
+* responses to score: ``{"chosen": {"observations", "actions", "mask"?},
+  "rejected": {...}}`` plus optional precomputed reference log-probs. The
+  policy scores both sides: the masked token log-prob sum for DPO, the
+  length-normalised mean for SimPO. :func:`update` needs this form.
+
+``reference_free=False`` without reference log-probs (in the batch, or
+computed from ``state.ref_params``) is an error, never a silent switch to
+SimPO.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from artifex_fn._src.algorithms import common
+from artifex_fn._src.log_probs import sequence_lengths
+from artifex_fn._src.log_probs import sequence_log_probs
+from artifex_fn._src.preference import dpo_loss
+from artifex_fn._src.preference import simpo_loss
+
+_REF_KEYS = ("ref_chosen_log_probs", "ref_rejected_log_probs")
+
+
+@common.pytree_config(static=("reference_free", "loss_type", "policy",
+                              "optimizer"))
+class DPOConfig:
+    """Hyper-parameters of DPO / SimPO.
+
+    Attributes:
+      beta: inverse temperature of the implicit reward, ``> 0``.
+      label_smoothing: probability of a flipped label (cDPO / robust DPO).
+      reference_free: use SimPO (length-normalised, no reference model).
+      loss_type: ``"sigmoid"``, ``"ipo"``, ``"hinge"`` or ``"robust"``
+        (SimPO: ``"sigmoid"`` or ``"hinge"``).
+      simpo_gamma: SimPO's target reward margin ``gamma``.
+      max_grad_norm: optional global-norm gradient clipping.
+      policy: ``(params, observations) -> distrax.Distribution`` (or logits)
+        giving per-token log-probs of ``actions``.
+      optimizer: an optax ``GradientTransformation``.
+    """
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    reference_free: bool = False
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    simpo_gamma: float = 0.5
+    max_grad_norm: float | None = None
+    policy: Callable[..., Any] | None = None
+    optimizer: optax.GradientTransformation | None = None
+
+    def __post_init__(self):
+        common.check_range("beta", self.beta, 0.0, lo_open=True)
+        allowed = (("sigmoid", "hinge") if self.reference_free else
+                   ("sigmoid", "ipo", "hinge", "robust"))
+        if self.loss_type not in allowed:
+            raise ValueError(f"`loss_type` must be one of {list(allowed)}"
+                             f"{' with reference_free=True' if self.reference_free else ''}"
+                             f", got {self.loss_type!r}.")
+        if self.loss_type == "robust":
+            common.check_range("label_smoothing", self.label_smoothing, 0.0,
+                               0.5, hi_open=True)
+        else:
+            common.check_range("label_smoothing", self.label_smoothing, 0.0,
+                               1.0)
+        common.check_range("max_grad_norm", self.max_grad_norm, 0.0,
+                           lo_open=True, optional=True)
+
+
+def score(policy, params, side, *, normalize: bool):
+    """Sequence log-prob (sum, or mean with ``normalize``) and length.
+
+    ``side`` holds ``observations``, ``actions`` and optional ``mask``; the
+    policy's log-probs of ``actions`` are ``[B, L]`` per token (or ``[B]``
+    for one-step samples).
+    """
+    dist = common.as_distribution(
+        policy(params, common.batch_array(side, "observations")))
+    log_prob = jnp.asarray(dist.log_prob(common.batch_array(side, "actions")))
+    mask = side.get("mask")
+    if mask is None and log_prob.ndim == 1:
+        return log_prob, jnp.ones(log_prob.shape, jnp.float32)
+    if mask is not None:
+        log_prob = common.reduce_to_rank(log_prob, jnp.ndim(mask), "log_prob")
+    else:
+        log_prob = common.reduce_to_rank(log_prob, 2, "log_prob")
+        mask = jnp.ones(log_prob.shape, jnp.float32)
+    seq = sequence_log_probs(log_prob, mask, normalize=normalize)
+    return seq, sequence_lengths(mask)
+
+
+def _scored(params, batch, config):
+    """Flat log-prob dict from either batch form."""
+    if "chosen" not in batch:
+        for key in ("chosen_log_probs", "rejected_log_probs"):
+            common.batch_array(batch, key)
+        return batch
+    if "rejected" not in batch:
+        raise ValueError("batch has 'chosen' but is missing 'rejected'.")
+    policy = common.require_policy(config)
+    out = {k: v for k, v in batch.items() if k not in ("chosen", "rejected")}
+    for name in ("chosen", "rejected"):
+        seq, length = score(policy, params, batch[name], normalize=False)
+        out[f"{name}_log_probs"] = seq
+        out[f"{name}_lengths"] = length
+    return out
+
+
+def loss(params, batch, config: DPOConfig):
+    """DPO or SimPO loss averaged over pairs; returns ``(loss, metrics)``.
+
+    Metrics: ``loss, dpo_loss, reward_accuracy, chosen_reward,
+    rejected_reward, reward_margin, chosen_log_probs,
+    rejected_log_probs`` (rewards are the implicit rewards, scaled by
+    ``beta`` as in the papers).
+    """
+    flat = _scored(params, batch, config)
+    chosen = jnp.asarray(flat["chosen_log_probs"])
+    rejected = jnp.asarray(flat["rejected_log_probs"])
+    if config.reference_free:
+        ones = jnp.ones(chosen.shape, jnp.float32)
+        out = simpo_loss(chosen, rejected,
+                         flat.get("chosen_lengths", ones),
+                         flat.get("rejected_lengths", ones),
+                         beta=config.beta, gamma=config.simpo_gamma,
+                         loss_type=config.loss_type,
+                         label_smoothing=config.label_smoothing)
+    else:
+        missing = [k for k in _REF_KEYS if k not in flat]
+        if missing:
+            raise ValueError(
+                f"DPO with reference_free=False needs reference log-probs: "
+                f"batch is missing {missing} (pass them, give the state "
+                f"`ref_params`, or set reference_free=True for SimPO).")
+        out = dpo_loss(chosen, rejected, flat["ref_chosen_log_probs"],
+                       flat["ref_rejected_log_probs"], beta=config.beta,
+                       loss_type=config.loss_type,
+                       label_smoothing=config.label_smoothing)
+    total = jnp.mean(out.loss)
+    margin = out.chosen_rewards - out.rejected_rewards
+    metrics = dict(
+        loss=total, dpo_loss=total,
+        reward_accuracy=jnp.mean((margin > 0).astype(jnp.float32)),
+        chosen_reward=jnp.mean(out.chosen_rewards),
+        rejected_reward=jnp.mean(out.rejected_rewards),
+        reward_margin=jnp.mean(margin),
+        chosen_log_probs=lax.stop_gradient(jnp.mean(chosen)),
+        rejected_log_probs=lax.stop_gradient(jnp.mean(rejected)))
+    return total, metrics
+
+
+def init(params, config: DPOConfig, *, key=None,
+         ref_params=None) -> common.TrainState:
+    """Initial state; ``ref_params`` (optional) scores reference log-probs."""
+    return common.init_state(params, config, key=key, ref_params=ref_params)
+
+
+def with_reference_log_probs(state: common.TrainState, batch):
+    """Adds reference log-probs from ``state.ref_params`` when missing."""
+    config = state.config
+    if (config.reference_free or state.ref_params is None
+            or all(k in batch for k in _REF_KEYS) or "chosen" not in batch):
+        return batch
+    policy = common.require_policy(config)
+    out = dict(batch)
+    for name in ("chosen", "rejected"):
+        seq, _ = score(policy, state.ref_params, batch[name], normalize=False)
+        out[f"ref_{name}_log_probs"] = lax.stop_gradient(seq)
+    return out
+
+
+def update(state: common.TrainState, batch):
+    """One DPO/SimPO gradient step; returns ``(state, metrics)``."""
+    if "chosen" not in batch:
+        raise ValueError(
+            "update needs responses to score: batch = {'chosen': "
+            "{'observations', 'actions', 'mask'?}, 'rejected': {...}}; flat "
+            "log-probs carry no gradient (use `loss` to evaluate them).")
+    config = state.config
+    batch = with_reference_log_probs(state, batch)
+    grads, metrics = jax.grad(loss, has_aux=True)(state.params, batch, config)
+    params, opt_state, grad_norm = common.optimizer_step(
+        state.params, state.opt_state, grads, config.optimizer,
+        config.max_grad_norm)
+    metrics = dict(metrics, grad_norm=grad_norm)
+    return state.replace(params=params, opt_state=opt_state,
+                         step=state.step + 1), metrics

@@ -1,0 +1,266 @@
+"""Group Relative Policy Optimization (Shao et al. 2024) as ``init``/``update``.
+
+Critic-free: for each prompt, ``num_generations`` samples are drawn and
+scored; their rewards are normalised within the group
+(:func:`artifex_fn.group_advantages`) and every token of a sample shares its
+advantage. The per-token objective is PPO's clipped surrogate plus a KL
+penalty to a frozen reference (k3 estimator by default, Shao et al. 2024,
+eq. 4), minus an entropy bonus:
+
+.. math::
+    \\ell_{i,t} = -\\min(r_{i,t} A_i, \\mathrm{clip}(r_{i,t}, 1-\\epsilon,
+      1+\\epsilon_{high}) A_i) + \\beta\\, \\mathrm{KL}_{i,t} - c_H H_{i,t}
+
+reduced by ``loss_aggregation``:
+
+* ``"grpo"``: mean over sequences of per-sequence token means (the paper);
+* ``"dapo"``: mean over all valid tokens of the batch (Yu et al. 2025);
+* ``"bnpo"``: the same token mean, normalised by the batch's valid tokens
+  (identical to ``"dapo"`` within one update);
+* ``"dr_grpo"``: token sum over ``num_sequences * max_completion_length``
+  (Liu et al. 2025); Dr. GRPO also drops the std scaling of the
+  advantages: set ``scale_rewards="none"`` for the full method.
+
+Batch: ``observations``, ``actions`` (leading ``[B]``), ``rewards [B]``
+(per-step ``[B, T]`` rewards are folded to the discounted return from the
+first step with ``gamma``), ``log_probs`` of the behaviour policy (``[B]``
+for one-step samples, ``[B, L]`` per token), optional ``mask [B, L]``,
+``ref_log_probs`` (same shape as ``log_probs``) and ``group_size`` (a Python
+int; defaults to ``num_generations``). ``B`` must be a multiple of the group
+size, with the samples of one prompt contiguous.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from artifex_fn._src.advantages import group_advantages
+from artifex_fn._src.aggregation import aggregate_loss
+from artifex_fn._src.algorithms import common
+from artifex_fn._src.divergences import kl_estimate
+from artifex_fn._src.multistep import discounted_returns
+from artifex_fn._src.policy_gradients import clip_fraction
+from artifex_fn._src.policy_gradients import clipped_surrogate_loss
+from artifex_fn._src.policy_gradients import importance_ratio
+
+LOSS_AGGREGATIONS = {
+    "grpo": "seq_mean_token_mean",
+    "dapo": "token_mean",
+    "bnpo": "token_mean",
+    "dr_grpo": "seq_mean_token_sum_norm",
+}
+
+
+@common.pytree_config(static=(
+    "num_generations", "kl_estimator", "loss_aggregation", "ratio_level",
+    "scale_rewards", "baseline", "max_completion_length", "policy",
+    "optimizer"))
+class GRPOConfig:
+    """Hyper-parameters of GRPO.
+
+    Attributes:
+      num_generations: samples per prompt (group size ``G``), ``>= 1``.
+      clip_param: clip range epsilon (lower bound ``1 - clip_param``).
+      beta: weight of the KL penalty to the reference, ``>= 0``.
+      entropy_coeff: weight of the entropy bonus, ``>= 0``.
+      gamma: discount applied when rewards are per step ``[B, T]``.
+      epsilon_high: upper clip range (clip-higher); defaults to
+        ``clip_param``.
+      kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
+      loss_aggregation: ``"grpo"``, ``"dapo"``, ``"bnpo"`` or ``"dr_grpo"``.
+      ratio_level: ``"token"`` or ``"sequence"`` (GSPO) importance ratios.
+      scale_rewards: ``"group"``, ``"batch"`` or ``"none"`` advantage scale.
+      baseline: ``"mean"`` or ``"rloo"`` (leave-one-out) group baseline.
+      advantage_eps: added to the standard deviation of the scaling.
+      max_completion_length: constant of ``"dr_grpo"`` aggregation
+        (defaults to the token axis length ``L``).
+      max_grad_norm: optional global-norm gradient clipping.
+      policy: ``(params, observations) -> distrax.Distribution`` (or logits).
+      optimizer: an optax ``GradientTransformation``.
+    """
+    num_generations: int = 4
+    clip_param: float = 0.2
+    beta: float = 0.01
+    entropy_coeff: float = 0.01
+    gamma: float = 0.99
+    epsilon_high: float | None = None
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    loss_aggregation: Literal["grpo", "dapo", "bnpo", "dr_grpo"] = "grpo"
+    ratio_level: Literal["token", "sequence"] = "token"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    baseline: Literal["mean", "rloo"] = "mean"
+    advantage_eps: float = 1e-6
+    max_completion_length: int | None = None
+    max_grad_norm: float | None = None
+    policy: Callable[..., Any] | None = None
+    optimizer: optax.GradientTransformation | None = None
+
+    def __post_init__(self):
+        common.check_int("num_generations", self.num_generations, 1)
+        common.check_range("clip_param", self.clip_param, 0.0)
+        common.check_range("beta", self.beta, 0.0)
+        common.check_range("entropy_coeff", self.entropy_coeff, 0.0)
+        common.check_range("gamma", self.gamma, 0.0, 1.0)
+        common.check_range("epsilon_high", self.epsilon_high, 0.0,
+                           optional=True)
+        common.check_range("advantage_eps", self.advantage_eps, 0.0)
+        common.check_range("max_grad_norm", self.max_grad_norm, 0.0,
+                           lo_open=True, optional=True)
+        for name, choices in (
+                ("kl_estimator", ("k1", "k2", "k3")),
+                ("loss_aggregation", tuple(LOSS_AGGREGATIONS)),
+                ("ratio_level", ("token", "sequence")),
+                ("scale_rewards", ("group", "batch", "none")),
+                ("baseline", ("mean", "rloo"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"`{name}` must be one of {list(choices)}, "
+                                 f"got {getattr(self, name)!r}.")
+        if self.max_completion_length is not None:
+            common.check_int("max_completion_length",
+                             self.max_completion_length, 1)
+
+
+def group_size_of(batch, config: GRPOConfig) -> int:
+    """The static group size: ``batch['group_size']`` or the config's."""
+    size = batch.get("group_size", config.num_generations)
+    if isinstance(size, jax.core.Tracer):
+        raise ValueError(
+            "`batch['group_size']` is traced (it was passed through jax.jit): "
+            "it sets shapes, so remove it from the batch and set "
+            "`GRPOConfig.num_generations`, or call update outside jit.")
+    if hasattr(size, "item"):
+        size = int(size.item())
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"`group_size` must be an int >= 1, got {size!r}.")
+    return size
+
+
+def advantages_of(batch, config: GRPOConfig):
+    """Group-relative advantages ``[B]`` and the group statistics."""
+    rewards = jnp.asarray(common.batch_array(batch, "rewards"))
+    if rewards.ndim == 2:
+        rewards = discounted_returns(rewards, gamma=config.gamma,
+                                     terminated=batch.get("dones"),
+                                     mask=batch.get("reward_mask"))[:, 0]
+    elif rewards.ndim != 1:
+        raise ValueError(
+            f"`batch['rewards']` must be [B] or [B, T], got shape "
+            f"{tuple(rewards.shape)}.")
+    size = group_size_of(batch, config)
+    if rewards.shape[0] % size:
+        raise ValueError(
+            f"batch size {rewards.shape[0]} must be a multiple of the group "
+            f"size {size} (`num_generations` or batch['group_size']).")
+    out = group_advantages(rewards, group_size=size,
+                           baseline=config.baseline,
+                           scale=config.scale_rewards,
+                           eps=config.advantage_eps)
+    return rewards, out
+
+
+def loss(params, batch, config: GRPOConfig):
+    """GRPO loss; returns ``(loss, metrics)``.
+
+    Metrics: ``loss, policy_loss, kl, kl_penalty, approx_kl, clip_fraction,
+    entropy, mean_reward, reward_std, group_advantage_std,
+    frac_reward_zero_std``. ``kl`` is the mean estimated
+    ``KL(pi || pi_ref)`` and ``kl_penalty = beta * kl`` (both zero without
+    reference log-probs).
+    """
+    policy = common.require_policy(config)
+    rewards, group = advantages_of(batch, config)
+    old = jnp.asarray(common.batch_array(batch, "log_probs"))
+    if old.ndim not in (1, 2) or old.shape[0] != rewards.shape[0]:
+        raise ValueError(
+            f"`batch['log_probs']` must be [B] or [B, L] with B="
+            f"{rewards.shape[0]}, got shape {tuple(old.shape)}.")
+    dist = common.as_distribution(
+        policy(params, common.batch_array(batch, "observations")))
+    log_prob, entropy = common.log_prob_and_entropy(
+        dist, common.batch_array(batch, "actions"), old.ndim)
+    if log_prob.shape != old.shape:
+        raise ValueError(
+            f"the policy's log-probs have shape {tuple(log_prob.shape)} but "
+            f"`batch['log_probs']` has {tuple(old.shape)}.")
+    mask = batch.get("mask")
+    if old.ndim == 1:  # one-step samples: B sequences of one token
+        log_prob, old, entropy = log_prob[:, None], old[:, None], entropy[:, None]
+        mask = None if mask is None else jnp.asarray(mask)[:, None]
+    adv = group.advantages
+    eps_high = config.epsilon_high
+    per_token = clipped_surrogate_loss(
+        log_prob, old, adv, epsilon_low=config.clip_param,
+        epsilon_high=eps_high, level=config.ratio_level, mask=mask)
+    mode = LOSS_AGGREGATIONS[config.loss_aggregation]
+    agg = lambda x: aggregate_loss(x, mask, mode=mode,
+                                   normalizer=config.max_completion_length)
+    token_mean = lambda x: aggregate_loss(x, mask, mode="token_mean")
+    policy_loss = agg(per_token)
+    total_tokens = per_token - config.entropy_coeff * entropy
+    ref = batch.get("ref_log_probs")
+    if ref is not None:
+        ref = jnp.asarray(ref).reshape(log_prob.shape)
+        kl_tok = kl_estimate(log_prob, lax.stop_gradient(ref),
+                             estimator=config.kl_estimator)
+        total_tokens = total_tokens + config.beta * kl_tok
+        kl = token_mean(kl_tok)
+    else:
+        kl = jnp.zeros((), jnp.float32)
+    total = agg(total_tokens)
+    ratio = importance_ratio(log_prob, old, level=config.ratio_level,
+                             mask=mask)
+    mean_reward, reward_std = common.masked_mean_std(rewards)
+    _, adv_std = common.masked_mean_std(adv)
+    metrics = dict(
+        loss=total, policy_loss=policy_loss, kl=kl,
+        kl_penalty=config.beta * kl,
+        approx_kl=token_mean(kl_estimate(old, log_prob)),
+        clip_fraction=token_mean(clip_fraction(
+            ratio, epsilon_low=config.clip_param, epsilon_high=eps_high)),
+        entropy=token_mean(entropy), mean_reward=mean_reward,
+        reward_std=reward_std, group_advantage_std=adv_std,
+        frac_reward_zero_std=jnp.mean(group.zero_std.astype(jnp.float32)))
+    return total, metrics
+
+
+def init(params, config: GRPOConfig, *, key=None,
+         ref_params=None) -> common.TrainState:
+    """Initial state; ``ref_params`` (optional) scores reference log-probs."""
+    return common.init_state(params, config, key=key, ref_params=ref_params)
+
+
+def with_reference_log_probs(state: common.TrainState, batch):
+    """Adds ``ref_log_probs`` from ``state.ref_params`` if the batch lacks them."""
+    if "ref_log_probs" in batch or state.ref_params is None:
+        return batch
+    config = state.config
+    old = jnp.asarray(common.batch_array(batch, "log_probs"))
+    dist = common.as_distribution(common.require_policy(config)(
+        state.ref_params, common.batch_array(batch, "observations")))
+    ref = common.reduce_to_rank(
+        dist.log_prob(common.batch_array(batch, "actions")), old.ndim,
+        "log_prob")
+    return dict(batch, ref_log_probs=lax.stop_gradient(ref))
+
+
+def update(state: common.TrainState, batch):
+    """One GRPO gradient step; returns ``(state, metrics)``.
+
+    The KL penalty applies when the batch holds ``ref_log_probs`` or the
+    state holds ``ref_params``. Metrics are those of :func:`loss` plus
+    ``grad_norm``.
+    """
+    config = state.config
+    batch = with_reference_log_probs(state, batch)
+    grads, metrics = jax.grad(loss, has_aux=True)(state.params, batch, config)
+    params, opt_state, grad_norm = common.optimizer_step(
+        state.params, state.opt_state, grads, config.optimizer,
+        config.max_grad_norm)
+    metrics = dict(metrics, grad_norm=grad_norm)
+    return state.replace(params=params, opt_state=opt_state,
+                         step=state.step + 1), metrics

@@ -1,0 +1,263 @@
+"""Proximal Policy Optimization (Schulman et al. 2017) as ``init``/``update``.
+
+One call of :func:`update` runs the whole PPO phase on a collected batch:
+GAE (Schulman et al. 2016) from the stored values, then ``num_epochs``
+passes of ``num_minibatches`` shuffled minibatches, each one optimiser step
+on
+
+.. math::
+    L = L^{CLIP} + c_V L^{V} - c_H H
+
+with gradients clipped to ``max_grad_norm``; everything inside one
+``lax.scan``, so ``jax.jit(update)`` compiles the phase once.
+
+Batch layout: ``rewards``, ``log_probs``, ``dones`` (termination),
+optional ``truncated`` and ``mask`` are ``[B, T]`` (or ``[B]`` for one-step
+episodes); ``values`` is ``[B, T]`` (then ``bootstrap_value [B]`` or
+``next_values [B, T]`` give the values after the steps) or ``[B, T + 1]``
+(``V(s_0..s_T)``); ``observations`` and ``actions`` are pytrees with leading
+``[B, T]`` (or ``[B]``) axes. The policy is called on flattened minibatches
+``[n, ...]`` and returns ``(distribution_or_logits, value)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from artifex_fn._src.advantages import normalize_advantages
+from artifex_fn._src.aggregation import aggregate_loss
+from artifex_fn._src.algorithms import common
+from artifex_fn._src.divergences import kl_estimate
+from artifex_fn._src.multistep import gae_advantages
+from artifex_fn._src.policy_gradients import clip_fraction
+from artifex_fn._src.policy_gradients import clipped_surrogate_loss
+from artifex_fn._src.policy_gradients import importance_ratio
+from artifex_fn._src.policy_gradients import value_loss
+
+
+@common.pytree_config(static=("num_epochs", "num_minibatches",
+                              "normalize_advantages", "policy", "optimizer"))
+class PPOConfig:
+    """Hyper-parameters of PPO.
+
+    Attributes:
+      gamma: discount factor for GAE, in ``[0, 1]``.
+      gae_lambda: GAE lambda, in ``[0, 1]``.
+      clip_param: clip range epsilon of the surrogate, ``>= 0``.
+      vf_coeff: weight of the value loss, ``>= 0``.
+      entropy_coeff: weight of the entropy bonus, ``>= 0``.
+      max_grad_norm: global-norm gradient clipping (None: no clipping).
+      num_epochs: passes over the batch per update.
+      num_minibatches: minibatches per pass; must divide the number of
+        samples ``B * T``.
+      normalize_advantages: normalise advantages per minibatch.
+      value_clip_param: if set, clip the value loss around the stored
+        values with this range (PPO baselines' value clipping).
+      epsilon_high: optional upper clip range (clip-higher); defaults to
+        ``clip_param``.
+      policy: ``(params, observations) -> (distribution_or_logits, value)``.
+      optimizer: an optax ``GradientTransformation``.
+    """
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_param: float = 0.2
+    vf_coeff: float = 0.5
+    entropy_coeff: float = 0.01
+    max_grad_norm: float | None = 0.5
+    num_epochs: int = 4
+    num_minibatches: int = 1
+    normalize_advantages: bool = True
+    value_clip_param: float | None = None
+    epsilon_high: float | None = None
+    policy: Callable[..., Any] | None = None
+    optimizer: optax.GradientTransformation | None = None
+
+    def __post_init__(self):
+        common.check_range("gamma", self.gamma, 0.0, 1.0)
+        common.check_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
+        common.check_range("clip_param", self.clip_param, 0.0)
+        common.check_range("vf_coeff", self.vf_coeff, 0.0)
+        common.check_range("entropy_coeff", self.entropy_coeff, 0.0)
+        common.check_range("max_grad_norm", self.max_grad_norm, 0.0,
+                           lo_open=True, optional=True)
+        common.check_range("value_clip_param", self.value_clip_param, 0.0,
+                           lo_open=True, optional=True)
+        common.check_range("epsilon_high", self.epsilon_high, 0.0,
+                           optional=True)
+        common.check_int("num_epochs", self.num_epochs, 1)
+        common.check_int("num_minibatches", self.num_minibatches, 1)
+
+
+def _policy_outputs(config, params, observations, actions):
+    out = common.require_policy(config)(params, observations)
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise ValueError(
+            "the PPO policy must return (distribution_or_logits, value).")
+    dist, value = common.as_distribution(out[0]), jnp.asarray(out[1])
+    log_prob, entropy = common.log_prob_and_entropy(dist, actions, 1)
+    value = common.reduce_to_rank(value, 1, "value")
+    return log_prob, entropy, value
+
+
+def minibatch_loss(params, minibatch, config: PPOConfig):
+    """PPO loss on flattened samples; returns ``(loss, metrics)``.
+
+    ``minibatch`` holds ``observations``, ``actions`` (leading ``[n]``),
+    ``log_probs``, ``advantages``, ``returns``, ``values``, ``mask``
+    (all ``[n]``).
+    """
+    log_prob, entropy, value = _policy_outputs(
+        config, params, minibatch["observations"], minibatch["actions"])
+    mask = minibatch["mask"]
+    old = minibatch["log_probs"]
+    adv = minibatch["advantages"]
+    if config.normalize_advantages:
+        adv = normalize_advantages(adv, mask=mask)
+    eps_high = config.epsilon_high
+    pg = clipped_surrogate_loss(log_prob, old, adv,
+                                epsilon_low=config.clip_param,
+                                epsilon_high=eps_high)
+    vl = value_loss(value, minibatch["returns"],
+                    old_values=minibatch["values"],
+                    clip_epsilon=config.value_clip_param)
+    # One sample per "sequence": token_mean over [n, 1] is the masked mean.
+    m = mask[:, None]
+    policy_loss = aggregate_loss(pg[:, None], m)
+    v_loss = aggregate_loss(vl[:, None], m)
+    ent = aggregate_loss(entropy[:, None], m)
+    total = policy_loss + config.vf_coeff * v_loss - config.entropy_coeff * ent
+    ratio = importance_ratio(log_prob, old)
+    metrics = dict(
+        loss=total, policy_loss=policy_loss, value_loss=v_loss, entropy=ent,
+        approx_kl=aggregate_loss(kl_estimate(old, log_prob)[:, None], m),
+        kl_divergence=aggregate_loss(
+            kl_estimate(old, log_prob, estimator="k1")[:, None], m),
+        clip_fraction=aggregate_loss(
+            clip_fraction(ratio, epsilon_low=config.clip_param,
+                          epsilon_high=eps_high)[:, None], m))
+    return total, metrics
+
+
+def _flatten(x, lead_ndim, n):
+    return jax.tree_util.tree_map(
+        lambda a: jnp.reshape(a, (n,) + jnp.shape(a)[lead_ndim:]), x)
+
+
+def prepare(batch, config: PPOConfig):
+    """GAE and flattening: returns (samples, batch metrics).
+
+    ``samples`` is a dict of ``[B * T]``-leading arrays used by
+    :func:`minibatch_loss`.
+    """
+    rewards = jnp.asarray(common.batch_array(batch, "rewards"))
+    if rewards.ndim not in (1, 2):
+        raise ValueError(
+            f"`batch['rewards']` must be [B] or [B, T], got shape "
+            f"{tuple(rewards.shape)}.")
+    lead = rewards.ndim
+    r2 = rewards if lead == 2 else rewards[:, None]
+
+    def as_2d(name, required=False):
+        x = common.batch_array(batch, name, required=required)
+        if x is None:
+            return None
+        x = jnp.asarray(x)
+        return x if lead == 2 else x[:, None]
+
+    values = jnp.asarray(common.batch_array(batch, "values"))
+    if lead == 1:
+        values = values[:, None]
+    mask = as_2d("mask")
+    adv = gae_advantages(
+        r2, values, gamma=config.gamma, lambda_=config.gae_lambda,
+        terminated=as_2d("dones"), truncated=as_2d("truncated"),
+        next_values=as_2d("next_values"),
+        bootstrap_value=batch.get("bootstrap_value"), mask=mask)
+    v = values[..., :r2.shape[-1]]
+    returns = adv + v
+    n = r2.size
+    m = jnp.ones(r2.shape, jnp.float32) if mask is None else (
+        mask.astype(jnp.float32))
+    log_probs = jnp.asarray(common.batch_array(batch, "log_probs"))
+    common.reduce_to_rank(log_probs, lead, "stored log_probs")
+    samples = dict(
+        observations=_flatten(common.batch_array(batch, "observations"),
+                              lead, n),
+        actions=_flatten(common.batch_array(batch, "actions"), lead, n),
+        log_probs=jnp.reshape(log_probs, (n,)),
+        advantages=adv.reshape(n), returns=returns.reshape(n),
+        values=v.reshape(n), mask=m.reshape(n))
+    mean_reward, _ = common.masked_mean_std(r2, m)
+    adv_mean, adv_std = common.masked_mean_std(adv, m)
+    _, ret_std = common.masked_mean_std(returns, m)
+    _, res_std = common.masked_mean_std(returns - v, m)
+    explained = jnp.where(ret_std > 0,
+                          1.0 - res_std ** 2 / jnp.maximum(ret_std ** 2,
+                                                           1e-12), 0.0)
+    stats = dict(mean_reward=mean_reward, advantage_mean=adv_mean,
+                 advantage_std=adv_std, explained_variance=explained)
+    return samples, stats
+
+
+def loss(params, batch, config: PPOConfig):
+    """PPO loss on a whole batch (GAE inside, one minibatch, no shuffling).
+
+    Returns ``(loss, metrics)``; :func:`update` uses the same objective on
+    shuffled minibatches over several epochs.
+    """
+    samples, stats = prepare(batch, config)
+    total, metrics = minibatch_loss(params, samples, config)
+    return total, dict(metrics, **stats)
+
+
+def init(params, config: PPOConfig, *, key=None,
+         ref_params=None) -> common.TrainState:
+    """Initial state: parameters, optimiser state, step 0, PRNG key."""
+    return common.init_state(params, config, key=key, ref_params=ref_params)
+
+
+def update(state: common.TrainState, batch):
+    """One PPO phase (epochs x minibatches); returns ``(state, metrics)``.
+
+    Metrics: ``loss, policy_loss, value_loss, entropy, approx_kl,
+    kl_divergence, clip_fraction`` (means over all minibatch steps),
+    ``mean_reward, advantage_mean, advantage_std, explained_variance`` (of
+    the batch) and ``grad_norm`` (mean, before clipping).
+    """
+    config = state.config
+    samples, stats = prepare(batch, config)
+    n = samples["mask"].shape[0]
+    k = config.num_minibatches
+    if n % k:
+        raise ValueError(
+            f"`num_minibatches`={k} must divide the number of samples "
+            f"B*T={n}.")
+    key, *epoch_keys = jax.random.split(state.key, config.num_epochs + 1)
+    grad_fn = jax.grad(minibatch_loss, has_aux=True)
+
+    def minibatch_step(carry, minibatch):
+        params, opt_state = carry
+        grads, metrics = grad_fn(params, minibatch, config)
+        params, opt_state, grad_norm = common.optimizer_step(
+            params, opt_state, grads, config.optimizer, config.max_grad_norm)
+        return (params, opt_state), dict(metrics, grad_norm=grad_norm)
+
+    def epoch(carry, epoch_key):
+        perm = jax.random.permutation(epoch_key, n)
+        minibatches = jax.tree_util.tree_map(
+            lambda x: jnp.reshape(x[perm], (k, n // k) + x.shape[1:]),
+            samples)
+        return lax.scan(minibatch_step, carry, minibatches)
+
+    (params, opt_state), metrics = lax.scan(
+        epoch, (state.params, state.opt_state), jnp.stack(epoch_keys))
+    metrics = jax.tree_util.tree_map(jnp.mean, metrics)
+    metrics.update(stats)
+    new_state = state.replace(params=params, opt_state=opt_state,
+                              step=state.step + 1, key=key)
+    return new_state, metrics

@@ -1,0 +1,145 @@
+"""REINFORCE (Williams 1992) as a pure ``init``/``update`` pair.
+
+.. math::
+    \\nabla_\\theta J = \\mathbb{E}\\Big[\\sum_t \\nabla_\\theta
+      \\log\\pi_\\theta(a_t|s_t)\\,(G_t - b_t)\\Big]
+      + c_H \\nabla_\\theta \\mathbb{E}[H(\\pi_\\theta(\\cdot|s_t))]
+
+Rewards are either ``[B]`` (one-step generation: one sample, one reward,
+``G = r``) or ``[B, T]`` with optional ``dones`` (termination) and ``mask``
+(padding), in which case ``G_t`` are discounted returns.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from artifex_fn._src.advantages import normalize_advantages
+from artifex_fn._src.aggregation import aggregate_loss
+from artifex_fn._src.algorithms import common
+from artifex_fn._src.multistep import discounted_returns
+from artifex_fn._src.policy_gradients import policy_gradient_loss
+
+
+@common.pytree_config(static=("normalize_returns", "baseline", "policy",
+                              "optimizer"))
+class REINFORCEConfig:
+    """Hyper-parameters of REINFORCE.
+
+    Attributes:
+      gamma: discount factor for the returns, in ``[0, 1]``.
+      normalize_returns: normalise returns (masked) to zero mean and unit
+        variance before weighting the log-probabilities.
+      entropy_coeff: weight of the entropy bonus, ``>= 0``.
+      baseline: ``"none"`` or ``"mean"`` (subtract the batch mean return,
+        per time step for ``[B, T]`` rewards).
+      max_grad_norm: optional global-norm gradient clipping.
+      policy: ``(params, observations) -> distrax.Distribution`` (or logits,
+        wrapped as ``distrax.Categorical``).
+      optimizer: an optax ``GradientTransformation``.
+    """
+    gamma: float = 0.99
+    normalize_returns: bool = True
+    entropy_coeff: float = 0.01
+    baseline: Literal["none", "mean"] = "none"
+    max_grad_norm: float | None = None
+    policy: Callable[..., Any] | None = None
+    optimizer: optax.GradientTransformation | None = None
+
+    def __post_init__(self):
+        common.check_range("gamma", self.gamma, 0.0, 1.0)
+        common.check_range("entropy_coeff", self.entropy_coeff, 0.0)
+        common.check_range("max_grad_norm", self.max_grad_norm, 0.0,
+                           lo_open=True, optional=True)
+        if self.baseline not in ("none", "mean"):
+            raise ValueError(
+                f"`baseline` must be 'none' or 'mean', got {self.baseline!r}.")
+
+
+def _masked_time_mean(x, mask):
+    """Mean over the batch axis (per time step when ``x`` is ``[B, T]``)."""
+    m = jnp.ones_like(x) if mask is None else jnp.asarray(mask, x.dtype)
+    num = jnp.sum(jnp.where(m > 0, x, 0.0), axis=0, keepdims=True)
+    den = jnp.sum(m, axis=0, keepdims=True)
+    return jnp.where(den > 0, num / jnp.maximum(den, 1.0), 0.0)
+
+
+def loss(params, batch, config: REINFORCEConfig):
+    """REINFORCE loss ``policy_loss - entropy_coeff * entropy``.
+
+    Args:
+      params: policy parameters.
+      batch: dict with ``observations`` and ``actions`` (pytrees with
+        leading ``[B]`` or ``[B, T]`` axes, as the policy expects),
+        ``rewards`` (``[B]`` or ``[B, T]``) and optional ``dones`` and
+        ``mask`` (``[B, T]``).
+      config: a :class:`REINFORCEConfig`.
+
+    Returns:
+      ``(loss, metrics)`` with metrics ``loss, policy_loss, entropy,
+      mean_reward, reward_std, mean_return``.
+    """
+    policy = common.require_policy(config)
+    rewards = jnp.asarray(common.batch_array(batch, "rewards"))
+    if rewards.ndim not in (1, 2):
+        raise ValueError(
+            f"`batch['rewards']` must be [B] or [B, T], got shape "
+            f"{tuple(rewards.shape)}.")
+    mask = batch.get("mask")
+    if rewards.ndim == 1:
+        returns = rewards
+        if mask is not None:
+            mask = jnp.asarray(mask)
+    else:
+        returns = discounted_returns(rewards, gamma=config.gamma,
+                                     terminated=batch.get("dones"), mask=mask)
+    dist = common.as_distribution(
+        policy(params, common.batch_array(batch, "observations")))
+    log_prob, entropy = common.log_prob_and_entropy(
+        dist, common.batch_array(batch, "actions"), rewards.ndim)
+    weights = returns
+    if config.baseline == "mean":
+        weights = weights - _masked_time_mean(weights, mask)
+    if config.normalize_returns:
+        weights = normalize_advantages(weights, mask=mask)
+    per_step = policy_gradient_loss(log_prob, weights)
+    if rewards.ndim == 1:  # B one-step episodes, not one sequence of B steps
+        per_step, entropy = per_step[:, None], entropy[:, None]
+        agg_mask = None if mask is None else mask[:, None]
+    else:
+        agg_mask = mask
+    policy_loss = aggregate_loss(per_step, agg_mask)
+    mean_entropy = aggregate_loss(entropy, agg_mask)
+    total = policy_loss - config.entropy_coeff * mean_entropy
+    mean_reward, reward_std = common.masked_mean_std(rewards, mask)
+    mean_return, _ = common.masked_mean_std(returns, mask)
+    metrics = dict(loss=total, policy_loss=policy_loss, entropy=mean_entropy,
+                   mean_reward=mean_reward, reward_std=reward_std,
+                   mean_return=mean_return)
+    return total, metrics
+
+
+def init(params, config: REINFORCEConfig, *, key=None,
+         ref_params=None) -> common.TrainState:
+    """Initial state: parameters, optimiser state, step 0, key."""
+    return common.init_state(params, config, key=key, ref_params=ref_params)
+
+
+def update(state: common.TrainState, batch):
+    """One REINFORCE gradient step; returns ``(state, metrics)``.
+
+    ``metrics`` holds the :func:`loss` metrics plus ``grad_norm`` (before
+    clipping), all scalars on device.
+    """
+    config = state.config
+    grads, metrics = jax.grad(loss, has_aux=True)(state.params, batch, config)
+    params, opt_state, grad_norm = common.optimizer_step(
+        state.params, state.opt_state, grads, config.optimizer,
+        config.max_grad_norm)
+    metrics = dict(metrics, grad_norm=grad_norm)
+    return state.replace(params=params, opt_state=opt_state,
+                         step=state.step + 1), metrics

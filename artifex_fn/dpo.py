@@ -1,0 +1,12 @@
+"""DPO (Rafailov et al. 2023) and SimPO (Meng et al. 2024): pure `init`/`update` pair, loss and config.
+
+See :mod:`artifex_fn._src.algorithms.dpo` for the maths and batch layout.
+"""
+
+from artifex_fn._src.algorithms.common import TrainState
+from artifex_fn._src.algorithms.dpo import DPOConfig
+from artifex_fn._src.algorithms.dpo import init
+from artifex_fn._src.algorithms.dpo import loss
+from artifex_fn._src.algorithms.dpo import update
+
+__all__ = ("DPOConfig", "TrainState", "init", "loss", "update")

@@ -1,0 +1,15 @@
+"""GRPO (Shao et al. 2024): pure `init`/`update` pair, loss and config.
+
+See :mod:`artifex_fn._src.algorithms.grpo` for the maths and batch layout.
+"""
+
+from artifex_fn._src.algorithms.common import TrainState
+from artifex_fn._src.algorithms.grpo import GRPOConfig
+from artifex_fn._src.algorithms.grpo import LOSS_AGGREGATIONS
+from artifex_fn._src.algorithms.grpo import advantages_of
+from artifex_fn._src.algorithms.grpo import init
+from artifex_fn._src.algorithms.grpo import loss
+from artifex_fn._src.algorithms.grpo import update
+
+__all__ = ("GRPOConfig", "LOSS_AGGREGATIONS", "TrainState", "advantages_of",
+           "init", "loss", "update")
