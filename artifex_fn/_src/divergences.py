@@ -28,7 +28,10 @@ MAX_LOG_RATIO = 20.0
 def _plogp_terms(log_p, other):
     """``p * other`` with ``p = exp(log_p)``, zero where ``p == 0``."""
     p = jnp.exp(log_p)
-    return jnp.where(p > 0, p * other, 0.0)
+    live = p > 0
+    # The inner `where` keeps the unused branch finite, so its cotangent
+    # (0 * -inf) cannot turn the gradient into NaN.
+    return jnp.where(live, p * jnp.where(live, other, 0.0), 0.0)
 
 
 def entropy_from_log_probs(log_probs: jax.Array, *, axis: int = -1

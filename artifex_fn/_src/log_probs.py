@@ -22,9 +22,37 @@ from artifex_fn._src import checks
 def _selective_log_softmax(logits, tokens, dt):
     picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
     top = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    # Keep the gather out of the fusion that reads the logits for the
+    # log-sum-exp: fused together, XLA:CPU materialises the float32
+    # conversion of a half-precision [..., V] input.
+    picked, logits = lax.optimization_barrier((picked, logits))
     sum_exp = jnp.sum(jnp.exp((logits - top).astype(dt)), axis=-1)
-    lse = jnp.log(sum_exp) + top[..., 0].astype(dt)
-    return picked.astype(dt) - lse
+    # Subtract the max before adding anything: the result keeps the
+    # precision of log_softmax whatever the logits' magnitude.
+    return (picked - top[..., 0]).astype(dt) - jnp.log(sum_exp)
+
+
+def _chunked(logits, tokens, dt, chunk_size):
+    """Selective log-softmax over ``[rows, V]``, ``chunk_size`` rows a step.
+
+    Chunks are read with ``dynamic_slice`` from the input itself (no padded
+    or sliced copy of the logits); when ``chunk_size`` does not divide the
+    rows, the last chunk is shifted back to end at the last row and
+    overlaps its predecessor, rewriting identical values.
+    """
+    rows, vocab = logits.shape
+    if chunk_size >= rows:
+        return _selective_log_softmax(logits, tokens, dt)
+    n_chunks = -(-rows // chunk_size)
+
+    def body(i, out):
+        start = jnp.minimum(i * chunk_size, rows - chunk_size)
+        block = lax.dynamic_slice(logits, (start, 0), (chunk_size, vocab))
+        toks = lax.dynamic_slice(tokens, (start,), (chunk_size,))
+        return lax.dynamic_update_slice(
+            out, _selective_log_softmax(block, toks, dt), (start,))
+
+    return lax.fori_loop(0, n_chunks, body, jnp.zeros((rows,), dt))
 
 
 def token_log_probs(
@@ -73,18 +101,9 @@ def token_log_probs(
             f"`chunk_size` must be a positive int, got {chunk_size!r}.")
     lead = logits.shape[:-1]
     rows = math.prod(lead)
-    n_chunks = -(-rows // chunk_size)
-    pad = n_chunks * chunk_size - rows
-    flat_logits = logits.reshape(rows, logits.shape[-1])
-    flat_tokens = tokens.reshape(rows)
-    if pad:
-        flat_logits = jnp.pad(flat_logits, ((0, pad), (0, 0)))
-        flat_tokens = jnp.pad(flat_tokens, (0, pad))
-    out = lax.map(
-        lambda xs: _selective_log_softmax(xs[0], xs[1], dt),
-        (flat_logits.reshape(n_chunks, chunk_size, -1),
-         flat_tokens.reshape(n_chunks, chunk_size)))
-    return out.reshape(-1)[:rows].reshape(lead)
+    out = _chunked(logits.reshape(rows, logits.shape[-1]),
+                   tokens.reshape(rows), dt, chunk_size)
+    return out.reshape(lead)
 
 
 def _mask_like(mask, x, name="mask"):
