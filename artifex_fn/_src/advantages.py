@@ -24,6 +24,17 @@ def _safe_div(num, den):
     return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
 
 
+def _safe_std_plus_eps(var, constant, eps):
+    """``sqrt(var) + eps``, replaced by 1 where the slice is constant.
+
+    Constant slices are zeroed by the caller; substituting 1 there keeps
+    both the unused quotient and the gradient of ``sqrt`` at zero variance
+    finite (``0 * inf`` would otherwise make the gradient NaN).
+    """
+    safe_var = jnp.where(constant, 1.0, var)
+    return jnp.where(constant, 1.0, jnp.sqrt(safe_var) + eps)
+
+
 def normalize_advantages(
     advantages: jax.Array,
     *,
@@ -77,12 +88,13 @@ def normalize_advantages(
     xm = jnp.where(m > 0, x, 0.0)
     mean = _safe_div(jnp.sum(xm, axis=axes, keepdims=True), count)
     centred = jnp.where(m > 0, x - mean, 0.0)
-    var = _safe_div(jnp.sum(centred ** 2, axis=axes, keepdims=True),
-                    count - ddof)
+    var = (jnp.sum(centred ** 2, axis=axes, keepdims=True)
+           / jnp.maximum(count - ddof, 1.0))
     hi = jnp.max(jnp.where(m > 0, x, -jnp.inf), axis=axes, keepdims=True)
     lo = jnp.min(jnp.where(m > 0, x, jnp.inf), axis=axes, keepdims=True)
     constant = hi <= lo
-    out = jnp.where(constant, 0.0, centred / (jnp.sqrt(var) + eps))
+    out = jnp.where(constant, 0.0,
+                    centred / _safe_std_plus_eps(var, constant, eps))
     return out.astype(out_dtype)
 
 
@@ -176,15 +188,16 @@ def group_advantages(
     if baseline == "rloo":
         centred = centred * (group_size / (group_size - 1))
     if scale == "group":
-        std = jnp.sqrt(jnp.sum((grouped - mean) ** 2, axis=-1, keepdims=True)
-                       / (group_size - ddof))
-        adv = centred / (std + eps)
+        var = (jnp.sum((grouped - mean) ** 2, axis=-1, keepdims=True)
+               / (group_size - ddof))
+        adv = centred / _safe_std_plus_eps(var, zero_std[..., None], eps)
     elif scale == "batch":
         flat = centred.reshape(rewards.shape)
         batch_mean = jnp.mean(flat, axis=-1, keepdims=True)
-        std = jnp.sqrt(jnp.sum((flat - batch_mean) ** 2, axis=-1,
-                               keepdims=True) / (n - ddof))
-        adv = centred / (std[..., None] + eps)
+        var = (jnp.sum((flat - batch_mean) ** 2, axis=-1, keepdims=True)
+               / (n - ddof))
+        all_constant = jnp.all(zero_std, axis=-1, keepdims=True)
+        adv = centred / _safe_std_plus_eps(var, all_constant, eps)[..., None]
     else:
         adv = centred
     adv = jnp.where(zero_std[..., None], 0.0, adv)

@@ -74,8 +74,10 @@ def float_dtypes(*arrays) -> tuple[jnp.dtype, jnp.dtype]:
     precision inputs are computed in float32 and cast back, float64 stays
     float64.
     """
-    dtypes = [jnp.asarray(a).dtype for a in arrays if a is not None]
-    out = jnp.result_type(*dtypes) if dtypes else jnp.dtype(jnp.float32)
+    # Python scalars (and weakly typed arrays) do not promote: a float
+    # `bootstrap_value` keeps bfloat16 rewards bfloat16.
+    given = [a for a in arrays if a is not None]
+    out = jnp.result_type(*given) if given else jnp.dtype(jnp.float32)
     if not jnp.issubdtype(out, jnp.floating):
         out = jnp.dtype(jnp.float32)
     return jnp.dtype(out), jnp.dtype(jnp.promote_types(out, jnp.float32))

@@ -20,9 +20,11 @@ Conventions (shared by every function here):
   on its valid prefix exactly what the sliced trajectories give.
 
 All three quantities solve one reverse linear recurrence
-``x_t = a_t + b_t x_{t+1}`` (``x_T = 0``), computed either with a sequential
-``lax.scan`` or with ``lax.associative_scan`` over affine maps (log-depth,
-faster on accelerators for long horizons).
+``x_t = a_t + b_t x_{t+1}``. ``method="scan"`` runs a sequential
+``lax.scan`` that forms ``a_t`` and ``b_t`` inside the step from the inputs
+that were given (the fastest on CPU); ``method="associative"`` builds every
+``(a_t, b_t)`` and composes the affine maps with ``lax.associative_scan``
+(log-depth, meant for accelerators and long horizons).
 """
 
 from __future__ import annotations
@@ -92,89 +94,200 @@ def reverse_linear_recurrence(a: jax.Array, b: jax.Array, *,
     return xs
 
 
-def _broadcast_param(x, shape, dtype, axis, name):
-    x = jnp.asarray(x)
-    if x.ndim == 0:
-        return x.astype(dtype)
-    checks.check_broadcastable(x, shape, name)
-    return jnp.moveaxis(jnp.broadcast_to(x, shape), axis, 0).astype(dtype)
-
-
 def _recurrence_terms(rewards, values, *, gamma, lambda_, terminated,
                       truncated, next_values, bootstrap_value, mask,
                       time_axis):
-    """Builds the time-major (a, b) of the recurrence and the output layout."""
+    """Time-major inputs of the (a, b) form, for the associative scan.
+
+    Inputs must have passed :func:`_check_inputs`.
+    """
     rewards = jnp.asarray(rewards)
-    checks.check_min_rank(rewards, 1, "rewards")
-    axis = checks.normalize_axis(time_axis, rewards.ndim, "time_axis")
+    axis = time_axis % rewards.ndim
     shape = tuple(rewards.shape)
     length = shape[axis]
     batch_shape = shape[:axis] + shape[axis + 1:]
     out_dtype, dt = checks.float_dtypes(rewards, values, next_values,
                                         bootstrap_value)
 
-    def time_major(x, name):
-        x = jnp.asarray(x)
-        checks.check_broadcastable(x, shape, name)
-        return jnp.moveaxis(jnp.broadcast_to(x, shape), axis, 0).astype(dt)
+    def time_major(x):
+        x = jnp.broadcast_to(jnp.asarray(x), shape)
+        return jnp.moveaxis(x, axis, 0).astype(dt)
 
-    r = time_major(rewards, "rewards")
+    r = time_major(rewards)
     zeros = jnp.zeros_like(r)
-    term = zeros if terminated is None else time_major(terminated,
-                                                       "terminated")
-    trunc = zeros if truncated is None else time_major(truncated, "truncated")
-    g = _broadcast_param(gamma, shape, dt, axis, "gamma")
-    lam = _broadcast_param(lambda_, shape, dt, axis, "lambda_")
-
-    if bootstrap_value is not None:
-        bootstrap_value = jnp.asarray(bootstrap_value)
-        checks.check_broadcastable(bootstrap_value, batch_shape,
-                                   "bootstrap_value")
-        boot = jnp.broadcast_to(bootstrap_value, batch_shape).astype(dt)
-    else:
-        boot = jnp.zeros(batch_shape, dt)
-
+    term = zeros if terminated is None else time_major(terminated)
+    trunc = zeros if truncated is None else time_major(truncated)
+    boot = (jnp.zeros(batch_shape, dt) if bootstrap_value is None else
+            jnp.broadcast_to(jnp.asarray(bootstrap_value),
+                             batch_shape).astype(dt))
     v = None
-    if values is not None:
-        values = jnp.asarray(values)
-        plus_one = shape[:axis] + (length + 1,) + shape[axis + 1:]
-        if tuple(values.shape) == plus_one:
-            if bootstrap_value is not None:
-                raise ValueError(
-                    "`values` holds T + 1 entries (its last is the "
-                    "bootstrap value), so `bootstrap_value` must be None.")
-            v_all = jnp.moveaxis(values, axis, 0).astype(dt)
-            v, nv = v_all[:-1], v_all[1:]
-        elif tuple(values.shape) == shape:
-            v = jnp.moveaxis(values, axis, 0).astype(dt)
-            nv = jnp.concatenate([v[1:], boot[None]], axis=0)
-        else:
-            raise ValueError(
-                f"`values` must have shape {shape} (V(s_0..s_T-1)) or "
-                f"{plus_one} (V(s_0..s_T)), got {tuple(values.shape)}.")
-    else:
+    if values is None:
         nv = jnp.concatenate([zeros[1:], boot[None]], axis=0)
+    else:
+        v = jnp.moveaxis(jnp.asarray(values), axis, 0).astype(dt)
+        if v.shape[0] == length + 1:
+            v, nv = v[:-1], v[1:]
+        else:
+            nv = jnp.concatenate([v[1:], boot[None]], axis=0)
     if next_values is not None:
-        if bootstrap_value is not None:
-            raise ValueError(
-                "Pass either `next_values` or `bootstrap_value`, not both: "
-                "`next_values[..., -1]` is the bootstrap value.")
-        nv = time_major(next_values, "next_values")
+        nv = time_major(next_values)
 
     # Continuation of the recursion past step t: not truncated, next step is
     # not padding, and t is not the last step (x_T = 0).
     not_last = (jnp.arange(length) < length - 1).astype(dt)
     not_last = not_last.reshape((length,) + (1,) * (r.ndim - 1))
     cont = (1.0 - trunc) * not_last
+    m = None
     if mask is not None:
-        m = time_major(mask, "mask")
+        m = time_major(mask)
         m_next = jnp.concatenate([m[1:], jnp.ones_like(m[:1])], axis=0)
         cont = cont * m_next
+    discount = time_major(gamma) * (1.0 - term)
+    return dict(r=r, v=v, nv=nv, discount=discount, cont=cont,
+                lam=time_major(lambda_), m=m, axis=axis, out_dtype=out_dtype)
+
+
+def _check_inputs(rewards, values, *, terminated, truncated, next_values,
+                  bootstrap_value, mask, gamma, lambda_, time_axis):
+    """Validates shapes at trace time; returns (rewards, axis, shape)."""
+    rewards = jnp.asarray(rewards)
+    checks.check_min_rank(rewards, 1, "rewards")
+    axis = checks.normalize_axis(time_axis, rewards.ndim, "time_axis")
+    shape = tuple(rewards.shape)
+    for name, x in (("terminated", terminated), ("truncated", truncated),
+                    ("next_values", next_values), ("mask", mask),
+                    ("gamma", gamma), ("lambda_", lambda_)):
+        if x is not None:
+            checks.check_broadcastable(jnp.asarray(x), shape, name)
+    batch_shape = shape[:axis] + shape[axis + 1:]
+    if bootstrap_value is not None:
+        checks.check_broadcastable(jnp.asarray(bootstrap_value), batch_shape,
+                                   "bootstrap_value")
+    if next_values is not None and bootstrap_value is not None:
+        raise ValueError(
+            "Pass either `next_values` or `bootstrap_value`, not both: "
+            "`next_values[..., -1]` is the bootstrap value.")
+    if values is not None:
+        values = jnp.asarray(values)
+        plus_one = shape[:axis] + (shape[axis] + 1,) + shape[axis + 1:]
+        if tuple(values.shape) == plus_one:
+            if bootstrap_value is not None:
+                raise ValueError(
+                    "`values` holds T + 1 entries (its last is the "
+                    "bootstrap value), so `bootstrap_value` must be None.")
+        elif tuple(values.shape) != shape:
+            raise ValueError(
+                f"`values` must have shape {shape} (V(s_0..s_T-1)) or "
+                f"{plus_one} (V(s_0..s_T)), got {tuple(values.shape)}.")
+    return rewards, axis, shape
+
+
+def _scan_path(kind, rewards, values, *, gamma, lambda_, terminated,
+               truncated, next_values, bootstrap_value, mask, time_axis):
+    """Sequential reverse scan that forms the coefficients inside the step.
+
+    Only the arrays that were given are moved to time-major; the value
+    after the last step enters through the initial carry. This keeps the
+    work outside the loop to a few transposes, which is what dominates on
+    CPU (benchmarks/bench_returns.py). ``kind`` is ``"returns"``,
+    ``"lambda"`` or ``"gae"``.
+    """
+    rewards, axis, shape = _check_inputs(
+        rewards, values, terminated=terminated, truncated=truncated,
+        next_values=next_values, bootstrap_value=bootstrap_value, mask=mask,
+        gamma=gamma, lambda_=lambda_, time_axis=time_axis)
+    length = shape[axis]
+    batch_shape = shape[:axis] + shape[axis + 1:]
+    out_dtype, dt = checks.float_dtypes(rewards, values, next_values,
+                                        bootstrap_value)
+
+    def time_major(x):
+        x = jnp.broadcast_to(jnp.asarray(x), shape)
+        return jnp.moveaxis(x, axis, 0).astype(dt)
+
+    xs = {"r": time_major(rewards)}
+    for key, x in (("d", terminated), ("u", truncated), ("m", mask)):
+        if x is not None:
+            xs[key] = time_major(x)
+    params = {}
+    for key, x in (("g", gamma), ("lam", lambda_)):
+        x = jnp.asarray(x)
+        if x.ndim:
+            xs[key] = time_major(x)
+        else:
+            params[key] = x.astype(dt)
+
+    v_last = (jnp.zeros(batch_shape, dt) if bootstrap_value is None else
+              jnp.broadcast_to(jnp.asarray(bootstrap_value),
+                               batch_shape).astype(dt))
+    if values is not None:
+        v = jnp.moveaxis(jnp.asarray(values), axis, 0).astype(dt)
+        if v.shape[0] == length + 1:
+            v_last, v = v[-1], v[:-1]
+        if kind == "gae" or next_values is None:
+            xs["v"] = v
+    if next_values is not None:
+        xs["nv"] = time_major(next_values)
+        v_last = xs["nv"][-1]
+    cuts = truncated is not None or mask is not None
+
+    def step(carry, x):
+        acc, v_next, m_next = carry
+        c = x["g"] if "g" in x else params["g"]
+        if "d" in x:
+            c = c * (1.0 - x["d"])
+        lam = x["lam"] if "lam" in x else params["lam"]
+        nv = x["nv"] if "nv" in x else v_next
+        k = None
+        if cuts:
+            k = 1.0 - x["u"] if "u" in x else 1.0
+            if "m" in x:
+                k = k * m_next
+        if kind == "gae":
+            b = c * lam if k is None else c * lam * k
+            y = x["r"] + c * nv - x["v"] + b * acc
+        elif kind == "returns":
+            y = (x["r"] + c * acc if k is None else
+                 x["r"] + c * ((1.0 - k) * nv + k * acc))
+        else:
+            lk = lam if k is None else lam * k
+            y = x["r"] + c * ((1.0 - lk) * nv + lk * acc)
+        if "m" in x:
+            y = jnp.where(x["m"] > 0, y, 0.0)
+            m_next = x["m"]
+        if kind == "returns" and "nv" not in x:
+            # Discounted returns bootstrap only after the last step.
+            v_next = jnp.zeros_like(v_next) if cuts else v_next
+        elif "v" in x:
+            v_next = x["v"]
+        return (y, v_next, m_next), y
+
+    init_acc = jnp.zeros(batch_shape, dt) if kind == "gae" else v_last
+    _, out = lax.scan(step, (init_acc, v_last, jnp.ones(batch_shape, dt)),
+                      xs, reverse=True)
+    return jnp.moveaxis(out, 0, axis).astype(out_dtype)
+
+
+def _solve(kind, rewards, values, *, method, stop_target_gradients,
+           **kwargs):
+    """Dispatches to the scan path or the associative (a, b) path."""
+    rewards = jnp.asarray(rewards)
+    checks.check_min_rank(rewards, 1, "rewards")
+    axis = checks.normalize_axis(kwargs["time_axis"], rewards.ndim,
+                                 "time_axis")
+    if resolve_method(method, rewards.shape[axis]) == "scan":
+        x = _scan_path(kind, rewards, values, **kwargs)
+        return lax.stop_gradient(x) if stop_target_gradients else x
+    _check_inputs(rewards, values, **kwargs)
+    terms = _recurrence_terms(rewards, values, **kwargs)
+    c, k, lam = terms["discount"], terms["cont"], terms["lam"]
+    if kind == "gae":
+        a = terms["r"] + c * terms["nv"] - terms["v"]
+        b = c * lam * k
     else:
-        m = None
-    discount = g * (1.0 - term)
-    return dict(r=r, v=v, nv=nv, discount=discount, cont=cont, lam=lam, m=m,
-                axis=axis, out_dtype=out_dtype)
+        a = terms["r"] + c * (1.0 - lam * k) * terms["nv"]
+        b = c * lam * k
+    return _finish(a, b, terms, "associative", stop_target_gradients)
 
 
 def _finish(a, b, terms, method, stop_target_gradients):
@@ -241,13 +354,11 @@ def discounted_returns(
       ...                        terminated=jnp.array([0, 1, 0]))
       Array([1.5, 1. , 1. ], dtype=float32)
     """
-    terms = _recurrence_terms(
-        rewards, None, gamma=gamma, lambda_=1.0, terminated=terminated,
-        truncated=truncated, next_values=next_values,
-        bootstrap_value=bootstrap_value, mask=mask, time_axis=time_axis)
-    c, k = terms["discount"], terms["cont"]
-    a = terms["r"] + c * (1.0 - k) * terms["nv"]
-    return _finish(a, c * k, terms, method, stop_target_gradients)
+    return _solve("returns", rewards, None, gamma=gamma, lambda_=1.0,
+                  terminated=terminated, truncated=truncated,
+                  next_values=next_values, bootstrap_value=bootstrap_value,
+                  mask=mask, time_axis=time_axis, method=method,
+                  stop_target_gradients=stop_target_gradients)
 
 
 def lambda_returns(
@@ -295,13 +406,11 @@ def lambda_returns(
       ...                    gamma=1.0, lambda_=0.5)
       Array([4., 4.], dtype=float32)
     """
-    terms = _recurrence_terms(
-        rewards, values, gamma=gamma, lambda_=lambda_, terminated=terminated,
-        truncated=truncated, next_values=next_values,
-        bootstrap_value=bootstrap_value, mask=mask, time_axis=time_axis)
-    c, k, lam = terms["discount"], terms["cont"], terms["lam"]
-    a = terms["r"] + c * (1.0 - lam * k) * terms["nv"]
-    return _finish(a, c * lam * k, terms, method, stop_target_gradients)
+    return _solve("lambda", rewards, values, gamma=gamma, lambda_=lambda_,
+                  terminated=terminated, truncated=truncated,
+                  next_values=next_values, bootstrap_value=bootstrap_value,
+                  mask=mask, time_axis=time_axis, method=method,
+                  stop_target_gradients=stop_target_gradients)
 
 
 def gae_advantages(
@@ -351,12 +460,8 @@ def gae_advantages(
       ...                    gamma=1.0, lambda_=0.5)
       Array([4., 2.], dtype=float32)
     """
-    terms = _recurrence_terms(
-        rewards, values, gamma=gamma, lambda_=lambda_, terminated=terminated,
-        truncated=truncated, next_values=next_values,
-        bootstrap_value=bootstrap_value, mask=mask, time_axis=time_axis)
-    if terms["v"] is None:  # pragma: no cover - values is positional
-        raise ValueError("`values` is required.")
-    c, k, lam = terms["discount"], terms["cont"], terms["lam"]
-    delta = terms["r"] + c * terms["nv"] - terms["v"]
-    return _finish(delta, c * lam * k, terms, method, stop_target_gradients)
+    return _solve("gae", rewards, values, gamma=gamma, lambda_=lambda_,
+                  terminated=terminated, truncated=truncated,
+                  next_values=next_values, bootstrap_value=bootstrap_value,
+                  mask=mask, time_axis=time_axis, method=method,
+                  stop_target_gradients=stop_target_gradients)
