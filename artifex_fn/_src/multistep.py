@@ -97,8 +97,10 @@ def reverse_linear_recurrence(a: jax.Array, b: jax.Array, *,
 def _recurrence_terms(rewards, values, *, gamma, lambda_, terminated,
                       truncated, next_values, bootstrap_value, mask,
                       time_axis):
-    """Time-major inputs of the (a, b) form, for the associative scan.
+    """Pieces of the (a, b) form, built in the caller's layout.
 
+    All arithmetic happens on arrays laid out as given (elementwise kernels
+    that XLA fuses); only ``a`` and ``b`` are later moved to time-major.
     Inputs must have passed :func:`_check_inputs`.
     """
     rewards = jnp.asarray(rewards)
@@ -109,42 +111,50 @@ def _recurrence_terms(rewards, values, *, gamma, lambda_, terminated,
     out_dtype, dt = checks.float_dtypes(rewards, values, next_values,
                                         bootstrap_value)
 
-    def time_major(x):
-        x = jnp.broadcast_to(jnp.asarray(x), shape)
-        return jnp.moveaxis(x, axis, 0).astype(dt)
+    def full(x):
+        return jnp.broadcast_to(jnp.asarray(x), shape).astype(dt)
 
-    r = time_major(rewards)
-    zeros = jnp.zeros_like(r)
-    term = zeros if terminated is None else time_major(terminated)
-    trunc = zeros if truncated is None else time_major(truncated)
+    def param(x):
+        x = jnp.asarray(x)
+        return x.astype(dt) if x.ndim == 0 else full(x)
+
+    def shift_in(x, last):
+        """``x[t + 1]`` along time, with ``last`` after the final step."""
+        head = lax.slice_in_dim(x, 1, length, axis=axis)
+        return jnp.concatenate([head, jnp.expand_dims(last, axis)], axis=axis)
+
     boot = (jnp.zeros(batch_shape, dt) if bootstrap_value is None else
             jnp.broadcast_to(jnp.asarray(bootstrap_value),
                              batch_shape).astype(dt))
     v = None
     if values is None:
-        nv = jnp.concatenate([zeros[1:], boot[None]], axis=0)
+        nv = shift_in(jnp.zeros(shape, dt), boot)
     else:
-        v = jnp.moveaxis(jnp.asarray(values), axis, 0).astype(dt)
-        if v.shape[0] == length + 1:
-            v, nv = v[:-1], v[1:]
+        v_all = jnp.asarray(values).astype(dt)
+        if v_all.shape[axis] == length + 1:
+            v = lax.slice_in_dim(v_all, 0, length, axis=axis)
+            nv = lax.slice_in_dim(v_all, 1, length + 1, axis=axis)
         else:
-            nv = jnp.concatenate([v[1:], boot[None]], axis=0)
+            v = v_all
+            nv = shift_in(v, boot)
     if next_values is not None:
-        nv = time_major(next_values)
+        nv = full(next_values)
 
     # Continuation of the recursion past step t: not truncated, next step is
     # not padding, and t is not the last step (x_T = 0).
-    not_last = (jnp.arange(length) < length - 1).astype(dt)
-    not_last = not_last.reshape((length,) + (1,) * (r.ndim - 1))
-    cont = (1.0 - trunc) * not_last
+    steps = lax.broadcasted_iota(jnp.int32, shape, axis)
+    cont = (steps < length - 1).astype(dt)
+    if truncated is not None:
+        cont = cont * (1.0 - full(truncated))
     m = None
     if mask is not None:
-        m = time_major(mask)
-        m_next = jnp.concatenate([m[1:], jnp.ones_like(m[:1])], axis=0)
-        cont = cont * m_next
-    discount = time_major(gamma) * (1.0 - term)
-    return dict(r=r, v=v, nv=nv, discount=discount, cont=cont,
-                lam=time_major(lambda_), m=m, axis=axis, out_dtype=out_dtype)
+        m = full(mask)
+        cont = cont * shift_in(m, jnp.ones(batch_shape, dt))
+    discount = param(gamma)
+    if terminated is not None:
+        discount = discount * (1.0 - full(terminated))
+    return dict(r=full(rewards), v=v, nv=nv, discount=discount, cont=cont,
+                lam=param(lambda_), m=m, axis=axis, out_dtype=out_dtype)
 
 
 def _check_inputs(rewards, values, *, terminated, truncated, next_values,
@@ -270,12 +280,19 @@ def _scan_path(kind, rewards, values, *, gamma, lambda_, terminated,
 
 def _solve(kind, rewards, values, *, method, stop_target_gradients,
            **kwargs):
-    """Dispatches to the scan path or the associative (a, b) path."""
+    """Dispatches to the in-step scan or to the (a, b) form.
+
+    Discounted and lambda-returns form their coefficients inside the scan
+    step (fewest transposes); GAE builds ``a = delta`` and ``b`` in the
+    caller's layout and scans those two arrays. The associative method
+    always uses the (a, b) form.
+    """
     rewards = jnp.asarray(rewards)
     checks.check_min_rank(rewards, 1, "rewards")
     axis = checks.normalize_axis(kwargs["time_axis"], rewards.ndim,
                                  "time_axis")
-    if resolve_method(method, rewards.shape[axis]) == "scan":
+    method = resolve_method(method, rewards.shape[axis])
+    if method == "scan" and kind != "gae":
         x = _scan_path(kind, rewards, values, **kwargs)
         return lax.stop_gradient(x) if stop_target_gradients else x
     _check_inputs(rewards, values, **kwargs)
@@ -283,21 +300,18 @@ def _solve(kind, rewards, values, *, method, stop_target_gradients,
     c, k, lam = terms["discount"], terms["cont"], terms["lam"]
     if kind == "gae":
         a = terms["r"] + c * terms["nv"] - terms["v"]
-        b = c * lam * k
     else:
         a = terms["r"] + c * (1.0 - lam * k) * terms["nv"]
-        b = c * lam * k
-    return _finish(a, b, terms, "associative", stop_target_gradients)
-
-
-def _finish(a, b, terms, method, stop_target_gradients):
+    b = c * lam * k
     m = terms["m"]
     if m is not None:
         valid = m > 0
         a = jnp.where(valid, a, 0.0)
         b = jnp.where(valid, b, 0.0)
+    a = jnp.moveaxis(jnp.broadcast_to(a, rewards.shape), axis, 0)
+    b = jnp.moveaxis(jnp.broadcast_to(b, rewards.shape), axis, 0)
     x = reverse_linear_recurrence(a, b, method=method)
-    x = jnp.moveaxis(x, 0, terms["axis"]).astype(terms["out_dtype"])
+    x = jnp.moveaxis(x, 0, axis).astype(terms["out_dtype"])
     return lax.stop_gradient(x) if stop_target_gradients else x
 
 
