@@ -160,7 +160,7 @@ def optimizer_step(params, opt_state, grads, optimizer, max_grad_norm=None):
     Returns ``(params, opt_state, grad_norm)`` where ``grad_norm`` is the
     norm before clipping.
     """
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     if max_grad_norm is not None:
         grads, _ = optax.clip_by_global_norm(max_grad_norm).update(
             grads, optax.EmptyState())

@@ -170,7 +170,7 @@ def prepare(batch, config: PPOConfig):
         return x if lead == 2 else x[:, None]
 
     values = jnp.asarray(common.batch_array(batch, "values"))
-    if lead == 1:
+    if lead == 1 and values.ndim == 1:  # [B] -> [B, 1]; [B, 2] is V(s_0), V(s_1)
         values = values[:, None]
     mask = as_2d("mask")
     adv = gae_advantages(
