@@ -12,8 +12,8 @@ import pytest
 import artifex_fn as afn
 from artifex_fn import testing as aft
 
-from algo_fixtures import (ADAM, B, L, N_ACT, assert_all_finite, dpo_problem,
-                           init_params, linear_policy, np_log_prob_entropy,
+from algo_fixtures import (B, L, N_ACT, assert_all_finite, dpo_problem,
+                           init_params, np_log_prob_entropy,
                            token_obs, with_fields)
 
 _loss = jax.jit(afn.dpo.loss)

@@ -168,6 +168,23 @@ def optimizer_step(params, opt_state, grads, optimizer, max_grad_norm=None):
     return optax.apply_updates(params, updates), opt_state, grad_norm
 
 
+def gradient_step(state: TrainState, loss_fn, batch):
+    """One optimiser step on ``loss_fn(params, batch, config)``.
+
+    Returns ``(state, metrics)`` with the loss's metrics plus ``grad_norm``
+    (before clipping by ``config.max_grad_norm``).
+    """
+    config = state.config
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch,
+                                                      config)
+    params, opt_state, grad_norm = optimizer_step(
+        state.params, state.opt_state, grads, config.optimizer,
+        config.max_grad_norm)
+    metrics = dict(metrics, grad_norm=grad_norm)
+    return state.replace(params=params, opt_state=opt_state,
+                         step=state.step + 1), metrics
+
+
 def batch_array(batch, key: str, *, required=True):
     if key not in batch:
         if required:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Literal
 
-import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
@@ -190,12 +189,5 @@ def update(state: common.TrainState, batch):
             "update needs responses to score: batch = {'chosen': "
             "{'observations', 'actions', 'mask'?}, 'rejected': {...}}; flat "
             "log-probs carry no gradient (use `loss` to evaluate them).")
-    config = state.config
     batch = with_reference_log_probs(state, batch)
-    grads, metrics = jax.grad(loss, has_aux=True)(state.params, batch, config)
-    params, opt_state, grad_norm = common.optimizer_step(
-        state.params, state.opt_state, grads, config.optimizer,
-        config.max_grad_norm)
-    metrics = dict(metrics, grad_norm=grad_norm)
-    return state.replace(params=params, opt_state=opt_state,
-                         step=state.step + 1), metrics
+    return common.gradient_step(state, loss, batch)

@@ -255,12 +255,5 @@ def update(state: common.TrainState, batch):
     state holds ``ref_params``. Metrics are those of :func:`loss` plus
     ``grad_norm``.
     """
-    config = state.config
     batch = with_reference_log_probs(state, batch)
-    grads, metrics = jax.grad(loss, has_aux=True)(state.params, batch, config)
-    params, opt_state, grad_norm = common.optimizer_step(
-        state.params, state.opt_state, grads, config.optimizer,
-        config.max_grad_norm)
-    metrics = dict(metrics, grad_norm=grad_norm)
-    return state.replace(params=params, opt_state=opt_state,
-                         step=state.step + 1), metrics
+    return common.gradient_step(state, loss, batch)

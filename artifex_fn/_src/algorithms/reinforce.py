@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Literal
 
-import jax
 import jax.numpy as jnp
 import optax
 
@@ -135,11 +134,4 @@ def update(state: common.TrainState, batch):
     ``metrics`` holds the :func:`loss` metrics plus ``grad_norm`` (before
     clipping), all scalars on device.
     """
-    config = state.config
-    grads, metrics = jax.grad(loss, has_aux=True)(state.params, batch, config)
-    params, opt_state, grad_norm = common.optimizer_step(
-        state.params, state.opt_state, grads, config.optimizer,
-        config.max_grad_norm)
-    metrics = dict(metrics, grad_norm=grad_norm)
-    return state.replace(params=params, opt_state=opt_state,
-                         step=state.step + 1), metrics
+    return common.gradient_step(state, loss, batch)
