@@ -13,8 +13,17 @@ import dataclasses
 import math
 from typing import Any, Callable
 
+import warnings
+
 import chex
-import distrax
+
+with warnings.catch_warnings():
+    # TensorFlow Probability (under distrax) touches a deprecated JAX alias
+    # at import; silence that one message only.
+    warnings.filterwarnings(
+        "ignore", message="jax.core.pytype_aval_mappings is deprecated",
+        category=DeprecationWarning)
+    import distrax
 import jax
 import jax.numpy as jnp
 import optax
