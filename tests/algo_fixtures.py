@@ -6,6 +6,7 @@ and entropy can be recomputed by hand in NumPy.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import jax
@@ -14,8 +15,6 @@ import numpy as np
 import optax
 
 import artifex_fn as afn
-
-import collections
 
 N_OBS = 4
 N_ACT = 4
@@ -43,7 +42,8 @@ def actor_critic(params, obs):
 
 
 def init_params(seed=0, n_obs=N_OBS, n_act=N_ACT, scale=0.5):
-    """Random float32 parameters for :func:`linear_policy`/:func:`actor_critic`."""
+    """Random float32 parameters of :func:`linear_policy`/:func:`actor_critic`.
+    """
     rng = np.random.default_rng(seed)
     return {
         "w": jnp.asarray(scale * rng.standard_normal((n_obs, n_act)),

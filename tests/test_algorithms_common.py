@@ -88,7 +88,8 @@ def test_vmap_over_seeds_matches_separate_runs(name):
 
 
 HYPER_CASES = [
-    ("reinforce", "entropy_coeff", (0.0, 0.05, 0.2, 0.5), (0.01, 0.1, 0.3, 1.0)),
+    ("reinforce", "entropy_coeff", (0.0, 0.05, 0.2, 0.5),
+     (0.01, 0.1, 0.3, 1.0)),
     ("ppo", "clip_param", (0.02, 0.1, 0.2, 0.4), (0.05, 0.15, 0.3, 0.5)),
     ("grpo", "clip_param", (0.02, 0.1, 0.2, 0.4), (0.05, 0.15, 0.3, 0.5)),
     ("grpo", "beta", (0.0, 0.5, 2.0, 5.0), (0.1, 1.0, 3.0, 4.0)),

@@ -11,7 +11,8 @@ import pytest
 import artifex_fn as afn
 from artifex_fn import testing as aft
 
-from algo_fixtures import (B, N_ACT, N_OBS, SGD, T, actor_critic, assert_all_finite,
+from algo_fixtures import (B, N_ACT, N_OBS, SGD, T, actor_critic,
+                           assert_all_finite,
                            assert_trees_close, init_params,
                            np_log_prob_entropy, np_values, one_hot,
                            ppo_problem, with_fields)

@@ -149,7 +149,7 @@ def test_normalize_returns_weights_by_normalised_returns():
 
 
 def test_update_is_a_gradient_step_on_the_score_function():
-    """With SGD(1) the parameter step is mean(r * (onehot(a) - pi)) per input."""
+    """With SGD(1) the step is mean(r * (onehot(a) - pi)) per observation."""
     params = init_params(7)
     obs, actions, rewards, batch = _one_step_batch()
     cfg = _config(normalize_returns=False, entropy_coeff=0.0, optimizer=SGD)

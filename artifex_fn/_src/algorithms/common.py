@@ -62,8 +62,12 @@ def check_range(name: str, value, lo=-math.inf, hi=math.inf, *,
         if optional:
             return
         raise ValueError(f"`{name}` must be a number, got None.")
+    if isinstance(value, (bool, str)):
+        raise ValueError(f"`{name}` must be a number, got {value!r}.")
     if not _is_number(value):
         return
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value!r}.")
     bad_lo = value <= lo if lo_open else value < lo
     bad_hi = value >= hi if hi_open else value > hi
     if bad_lo or bad_hi or math.isnan(value):

@@ -177,6 +177,8 @@ def with_reference_log_probs(state: common.TrainState, batch):
     policy = common.require_policy(config)
     out = dict(batch)
     for name in ("chosen", "rejected"):
+        if f"ref_{name}_log_probs" in batch:  # keep what the caller gave
+            continue
         seq, _ = score(policy, state.ref_params, batch[name], normalize=False)
         out[f"ref_{name}_log_probs"] = lax.stop_gradient(seq)
     return out
