@@ -26,9 +26,15 @@ def clip_reward(samples, conditions=None, **kwargs):
     return -jnp.min(samples.reshape(samples.shape[0], -1), axis=-1)
 
 
+def _floats(lo, hi):
+    """Float32 values without tiny magnitudes: XLA on CPU flushes subnormal
+    numbers to zero, NumPy does not."""
+    return st.floats(lo, hi, width=32).filter(lambda x: x == 0 or abs(x) > 1e-6)
+
+
 _samples = hnp.arrays(np.float32, st.tuples(st.integers(1, 6),
                                             st.integers(1, 4)),
-                      elements=st.floats(-5, 5, width=32))
+                      elements=_floats(-5, 5))
 
 
 def test_spec_snippets_run_as_written():
@@ -70,7 +76,7 @@ def test_composite_is_linear_in_weights(samples, w1, w2, a):
 
 
 @settings(max_examples=30, deadline=None)
-@given(_samples, st.floats(-3, 0), st.floats(0, 3))
+@given(_samples, _floats(-3, 0), _floats(0, 3))
 def test_clipped_within_bounds_and_equals_clip(samples, lo, hi):
     out = ClippedReward(reward_fn=base_reward, min_value=lo,
                         max_value=hi)(samples)
@@ -80,7 +86,7 @@ def test_clipped_within_bounds_and_equals_clip(samples, lo, hi):
 
 
 @settings(max_examples=30, deadline=None)
-@given(_samples, st.floats(-2, 2), st.floats(-5, 5), st.floats(-5, 5))
+@given(_samples, _floats(-2, 2), _floats(-5, 5), _floats(-5, 5))
 def test_threshold_is_binary_and_follows_the_rule(samples, thr, above,
                                                   below):
     out = np.asarray(ThresholdReward(reward_fn=base_reward, threshold=thr,
@@ -94,7 +100,7 @@ def test_threshold_is_binary_and_follows_the_rule(samples, thr, above,
 
 
 @settings(max_examples=20, deadline=None)
-@given(_samples, st.floats(-10, 10))
+@given(_samples, _floats(-10, 10))
 def test_scaled_and_constant(samples, scale):
     np.testing.assert_allclose(
         ScaledReward(reward_fn=base_reward, scale=scale)(samples),
