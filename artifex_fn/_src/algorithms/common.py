@@ -160,13 +160,6 @@ def log_prob_and_entropy(dist, actions, rank: int):
     return log_prob, entropy
 
 
-def leading_size(x, name: str) -> int:
-    leaves = jax.tree_util.tree_leaves(x)
-    if not leaves:
-        raise ValueError(f"`batch['{name}']` is empty.")
-    return leaves[0].shape[0]
-
-
 def optimizer_step(params, opt_state, grads, optimizer, max_grad_norm=None):
     """One optimiser step with optional global-norm clipping.
 
