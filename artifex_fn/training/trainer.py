@@ -1,0 +1,238 @@
+"""The base :class:`Trainer`: a thin stateful shell around pure steps.
+
+A trainer binds a Flax NNX model and an ``nnx.Optimizer``. Each
+``train_step`` reads the arrays out of them (cheaply, see
+:mod:`artifex_fn.training._binding`), runs one compiled pure function, and
+writes the results back, so the model object the user holds is always the
+trained one. Metrics stay on device: nothing in a step waits for the
+accelerator.
+
+Subclasses either override :meth:`Trainer.train_step` (the RL trainers call
+the algorithms' ``update``) or implement :meth:`Trainer.compute_loss` and
+inherit a compiled gradient step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from artifex_fn.training._binding import VariableBinding
+from artifex_fn.training.callbacks.base import CallbackList
+
+
+def key_data(key) -> jax.Array:
+    """A raw ``uint32[2]`` key from an int seed, raw key or typed key."""
+    if key is None:
+        key = 0
+    if isinstance(key, (int, np.integer)):
+        return jax.random.key_data(jax.random.key(int(key)))
+    key = jnp.asarray(key) if not hasattr(key, "dtype") else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return jnp.asarray(key, jnp.uint32)
+
+
+class Trainer:
+    """Base trainer over an NNX ``model`` and ``nnx.Optimizer``.
+
+    Args:
+      model: a ``flax.nnx.Module``.
+      optimizer: ``nnx.Optimizer(model, tx, wrt=...)`` built for ``model``;
+        its ``wrt`` filter selects the trained variables. All other variables
+        (batch statistics, RNG counters) are passed to the model read-only,
+        except in :meth:`compute_loss` steps, which write them back.
+      config: the trainer's configuration object.
+      key: seed (int) or PRNG key for the trainer's own randomness
+        (minibatch shuffling, noise in :meth:`compute_loss`).
+
+    Attributes:
+      model, optimizer, config: as given.
+      step: number of ``train_step`` calls applied (a Python int).
+      key: the trainer's PRNG state (``uint32[2]``), advanced by steps that
+        use randomness.
+      stop_training: set by a callback to end :meth:`fit` after the current
+        step.
+    """
+
+    def __init__(self, model, optimizer, config=None, *, key=None):
+        if not isinstance(model, nnx.Module):
+            raise TypeError(
+                f"`model` must be a flax.nnx.Module, got {type(model).__name__}.")
+        if not isinstance(optimizer, nnx.Optimizer):
+            raise TypeError(
+                "`optimizer` must be an nnx.Optimizer, e.g. "
+                "`nnx.Optimizer(model, optax.adam(1e-4), wrt=nnx.Param)`; got "
+                f"{type(optimizer).__name__}.")
+        self.model = model
+        self.optimizer = optimizer
+        self.config = config
+        self.graphdef = nnx.graphdef(model)
+        self._params = VariableBinding(model, optimizer.wrt)
+        self._rest = VariableBinding(model, nnx.Not(optimizer.wrt))
+        self._opt_state = VariableBinding.of_tree(optimizer.opt_state)
+        self._check_optimizer_matches()
+        self.key = key_data(key)
+        self.step = 0
+        self.stop_training = False
+        self._generic_step = None
+
+    # -- state ------------------------------------------------------------
+    def _check_optimizer_matches(self) -> None:
+        expected = jax.tree_util.tree_structure(
+            jax.eval_shape(self.optimizer.tx.init, self._params.read()))
+        got = self._opt_state.treedef
+        if expected != got:
+            raise ValueError(
+                "`optimizer` was not built for `model` (its state does not "
+                "match the model's trainable variables): build it as "
+                "`nnx.Optimizer(model, tx, wrt=nnx.Param)` with this model.")
+
+    def _read(self):
+        return (self._params.read(), self._rest.read(), self._opt_state.read(),
+                self.optimizer.step.get_value())
+
+    def _write(self, params, opt_state, opt_step, rest=None) -> None:
+        self._params.write(params)
+        self._opt_state.write(opt_state)
+        self.optimizer.step.set_value(opt_step)
+        if rest is not None:
+            self._rest.write(rest)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: a pytree of arrays.
+
+        Keys: ``params`` (trained variables), ``rest`` (other model
+        variables), ``opt_state``, ``optimizer_step``, ``step`` and ``key``.
+        """
+        params, rest, opt_state, opt_step = self._read()
+        return dict(params=params, rest=rest, opt_state=opt_state,
+                    optimizer_step=opt_step,
+                    step=jnp.asarray(self.step, jnp.int64
+                                     if jax.config.jax_enable_x64
+                                     else jnp.int32),
+                    key=self.key)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict` output into the model and optimizer."""
+        missing = {"params", "opt_state", "step", "key"} - set(state)
+        if missing:
+            raise ValueError(f"state is missing {sorted(missing)}.")
+        self._write(state["params"], state["opt_state"],
+                    state.get("optimizer_step",
+                              self.optimizer.step.get_value()),
+                    state.get("rest"))
+        self.step = int(np.asarray(state["step"]))
+        self.key = jnp.asarray(state["key"], jnp.uint32)
+
+    # -- the generic compiled step ---------------------------------------
+    def compute_loss(self, model, batch, key):
+        """``(loss, metrics)`` of ``model`` on ``batch``; ``key`` for noise.
+
+        Subclasses that do not override :meth:`train_step` implement this;
+        it runs inside ``jax.jit`` and ``jax.grad`` on a merged copy of the
+        model, so it must be traceable.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} implements neither compute_loss nor "
+            "train_step.")
+
+    def _build_generic_step(self):
+        graphdef, wrt = self.graphdef, self.optimizer.wrt
+        tx = self.optimizer.tx
+        compute_loss = self.compute_loss
+
+        def step(params, rest, opt_state, opt_step, key, batch):
+            key, sub = jax.random.split(key)
+            model = nnx.merge(graphdef, params, rest)
+
+            def loss_fn(model):
+                return compute_loss(model, batch, sub)
+
+            (loss, metrics), grads = nnx.value_and_grad(
+                loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)(model)
+            grads = nnx.as_pure(grads)
+            new_rest = nnx.as_pure(nnx.state(model, nnx.Not(wrt)))
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+            return params, new_rest, opt_state, opt_step + 1, key, metrics
+
+        return jax.jit(step)
+
+    def train_step(self, batch, *args, **kwargs) -> dict[str, jax.Array]:
+        """One compiled gradient step on ``compute_loss``; returns metrics."""
+        if args or kwargs:
+            raise TypeError(
+                f"{type(self).__name__}.train_step takes only the batch.")
+        if self._generic_step is None:
+            self._generic_step = self._build_generic_step()
+        params, rest, opt_state, opt_step = self._read()
+        params, rest, opt_state, opt_step, self.key, metrics = (
+            self._generic_step(params, rest, opt_state, opt_step, self.key,
+                               batch))
+        self._write(params, opt_state, opt_step, rest)
+        self.step += 1
+        return metrics
+
+    # -- the loop ---------------------------------------------------------
+    def fit(self, data: Iterable[Any] | Callable[[int], Any], *,
+            num_steps: int | None = None, callbacks: Iterable[Any] = (),
+            reward_fn: Callable[..., Any] | None = None,
+            key=None) -> dict[str, jax.Array] | None:
+        """Runs ``train_step`` over ``data`` and drives the callbacks.
+
+        Args:
+          data: an iterable of batches, or a function ``step -> batch``
+            (which makes resumed runs see the same batches as uninterrupted
+            ones).
+          num_steps: stop after this many steps of this call (required when
+            ``data`` is a function).
+          callbacks: objects with ``on_train_begin(trainer)``,
+            ``on_train_batch_end(trainer, metrics, step)`` and
+            ``on_train_end(trainer)`` (any may be missing).
+          reward_fn: for trainers that generate (``GRPOTrainer``): calls
+            ``train_step(batch, reward_fn, key_t)`` with
+            ``key_t = fold_in(key, trainer.step)``.
+          key: seed or PRNG key for generation (default: the trainer's key).
+
+        Returns:
+          The metrics of the last step (on device), or None if no step ran.
+        """
+        if callable(data) and not isinstance(data, Iterable):
+            if num_steps is None:
+                raise ValueError(
+                    "`num_steps` is required when `data` is a function.")
+            start = self.step
+            data = (data(start + i) for i in range(num_steps))
+        if num_steps is not None and num_steps < 0:
+            raise ValueError(f"`num_steps` must be >= 0, got {num_steps}.")
+        gen_key = None
+        if reward_fn is not None:
+            gen_key = self.key if key is None else key_data(key)
+        cbs = CallbackList(callbacks)
+        metrics = None
+        self.stop_training = False
+        cbs.on_train_begin(self)
+        try:
+            for i, batch in enumerate(data):
+                if num_steps is not None and i >= num_steps:
+                    break
+                if reward_fn is not None:
+                    step_key = jax.random.fold_in(gen_key, self.step)
+                    metrics = self.train_step(batch, reward_fn, step_key)
+                else:
+                    metrics = self.train_step(batch)
+                cbs.on_train_batch_end(self, metrics, self.step - 1)
+                if self.stop_training:
+                    break
+        finally:
+            cbs.on_train_end(self)
+        return metrics
+
