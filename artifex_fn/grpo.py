@@ -7,9 +7,12 @@ from artifex_fn._src.algorithms.common import TrainState
 from artifex_fn._src.algorithms.grpo import GRPOConfig
 from artifex_fn._src.algorithms.grpo import LOSS_AGGREGATIONS
 from artifex_fn._src.algorithms.grpo import advantages_of
+from artifex_fn._src.algorithms.grpo import group_size_of
 from artifex_fn._src.algorithms.grpo import init
 from artifex_fn._src.algorithms.grpo import loss
 from artifex_fn._src.algorithms.grpo import update
+from artifex_fn._src.algorithms.grpo import with_reference_log_probs
 
 __all__ = ("GRPOConfig", "LOSS_AGGREGATIONS", "TrainState", "advantages_of",
-           "init", "loss", "update")
+           "group_size_of", "init", "loss", "update",
+           "with_reference_log_probs")

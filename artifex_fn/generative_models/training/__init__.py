@@ -1,17 +1,14 @@
 """Documented training entry point: ``artifex_fn.generative_models.training``.
 
-``rl.utils`` holds the documented RL utility functions; the reward
-functions are re-exported from :mod:`artifex_fn.training`. The guide's
-trainers and callbacks are not available yet.
+Exports every name of the guide's API reference (configs, trainers, reward
+functions) plus the callbacks, the same objects as :mod:`artifex_fn.training`.
+``rl.utils`` holds the documented RL utility functions and ``callbacks`` the
+documented callbacks module.
 """
 
+from artifex_fn.generative_models.training import callbacks
 from artifex_fn.generative_models.training import rl
-from artifex_fn.training import ClippedReward
-from artifex_fn.training import CompositeReward
-from artifex_fn.training import ConstantReward
-from artifex_fn.training import RewardFunction
-from artifex_fn.training import ScaledReward
-from artifex_fn.training import ThresholdReward
+from artifex_fn.training import *  # noqa: F401,F403
+from artifex_fn.training import __all__ as _names
 
-__all__ = ("ClippedReward", "CompositeReward", "ConstantReward",
-           "RewardFunction", "ScaledReward", "ThresholdReward", "rl")
+__all__ = tuple(n for n in _names if n != "callbacks") + ("callbacks", "rl")

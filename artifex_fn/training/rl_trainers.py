@@ -1,0 +1,478 @@
+"""NNX trainers for REINFORCE, PPO, GRPO and DPO.
+
+Each trainer is a thin shell over an algorithm's pure ``update``: a step
+reads the model's trainable variables and the optimiser state, runs
+``jax.jit(update)`` (compiled once per batch structure and static
+configuration), and writes the results back into the ``nnx.Module`` and
+``nnx.Optimizer`` the user holds. The model becomes the algorithm's
+``policy``: ``model(observations)`` returns logits or a ``distrax``
+distribution (PPO: ``(logits_or_distribution, value)``). Variables outside
+the optimiser's ``wrt`` filter (batch statistics, RNG counters) are passed
+to the model read-only.
+
+Hyper-parameters in the config are traced arguments of the compiled step,
+so assigning ``trainer.config = dataclasses.replace(trainer.config,
+beta=0.05)`` takes effect without recompiling; static fields (integers that
+set shapes, strings) recompile once per new value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from artifex_fn import dpo as _dpo
+from artifex_fn import grpo as _grpo
+from artifex_fn import ppo as _ppo
+from artifex_fn import reinforce as _reinforce
+from artifex_fn._src.algorithms import common
+from artifex_fn.training import sampling
+from artifex_fn.training._binding import VariableBinding
+from artifex_fn.training.trainer import Trainer
+
+REINFORCEConfig = _reinforce.REINFORCEConfig
+PPOConfig = _ppo.PPOConfig
+GRPOConfig = _grpo.GRPOConfig
+DPOConfig = _dpo.DPOConfig
+
+
+def _apply(graphdef, state, transform, params, observations):
+    """Calls the module rebuilt from ``graphdef`` and its state."""
+    model = nnx.merge(graphdef, params, state) if state is not None else (
+        nnx.merge(graphdef, params))
+    if transform is None:
+        return model(observations)
+    return transform(model, observations)
+
+
+def _autoregressive_transform(generation):
+    def transform(model, observations):
+        return sampling.token_policy(model, observations,
+                                     generation.temperature)
+    return transform
+
+
+class _RLTrainer(Trainer):
+    """Shared machinery of the algorithm trainers."""
+
+    _algorithm: Any = None
+    _config_type: type = object
+
+    def __init__(self, model, optimizer, config=None, *, reference_model=None,
+                 generation: sampling.GenerationConfig | None = None,
+                 key=None):
+        if config is None:
+            config = self._config_type()
+        if not isinstance(config, self._config_type):
+            raise TypeError(f"`config` must be a {self._config_type.__name__}, "
+                            f"got {type(config).__name__}.")
+        if config.policy is not None:
+            raise ValueError(
+                "`config.policy` must be None: the trainer's policy is the "
+                "model. Use the functional API (artifex_fn."
+                f"{self._algorithm.__name__.rsplit('.', 1)[-1]}) with your "
+                "own policy function.")
+        if config.optimizer is not None and config.optimizer is not optimizer.tx:
+            raise ValueError(
+                "`config.optimizer` must be None: the trainer uses the "
+                "nnx.Optimizer's transformation.")
+        super().__init__(model, optimizer, config, key=key)
+        self.generation = generation or sampling.GenerationConfig()
+        self.reference_model = reference_model
+        if reference_model is not None:
+            if not isinstance(reference_model, nnx.Module):
+                raise TypeError("`reference_model` must be a flax.nnx.Module.")
+            self._ref_graphdef = nnx.graphdef(reference_model)
+            self._ref = VariableBinding(reference_model)
+        self._update = jax.jit(self._pure_update)
+        self._evaluate = jax.jit(self._pure_evaluate)
+        self.last_rollout = None
+
+    # -- pieces used inside the compiled functions ------------------------
+    def _transform(self):
+        if self.generation.autoregressive:
+            return _autoregressive_transform(self.generation)
+        return None
+
+    def _policy(self, rest):
+        return functools.partial(_apply, self.graphdef, rest, self._transform())
+
+    def _ref_policy(self):
+        return functools.partial(_apply, self._ref_graphdef, None,
+                                 self._transform())
+
+    def _full_config(self, config, rest):
+        return dataclasses.replace(config, policy=self._policy(rest),
+                                   optimizer=self.optimizer.tx)
+
+    def _with_reference(self, config, ref_state, batch):
+        return batch
+
+    def _num_updates(self, config) -> int:
+        return 1
+
+    def _pure_update(self, params, rest, opt_state, opt_step, step, key,
+                     ref_state, config, batch):
+        config = self._full_config(config, rest)
+        batch = self._with_reference(config, ref_state, batch)
+        state = common.TrainState(params=params, opt_state=opt_state,
+                                  step=step, key=key, ref_params=None,
+                                  config=config)
+        new, metrics = self._algorithm.update(state, batch)
+        return (new.params, new.opt_state,
+                opt_step + self._num_updates(config), new.key, metrics)
+
+    # -- host side --------------------------------------------------------
+    def _config_arg(self):
+        return dataclasses.replace(self.config, policy=None, optimizer=None)
+
+    def _ref_arg(self):
+        return None if self.reference_model is None else self._ref.read()
+
+    def _prepare(self, batch):
+        if not isinstance(batch, dict):
+            raise TypeError(f"`batch` must be a dict, got {type(batch).__name__}.")
+        return batch, self._config_arg()
+
+    def train_step(self, batch) -> dict[str, jax.Array]:
+        """One update on a collected batch; returns device metrics."""
+        batch, config = self._prepare(batch)
+        params, rest, opt_state, opt_step = self._read()
+        params, opt_state, opt_step, self.key, metrics = self._update(
+            params, rest, opt_state, opt_step, np.int32(self.step), self.key,
+            self._ref_arg(), config, batch)
+        self._write(params, opt_state, opt_step)
+        self.step += 1
+        return metrics
+
+    def compute_loss(self, model, batch, key=None):
+        """``(loss, metrics)`` of the algorithm's loss for ``model``.
+
+        Evaluates without updating anything (PPO: on the whole batch as one
+        minibatch).
+        """
+        batch, config = self._prepare(batch)
+        params = nnx.as_pure(nnx.state(model, self.optimizer.wrt))
+        rest = nnx.as_pure(nnx.state(model, nnx.Not(self.optimizer.wrt)))
+        return self._evaluate(params, rest, self._ref_arg(), config, batch)
+
+    def _pure_evaluate(self, params, rest, ref_state, config, batch):
+        config = self._full_config(config, rest)
+        batch = self._with_reference(config, ref_state, batch)
+        return self._algorithm.loss(params, batch, config)
+
+
+class REINFORCETrainer(_RLTrainer):
+    """REINFORCE on an NNX policy: ``model(observations) -> logits | dist``.
+
+    ``train_step(batch)`` with ``observations``, ``actions``, ``rewards``
+    (``[B]`` one-step or ``[B, T]`` with optional ``dones``, ``mask``).
+    Metrics: ``loss, policy_loss, entropy, mean_reward, reward_std,
+    mean_return, grad_norm``.
+    """
+    _algorithm = _reinforce
+    _config_type = REINFORCEConfig
+
+
+class PPOTrainer(_RLTrainer):
+    """PPO on an NNX actor-critic: ``model(obs) -> (logits | dist, value)``.
+
+    ``train_step(trajectory)`` runs GAE and ``num_epochs x
+    num_minibatches`` clipped updates (see :mod:`artifex_fn.ppo` for the
+    batch layout). Metrics: ``loss, policy_loss, value_loss, entropy,
+    approx_kl, kl_divergence, clip_fraction, mean_reward, advantage_mean,
+    advantage_std, explained_variance, grad_norm``.
+    """
+    _algorithm = _ppo
+    _config_type = PPOConfig
+
+    def _num_updates(self, config) -> int:
+        return config.num_epochs * config.num_minibatches
+
+
+class GRPOTrainer(_RLTrainer):
+    """GRPO on an NNX policy, from collected groups or by generating them.
+
+    Args:
+      model, optimizer, config: as for every trainer.
+      reference_model: optional frozen ``nnx.Module`` scoring
+        ``ref_log_probs`` for the KL penalty (never updated). Without it
+        the penalty applies only when the batch carries ``ref_log_probs``.
+      generation: :class:`~artifex_fn.training.GenerationConfig`; set
+        ``max_new_tokens`` for autoregressive token models.
+      jit_reward: trace ``reward_fn`` into the compiled generation step
+        (default). Set False for rewards that run on the host (then the
+        step is two compiled calls around the reward).
+      key: the trainer's PRNG seed.
+
+    ``train_step(batch)`` trains on pre-collected groups (keys as in
+    :mod:`artifex_fn.grpo`; ``batch["group_size"]`` may override
+    ``num_generations``). ``train_step(batch, reward_fn, key)`` generates:
+    each row of ``batch["observations"]`` (or ``"conditions"`` /
+    ``"prompts"``) is repeated ``num_generations`` times, sampled from the
+    current policy, scored by ``reward_fn(samples, conditions)``, and used
+    for one update with its behaviour (and reference) log-probs.
+    ``trainer.last_rollout`` then holds the samples, rewards and mask.
+    """
+    _algorithm = _grpo
+    _config_type = GRPOConfig
+
+    def __init__(self, model, optimizer, config=None, *, reference_model=None,
+                 generation=None, jit_reward: bool = True, key=None):
+        super().__init__(model, optimizer, config,
+                         reference_model=reference_model,
+                         generation=generation, key=key)
+        self.jit_reward = jit_reward
+        self._generate_update = jax.jit(
+            self._pure_generate_update, static_argnames=("reward_static",))
+        self._sample = jax.jit(self._pure_sample)
+
+    def _with_reference(self, config, ref_state, batch):
+        if ref_state is None:
+            return batch
+        ref = common.TrainState(
+            params=None, opt_state=None, step=None, key=None,
+            ref_params=ref_state,
+            config=dataclasses.replace(config, policy=self._ref_policy()))
+        return _grpo.with_reference_log_probs(ref, batch)
+
+    def _prepare(self, batch):
+        batch, config = super()._prepare(batch)
+        if "group_size" in batch:
+            size = _grpo.group_size_of(batch, config)
+            batch = {k: v for k, v in batch.items() if k != "group_size"}
+            config = dataclasses.replace(config, num_generations=size)
+        return batch, config
+
+    # -- generation -------------------------------------------------------
+    @staticmethod
+    def _prompts(batch):
+        if isinstance(batch, dict):
+            for name in ("observations", "conditions", "prompts"):
+                if name in batch:
+                    return batch[name]
+            raise ValueError(
+                "a generation batch needs 'observations' (or 'conditions' / "
+                f"'prompts'); got keys {sorted(batch)}.")
+        return batch
+
+    def _pure_sample(self, params, rest, config, prompts, key):
+        g = config.num_generations
+        conditions = jax.tree_util.tree_map(
+            lambda x: jnp.repeat(x, g, axis=0), prompts)
+        gen = self.generation
+        model_apply = functools.partial(_apply, self.graphdef, rest, None,
+                                        params)
+        if gen.autoregressive:
+            completions, mask = sampling.sample_tokens(
+                model_apply, conditions, key,
+                max_new_tokens=gen.max_new_tokens,
+                eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
+                temperature=gen.temperature)
+            observations = dict(prompt=conditions, completion=completions)
+            dist = self._policy(rest)(params, observations)
+            log_probs = dist.log_prob(completions)
+            rollout = dict(observations=observations, actions=completions,
+                           log_probs=lax.stop_gradient(log_probs), mask=mask)
+            samples = completions
+        else:
+            samples, log_probs = sampling.sample_one_step(
+                model_apply, conditions, key)
+            rollout = dict(observations=conditions, actions=samples,
+                           log_probs=lax.stop_gradient(log_probs))
+        return rollout, samples, conditions
+
+    @staticmethod
+    def _check_rewards(rewards, n):
+        rewards = jnp.asarray(rewards)
+        if rewards.shape != (n,):
+            raise ValueError(
+                f"reward_fn must return rewards of shape ({n},) (one per "
+                f"sample), got {tuple(rewards.shape)}.")
+        return rewards
+
+    def _pure_generate_update(self, params, rest, opt_state, opt_step, step,
+                              state_key, ref_state, config, prompts, key,
+                              reward_dynamic, *, reward_static):
+        rollout, samples, conditions = self._pure_sample(
+            params, rest, config, prompts, key)
+        reward_fn = _join_callable(reward_static, reward_dynamic)
+        rewards = self._check_rewards(reward_fn(samples, conditions),
+                                      rollout["log_probs"].shape[0])
+        batch = dict(rollout, rewards=rewards)
+        params, opt_state, opt_step, state_key, metrics = self._pure_update(
+            params, rest, opt_state, opt_step, step, state_key, ref_state,
+            config, batch)
+        metrics = self._rollout_metrics(metrics, rollout)
+        return (params, opt_state, opt_step, state_key, metrics,
+                dict(samples=samples, rewards=rewards,
+                     mask=rollout.get("mask")))
+
+    @staticmethod
+    def _rollout_metrics(metrics, rollout):
+        if "mask" in rollout:
+            metrics = dict(metrics, completion_length=jnp.mean(
+                jnp.sum(rollout["mask"], axis=1)))
+        return metrics
+
+    def train_step(self, batch, reward_fn=None, key=None):
+        """Update on collected groups, or generate-score-update with a reward.
+
+        Args:
+          batch: collected groups (see :mod:`artifex_fn.grpo`), or, with
+            ``reward_fn``, prompts/conditions under ``observations``.
+          reward_fn: ``(samples, conditions) -> rewards [B * G]``.
+          key: PRNG key for sampling (default: split from the trainer key).
+
+        Returns:
+          Device metrics; with generation also ``completion_length`` for
+          token models.
+        """
+        if reward_fn is None:
+            if key is not None:
+                raise ValueError("`key` is only used with `reward_fn`.")
+            return super().train_step(batch)
+        if not callable(reward_fn):
+            raise TypeError("`reward_fn` must be callable.")
+        config = self._config_arg()
+        if isinstance(batch, dict) and "group_size" in batch:
+            config = dataclasses.replace(
+                config, num_generations=_grpo.group_size_of(batch, config))
+        prompts = self._prompts(batch)
+        if key is None:
+            self.key, key = jax.random.split(self.key)
+        else:
+            key = _key_data(key)
+        params, rest, opt_state, opt_step = self._read()
+        ref = self._ref_arg()
+        if self.jit_reward:
+            static, dynamic = _split_callable(reward_fn)
+            (params, opt_state, opt_step, self.key, metrics,
+             self.last_rollout) = self._generate_update(
+                params, rest, opt_state, opt_step, np.int32(self.step),
+                self.key, ref, config, prompts, key, dynamic,
+                reward_static=static)
+        else:
+            rollout, samples, conditions = self._sample(
+                params, rest, config, prompts, key)
+            rewards = self._check_rewards(reward_fn(samples, conditions),
+                                          rollout["log_probs"].shape[0])
+            batch = dict(rollout, rewards=rewards)
+            params, opt_state, opt_step, self.key, metrics = self._update(
+                params, rest, opt_state, opt_step, np.int32(self.step),
+                self.key, ref, config, batch)
+            metrics = self._rollout_metrics(metrics, rollout)
+            self.last_rollout = dict(samples=samples, rewards=rewards,
+                                     mask=rollout.get("mask"))
+        self._write(params, opt_state, opt_step)
+        self.step += 1
+        return metrics
+
+
+class DPOTrainer(_RLTrainer):
+    """DPO / SimPO on an NNX policy scoring preference pairs.
+
+    ``train_step(batch)`` with ``{"chosen": {"observations", "actions",
+    "mask"?}, "rejected": {...}}`` scores both responses with the model
+    (masked token log-prob sums; SimPO: length-normalised) and takes one
+    gradient step. Reference log-probs come from the batch
+    (``ref_chosen_log_probs`` / ``ref_rejected_log_probs``) or from
+    ``reference_model``; ``reference_free=True`` (SimPO) needs neither.
+
+    A batch of precomputed ``chosen_log_probs`` / ``rejected_log_probs``
+    (the guide's example) carries no gradient to the model: the step
+    returns the loss and metrics and leaves the parameters unchanged, with
+    a warning.
+    """
+    _algorithm = _dpo
+    _config_type = DPOConfig
+
+    def __init__(self, model, optimizer, config=None, *, reference_model=None,
+                 generation=None, key=None):
+        super().__init__(model, optimizer, config,
+                         reference_model=reference_model,
+                         generation=generation, key=key)
+        self._warned_flat = False
+
+    def _with_reference(self, config, ref_state, batch):
+        if ref_state is None:
+            return batch
+        ref = common.TrainState(
+            params=None, opt_state=None, step=None, key=None,
+            ref_params=ref_state,
+            config=dataclasses.replace(config, policy=self._ref_policy()))
+        return _dpo.with_reference_log_probs(ref, batch)
+
+    def train_step(self, batch) -> dict[str, jax.Array]:
+        """One DPO/SimPO step; see the class docstring for batch forms."""
+        if isinstance(batch, dict) and "chosen" not in batch:
+            if not self._warned_flat:
+                warnings.warn(
+                    "DPOTrainer.train_step got precomputed log-probs "
+                    "('chosen_log_probs', ...): they carry no gradient, so "
+                    "the model is not updated. Pass {'chosen': {...}, "
+                    "'rejected': {...}} inputs for the model to score.",
+                    UserWarning, stacklevel=2)
+                self._warned_flat = True
+            _, metrics = self.compute_loss(self.model, batch)
+            self.step += 1
+            return metrics
+        return super().train_step(batch)
+
+
+def _key_data(key):
+    key = jnp.asarray(key) if not hasattr(key, "dtype") else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return key
+
+
+class _ByIdentity:
+    """Hashable, identity-compared holder of a static callable."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __hash__(self):
+        return id(self.fn)
+
+    def __eq__(self, other):
+        return isinstance(other, _ByIdentity) and other.fn is self.fn
+
+
+def _is_array_like(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, int, float,
+                          complex)) and not isinstance(x, bool)
+
+
+def _split_callable(fn):
+    """``(static, dynamic)`` parts of a reward function for ``jax.jit``.
+
+    NNX modules pass their state as arrays; pytrees of numbers (the reward
+    combinators) pass their leaves; anything else is static.
+    """
+    if isinstance(fn, nnx.Module):
+        graphdef, state = nnx.split(fn)
+        return ("nnx", graphdef), nnx.as_pure(state)
+    leaves, treedef = jax.tree_util.tree_flatten(fn)
+    if leaves and all(_is_array_like(x) for x in leaves) and not (
+            len(leaves) == 1 and leaves[0] is fn):
+        return ("tree", treedef), leaves
+    return ("static", _ByIdentity(fn)), None
+
+
+def _join_callable(static, dynamic):
+    kind, meta = static
+    if kind == "nnx":
+        return nnx.merge(meta, dynamic)
+    if kind == "tree":
+        return jax.tree_util.tree_unflatten(meta, dynamic)
+    return meta.fn
