@@ -13,6 +13,7 @@ replacing whole submodules after the trainer is built is not.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 
@@ -50,6 +51,18 @@ class VariableBinding:
         leaves = self.treedef.flatten_up_to(tree)
         for var, value in zip(self.variables, leaves):
             var.set_value(value)
+
+    def strong_types(self) -> None:
+        """Makes weakly-typed array values strong (same dtype).
+
+        A compiled step returns strongly-typed arrays; writing them back over
+        weakly-typed initial values would change the input types and
+        compile the step a second time.
+        """
+        for var in self.variables:
+            value = var.get_value()
+            if getattr(getattr(value, "aval", None), "weak_type", False):
+                var.set_value(jnp.asarray(value, dtype=value.dtype))
 
     def __len__(self) -> int:
         return len(self.variables)

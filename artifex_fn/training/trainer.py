@@ -78,6 +78,8 @@ class Trainer:
         self._rest = VariableBinding(model, nnx.Not(optimizer.wrt))
         self._opt_state = VariableBinding.of_tree(optimizer.opt_state)
         self._check_optimizer_matches()
+        for binding in (self._params, self._rest, self._opt_state):
+            binding.strong_types()
         self.key = key_data(key)
         self.step = 0
         self.stop_training = False
@@ -209,8 +211,8 @@ class Trainer:
             if num_steps is None:
                 raise ValueError(
                     "`num_steps` is required when `data` is a function.")
-            start = self.step
-            data = (data(start + i) for i in range(num_steps))
+            make_batch, start = data, self.step
+            data = (make_batch(start + i) for i in range(num_steps))
         if num_steps is not None and num_steps < 0:
             raise ValueError(f"`num_steps` must be >= 0, got {num_steps}.")
         gen_key = None
