@@ -6,7 +6,10 @@ reads the model's trainable variables and the optimiser state, runs
 configuration), and writes the results back into the ``nnx.Module`` and
 ``nnx.Optimizer`` the user holds. The model becomes the algorithm's
 ``policy``: ``model(observations)`` returns logits or a ``distrax``
-distribution (PPO: ``(logits_or_distribution, value)``). Variables outside
+distribution (PPO: ``(logits_or_distribution, value)``); a model whose
+``__call__`` does something else (a generator returning samples) defines
+``policy_outputs(observations)`` or the trainer gets ``apply_fn=(model,
+observations) -> outputs``. Variables outside
 the optimiser's ``wrt`` filter (batch statistics, RNG counters) are passed
 to the model read-only.
 
@@ -44,20 +47,43 @@ GRPOConfig = _grpo.GRPOConfig
 DPOConfig = _dpo.DPOConfig
 
 
-def _apply(graphdef, state, transform, params, observations):
-    """Calls the module rebuilt from ``graphdef`` and its state."""
+def _apply(graphdef, state, apply_fn, params, observations):
+    """``apply_fn(module, observations)`` on the module rebuilt from state."""
     model = nnx.merge(graphdef, params, state) if state is not None else (
         nnx.merge(graphdef, params))
-    if transform is None:
-        return model(observations)
-    return transform(model, observations)
+    return apply_fn(model, observations)
 
 
-def _autoregressive_transform(generation):
-    def transform(model, observations):
-        return sampling.token_policy(model, observations,
-                                     generation.temperature)
-    return transform
+def _call(model, observations):
+    return model(observations)
+
+
+def _call_policy_outputs(model, observations):
+    return model.policy_outputs(observations)
+
+
+def resolve_apply_fn(model, apply_fn=None):
+    """How a trainer gets policy outputs from ``model``.
+
+    ``apply_fn(model, observations)`` if given; else the model's
+    ``policy_outputs(observations)`` method if its class defines one (for
+    models whose ``__call__`` does something else, e.g. a generator that
+    returns samples); else ``model(observations)``.
+    """
+    if apply_fn is not None:
+        if not callable(apply_fn):
+            raise TypeError("`apply_fn` must be callable (model, obs) -> out.")
+        return apply_fn
+    if callable(getattr(type(model), "policy_outputs", None)):
+        return _call_policy_outputs
+    return _call
+
+
+def _token_apply_fn(apply_fn, temperature):
+    def apply(model, observations):
+        return sampling.token_policy(functools.partial(apply_fn, model),
+                                     observations, temperature)
+    return apply
 
 
 class _RLTrainer(Trainer):
@@ -68,7 +94,7 @@ class _RLTrainer(Trainer):
 
     def __init__(self, model, optimizer, config=None, *, reference_model=None,
                  generation: sampling.GenerationConfig | None = None,
-                 key=None):
+                 apply_fn=None, key=None):
         if config is None:
             config = self._config_type()
         if not isinstance(config, self._config_type):
@@ -86,28 +112,31 @@ class _RLTrainer(Trainer):
                 "nnx.Optimizer's transformation.")
         super().__init__(model, optimizer, config, key=key)
         self.generation = generation or sampling.GenerationConfig()
+        self.apply_fn = resolve_apply_fn(model, apply_fn)
         self.reference_model = reference_model
         if reference_model is not None:
             if not isinstance(reference_model, nnx.Module):
                 raise TypeError("`reference_model` must be a flax.nnx.Module.")
             self._ref_graphdef = nnx.graphdef(reference_model)
             self._ref = VariableBinding(reference_model)
+            self._ref_apply_fn = resolve_apply_fn(reference_model, apply_fn)
         self._update = jax.jit(self._pure_update)
         self._evaluate = jax.jit(self._pure_evaluate)
         self.last_rollout = None
 
     # -- pieces used inside the compiled functions ------------------------
-    def _transform(self):
+    def _policy_apply_fn(self, apply_fn):
         if self.generation.autoregressive:
-            return _autoregressive_transform(self.generation)
-        return None
+            return _token_apply_fn(apply_fn, self.generation.temperature)
+        return apply_fn
 
     def _policy(self, rest):
-        return functools.partial(_apply, self.graphdef, rest, self._transform())
+        return functools.partial(_apply, self.graphdef, rest,
+                                 self._policy_apply_fn(self.apply_fn))
 
     def _ref_policy(self):
         return functools.partial(_apply, self._ref_graphdef, None,
-                                 self._transform())
+                                 self._policy_apply_fn(self._ref_apply_fn))
 
     def _full_config(self, config, rest):
         return dataclasses.replace(config, policy=self._policy(rest),
@@ -211,6 +240,8 @@ class GRPOTrainer(_RLTrainer):
       jit_reward: trace ``reward_fn`` into the compiled generation step
         (default). Set False for rewards that run on the host (then the
         step is two compiled calls around the reward).
+      apply_fn: optional ``(model, observations) -> outputs`` (see the
+        module docstring); for token models it must return logits.
       key: the trainer's PRNG seed.
 
     ``train_step(batch)`` trains on pre-collected groups (keys as in
@@ -226,10 +257,11 @@ class GRPOTrainer(_RLTrainer):
     _config_type = GRPOConfig
 
     def __init__(self, model, optimizer, config=None, *, reference_model=None,
-                 generation=None, jit_reward: bool = True, key=None):
+                 generation=None, jit_reward: bool = True, apply_fn=None,
+                 key=None):
         super().__init__(model, optimizer, config,
                          reference_model=reference_model,
-                         generation=generation, key=key)
+                         generation=generation, apply_fn=apply_fn, key=key)
         self.jit_reward = jit_reward
         self._generate_update = jax.jit(
             self._pure_generate_update, static_argnames=("reward_static",))
@@ -269,8 +301,8 @@ class GRPOTrainer(_RLTrainer):
         conditions = jax.tree_util.tree_map(
             lambda x: jnp.repeat(x, g, axis=0), prompts)
         gen = self.generation
-        model_apply = functools.partial(_apply, self.graphdef, rest, None,
-                                        params)
+        model_apply = functools.partial(_apply, self.graphdef, rest,
+                                        self.apply_fn, params)
         if gen.autoregressive:
             completions, mask = sampling.sample_tokens(
                 model_apply, conditions, key,
@@ -396,10 +428,10 @@ class DPOTrainer(_RLTrainer):
     _config_type = DPOConfig
 
     def __init__(self, model, optimizer, config=None, *, reference_model=None,
-                 generation=None, key=None):
+                 generation=None, apply_fn=None, key=None):
         super().__init__(model, optimizer, config,
                          reference_model=reference_model,
-                         generation=generation, key=key)
+                         generation=generation, apply_fn=apply_fn, key=key)
         self._warned_flat = False
 
     def _with_reference(self, config, ref_state, batch):
