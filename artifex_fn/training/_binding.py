@@ -17,8 +17,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+_get_raw = object.__getattribute__
+_set_raw = object.__setattr__
+
+
 def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
+
+
+def _plain(var) -> bool:
+    """A Variable holding a plain ``jax.Array``, without value hooks."""
+    try:
+        raw = _get_raw(var, "_raw_value")
+        meta = _get_raw(var, "_var_metadata")
+    except AttributeError:
+        return False
+    return (isinstance(raw, jax.Array) and not nnx.variablelib.is_array_ref(raw)
+            and "on_get_value" not in meta and "on_set_value" not in meta)
 
 
 class VariableBinding:
@@ -30,27 +45,39 @@ class VariableBinding:
     """
 
     def __init__(self, node, *filters):
-        self.variables, self.treedef = jax.tree_util.tree_flatten(
-            nnx.state(node, *filters), is_leaf=_is_variable)
+        self._bind(nnx.state(node, *filters))
 
     @classmethod
     def of_tree(cls, tree) -> "VariableBinding":
         """Binds the ``Variable`` leaves of a pytree (e.g. an optimiser state)."""
         self = cls.__new__(cls)
-        self.variables, self.treedef = jax.tree_util.tree_flatten(
-            tree, is_leaf=_is_variable)
+        self._bind(tree)
         if not all(_is_variable(v) for v in self.variables):
             raise TypeError("every leaf of the tree must be an nnx.Variable.")
         return self
 
+    def _bind(self, tree) -> None:
+        self.variables, self.treedef = jax.tree_util.tree_flatten(
+            tree, is_leaf=_is_variable)
+        # Plain array values without get/set hooks are read and written
+        # directly; anything else goes through get_value/set_value.
+        self._fast = all(_plain(v) for v in self.variables)
+
     def read(self):
-        return jax.tree_util.tree_unflatten(
-            self.treedef, [v.get_value() for v in self.variables])
+        if self._fast:
+            leaves = [_get_raw(v, "_raw_value") for v in self.variables]
+        else:
+            leaves = [v.get_value() for v in self.variables]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
     def write(self, tree) -> None:
         leaves = self.treedef.flatten_up_to(tree)
-        for var, value in zip(self.variables, leaves):
-            var.set_value(value)
+        if self._fast:
+            for var, value in zip(self.variables, leaves):
+                _set_raw(var, "_raw_value", value)
+        else:
+            for var, value in zip(self.variables, leaves):
+                var.set_value(value)
 
     def strong_types(self) -> None:
         """Makes weakly-typed array values strong (same dtype).
@@ -63,6 +90,7 @@ class VariableBinding:
             value = var.get_value()
             if getattr(getattr(value, "aval", None), "weak_type", False):
                 var.set_value(jnp.asarray(value, dtype=value.dtype))
+        self._fast = all(_plain(v) for v in self.variables)
 
     def __len__(self) -> int:
         return len(self.variables)

@@ -120,6 +120,7 @@ class _RLTrainer(Trainer):
             self._ref_graphdef = nnx.graphdef(reference_model)
             self._ref = VariableBinding(reference_model)
             self._ref_apply_fn = resolve_apply_fn(reference_model, apply_fn)
+        self._config_cache = (None, None)
         self._update = jax.jit(self._pure_update)
         self._evaluate = jax.jit(self._pure_evaluate)
         self.last_rollout = None
@@ -161,7 +162,11 @@ class _RLTrainer(Trainer):
 
     # -- host side --------------------------------------------------------
     def _config_arg(self):
-        return dataclasses.replace(self.config, policy=None, optimizer=None)
+        """The config without its static callables (cached per config)."""
+        if self._config_cache[0] is not self.config:
+            self._config_cache = (self.config, dataclasses.replace(
+                self.config, policy=None, optimizer=None))
+        return self._config_cache[1]
 
     def _ref_arg(self):
         return None if self.reference_model is None else self._ref.read()

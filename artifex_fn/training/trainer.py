@@ -77,8 +77,10 @@ class Trainer:
         self._params = VariableBinding(model, optimizer.wrt)
         self._rest = VariableBinding(model, nnx.Not(optimizer.wrt))
         self._opt_state = VariableBinding.of_tree(optimizer.opt_state)
+        self._opt_step = VariableBinding.of_tree(optimizer.step)
         self._check_optimizer_matches()
-        for binding in (self._params, self._rest, self._opt_state):
+        for binding in (self._params, self._rest, self._opt_state,
+                        self._opt_step):
             binding.strong_types()
         self.key = key_data(key)
         self.step = 0
@@ -98,12 +100,12 @@ class Trainer:
 
     def _read(self):
         return (self._params.read(), self._rest.read(), self._opt_state.read(),
-                self.optimizer.step.get_value())
+                self._opt_step.read())
 
     def _write(self, params, opt_state, opt_step, rest=None) -> None:
         self._params.write(params)
         self._opt_state.write(opt_state)
-        self.optimizer.step.set_value(opt_step)
+        self._opt_step.write(opt_step)
         if rest is not None:
             self._rest.write(rest)
 
@@ -127,8 +129,7 @@ class Trainer:
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}.")
         self._write(state["params"], state["opt_state"],
-                    state.get("optimizer_step",
-                              self.optimizer.step.get_value()),
+                    state.get("optimizer_step", self._opt_step.read()),
                     state.get("rest"))
         self.step = int(np.asarray(state["step"]))
         self.key = jnp.asarray(state["key"], jnp.uint32)
