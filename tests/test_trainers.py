@@ -302,3 +302,44 @@ def test_other_variables_are_read_only_and_visible():
     assert float(m1["entropy"]) != float(m2["entropy"])
     trainer.train_step(batch)
     np.testing.assert_array_equal(model.bn.mean.get_value(), 0.0)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo-generate"])
+def test_resume_from_checkpoint_continues_exactly(algo, tmp_path):
+    from artifex_fn.training import CheckpointConfig
+    from artifex_fn.training import ModelCheckpoint
+    from artifex_fn.training import restore_checkpoint
+
+    if algo == "ppo":
+        cls, config, kind = PPOTrainer, PPOConfig(num_minibatches=4), "ac"
+        data = lambda step: _batches("ppo", 1)[0] if step % 2 else (
+            _batches("ppo", 2)[1])
+        fit_kw = {}
+    else:
+        cls, config, kind = GRPOTrainer, GRPOConfig(beta=0.1), "dist"
+        data = lambda step: dict(observations=_data(step)["observations"][:4])
+        fit_kw = dict(reward_fn=lambda s, c: (s == 1).astype(jnp.float32),
+                      key=11)
+
+    def run(n, start=None, ckpt_dir=None):
+        model, _, trainer = _make(cls, config, kind, key=5,
+                                  reference_model=(Policy(nnx.Rngs(9), kind)
+                                                   if algo != "ppo" else None))
+        if start is not None:
+            assert restore_checkpoint(trainer, start) == 6
+        cbs = [] if ckpt_dir is None else [ModelCheckpoint(CheckpointConfig(
+            dirpath=ckpt_dir, monitor="loss", async_save=False))]
+        trainer.fit(data, num_steps=n, callbacks=cbs, **fit_kw)
+        return trainer, nnx.as_pure(nnx.state(model, nnx.Param))
+
+    full, p_full = run(10)
+    run(6, ckpt_dir=tmp_path)
+    resumed, p_res = run(4, start=tmp_path)
+    assert resumed.step == full.step == 10
+    np.testing.assert_array_equal(resumed.key, full.key)
+    for a, b in zip(jax.tree.leaves(p_full), jax.tree.leaves(p_res)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(nnx.as_pure(full.optimizer.opt_state)),
+                    jax.tree.leaves(nnx.as_pure(
+                        resumed.optimizer.opt_state))):
+        np.testing.assert_array_equal(a, b)
