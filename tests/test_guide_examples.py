@@ -5,6 +5,11 @@ its placeholders (``YourPolicyModel``, ``observations``, models inside the
 reward examples, ``dataloader``) filled by tiny models and random data. The
 model-family trainers of the integration section (``DiffusionTrainer``)
 are covered with the family trainers.
+
+Read as documentation, the guide's DPO examples pass precomputed
+log-probabilities: those carry no gradient to the model, so the trainer
+evaluates them and warns; the trainable form scores ``chosen`` /
+``rejected`` responses with the model (``test_dpo_with_responses_...``).
 """
 
 from __future__ import annotations
@@ -733,6 +738,133 @@ def test_api_reference_imports():
     )
     import artifex_fn.training as short
     assert short.GRPOTrainer is GRPOTrainer and short.DPOConfig is DPOConfig
+
+
+# -- Using Callbacks with RL Trainers ----------------------------------------
+
+@pytest.fixture
+def offline_run_dir(tmp_path, monkeypatch):
+    """Relative paths of the guide land in tmp_path; W&B offline and local."""
+    for var, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"),
+                       ("WANDB_DIR", tmp_path),
+                       ("WANDB_CONFIG_DIR", tmp_path / "config"),
+                       ("WANDB_CACHE_DIR", tmp_path / "cache"),
+                       ("WANDB_DATA_DIR", tmp_path / "data"),
+                       ("WANDB_DISABLE_GIT", "true"),
+                       ("WANDB_CONSOLE", "off")):
+        monkeypatch.setenv(var, str(value))
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    import wandb
+    wandb.teardown()
+
+
+def _callback_setup():
+    model = PolicyModel(rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    prompts = jax.random.normal(jax.random.key(0), (4, OBS))
+    dataloader = [{"observations": prompts}] * 61
+    reward_fn = lambda samples, conditions: (samples == 0).astype(jnp.float32)
+    return model, optimizer, dataloader, reward_fn
+
+
+def test_using_callbacks_with_rl_trainers(offline_run_dir):
+    from artifex_fn.generative_models.training import GRPOTrainer, GRPOConfig
+    from artifex_fn.generative_models.training.callbacks import (
+        WandbLoggerCallback,
+        WandbLoggerConfig,
+        ModelCheckpoint,
+        CheckpointConfig,
+        JAXProfiler,
+        ProfilingConfig,
+        ProgressBarCallback,
+    )
+
+    model, optimizer, dataloader, reward_fn = _callback_setup()
+    keys = iter(jax.random.split(jax.random.key(1), len(dataloader)))
+
+    # Configure RL trainer
+    grpo_config = GRPOConfig(
+        num_generations=4,
+        clip_param=0.2,
+        beta=0.01,
+    )
+    trainer = GRPOTrainer(model, optimizer, grpo_config)
+
+    # Setup callbacks for RL training
+    callbacks = [
+        # Log RL-specific metrics (rewards, advantages, KL divergence)
+        WandbLoggerCallback(WandbLoggerConfig(
+            project="rl-finetuning",
+            name="grpo-experiment",
+            config={
+                "algorithm": "GRPO",
+                "num_generations": 4,
+                "beta": 0.01,
+            },
+            log_every_n_steps=10,
+        )),
+
+        # Save best model based on mean reward
+        ModelCheckpoint(CheckpointConfig(
+            dirpath="checkpoints/grpo",
+            monitor="mean_reward",
+            mode="max",  # Higher reward is better
+            save_top_k=1,  # Keep only the best checkpoint
+        )),
+
+        # Profile RL training (useful for debugging generation bottlenecks)
+        JAXProfiler(ProfilingConfig(
+            log_dir="logs/rl_profiles",
+            start_step=50,
+            end_step=60,
+        )),
+
+        # Progress bar with RL metrics
+        ProgressBarCallback(),
+    ]
+
+    # Training loop with callbacks
+    for callback in callbacks:
+        callback.on_train_begin(trainer)
+
+    for step, batch in enumerate(dataloader):
+        key = next(keys)
+        # Generate samples and compute rewards
+        metrics = trainer.train_step(batch, reward_fn, key)
+
+        # Log metrics via callbacks
+        for callback in callbacks:
+            callback.on_train_batch_end(trainer, metrics, step)
+
+    for callback in callbacks:
+        callback.on_train_end(trainer)
+
+    wandb_cb, ckpt, profiler, bar = callbacks
+    assert wandb_cb.num_logged == 7  # steps 10, 20, ..., 60 and the last
+    assert ckpt.best_step is not None
+    assert (offline_run_dir / "checkpoints/grpo/best").is_dir()
+    assert list((offline_run_dir / "logs/rl_profiles").rglob("*.xplane.pb"))
+    assert not profiler.active
+    assert bar.bar is None and trainer.step == 61
+
+
+def test_fit_drives_the_same_callbacks(offline_run_dir):
+    from artifex_fn.generative_models.training import GRPOTrainer, GRPOConfig
+    from artifex_fn.generative_models.training.callbacks import (
+        CheckpointConfig, JSONLLoggerCallback, ModelCheckpoint,
+        ProgressBarCallback)
+
+    model, optimizer, dataloader, reward_fn = _callback_setup()
+    trainer = GRPOTrainer(model, optimizer, GRPOConfig(num_generations=4))
+    ckpt = ModelCheckpoint(CheckpointConfig(
+        dirpath="ckpt", monitor="mean_reward", mode="max", every_n_steps=5))
+    trainer.fit(dataloader[:20], reward_fn=reward_fn, key=0, callbacks=[
+        ckpt, JSONLLoggerCallback("log.jsonl", log_every_n_steps=5),
+        ProgressBarCallback()])
+    lines = (offline_run_dir / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and '"mean_reward"' in lines[0]
+    assert ckpt.best_step in (5, 10, 15, 20)
 
 
 # -- Trainer Class Hierarchy -------------------------------------------------
