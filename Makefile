@@ -21,8 +21,11 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_returns.py
 
+# One test worker per CPU (pytest-xdist); `make test PYTEST_ARGS=` runs serially.
+PYTEST_ARGS ?= -n auto
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
