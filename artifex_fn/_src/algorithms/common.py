@@ -191,6 +191,24 @@ def gradient_step(state: TrainState, loss_fn, batch):
                          step=state.step + 1), metrics
 
 
+def keyed_gradient_step(state: TrainState, loss_fn, batch):
+    """Like :func:`gradient_step` for losses that need randomness.
+
+    Calls ``loss_fn(params, batch, config, key)`` with a fresh subkey of
+    ``state.key`` and advances the key. Returns ``(state, metrics)``.
+    """
+    config = state.config
+    key, sub = jax.random.split(state.key)
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch,
+                                                      config, sub)
+    params, opt_state, grad_norm = optimizer_step(
+        state.params, state.opt_state, grads, config.optimizer,
+        getattr(config, "max_grad_norm", None))
+    metrics = dict(metrics, grad_norm=grad_norm)
+    return state.replace(params=params, opt_state=opt_state,
+                         step=state.step + 1, key=key), metrics
+
+
 def batch_array(batch, key: str, *, required=True):
     if key not in batch:
         if required:
