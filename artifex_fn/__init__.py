@@ -40,6 +40,10 @@ from artifex_fn import ppo
 from artifex_fn import reinforce
 from artifex_fn._src.algorithms.common import TrainState
 
+# Generative-model families (`afn.families.diffusion.update`, ...) and toy data.
+from artifex_fn import families
+from artifex_fn import toy_data
+
 __version__ = "0.1.0"
 
 __all__ = (
@@ -56,6 +60,7 @@ __all__ = (
     "dpo",
     "dpo_loss",
     "entropy_from_log_probs",
+    "families",
     "entropy_from_logits",
     "gae_advantages",
     "group_advantages",
@@ -74,5 +79,6 @@ __all__ = (
     "sequence_log_probs",
     "simpo_loss",
     "token_log_probs",
+    "toy_data",
     "value_loss",
 )
