@@ -1,0 +1,243 @@
+"""NNX trainer for GANs: one compiled discriminator + generator step.
+
+The generator is an ``nnx.Module`` whose ``__call__(z [B, D])`` returns
+samples ``[B, ...]``; the discriminator's ``__call__(x)`` returns logits
+``[B]`` or ``[B, 1]``. Each has its own ``nnx.Optimizer``.
+``train_step(x)`` reads both models' variables, runs
+:func:`artifex_fn.families.gan.update` (``d_steps`` discriminator steps,
+then one generator step) under one ``jax.jit``, and writes the results
+back. Variables outside the optimisers' ``wrt`` filters (batch statistics,
+RNG counters) are passed to the models read-only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from artifex_fn._src.algorithms import common
+from artifex_fn._src.families import gan as _gan
+from artifex_fn.training._binding import VariableBinding
+from artifex_fn.training.trainer import Trainer
+from artifex_fn.training.trainer import key_data
+
+GANConfig = _gan.GANConfig
+
+_D_KEYS = ("d_params", "d_rest", "d_opt_state", "d_optimizer_step")
+
+
+def _same_layout(a, b) -> bool:
+    """Same tree structure and leaf shapes/dtypes."""
+    if jax.tree_util.tree_structure(a) != jax.tree_util.tree_structure(b):
+        return False
+    return all(jnp.shape(x) == jnp.shape(y)
+               and jnp.result_type(x) == jnp.result_type(y)
+               for x, y in zip(jax.tree_util.tree_leaves(a),
+                               jax.tree_util.tree_leaves(b)))
+
+
+def _apply(graphdef, rest, params, inputs):
+    """``module(inputs)`` on the module rebuilt from its variables."""
+    return nnx.merge(graphdef, params, rest)(inputs)
+
+
+class GANTrainer(Trainer):
+    """Trains an NNX generator and discriminator with alternating steps.
+
+    Args:
+      generator: ``nnx.Module``, ``generator(z [B, latent_dim]) -> x``;
+        becomes ``trainer.model``.
+      g_optimizer: ``nnx.Optimizer(generator, tx, wrt=nnx.Param)``.
+      config: :class:`GANConfig` with ``generator``, ``discriminator``,
+        ``g_optimizer`` and ``d_optimizer`` left None (the trainer fills
+        them from the modules and optimisers). Default: ``GANConfig()``
+        with ``latent_dim`` from ``generator.latent_dim`` when it exists.
+      discriminator: ``nnx.Module``, ``discriminator(x) -> logits [B]``.
+      d_optimizer: ``nnx.Optimizer(discriminator, tx, wrt=nnx.Param)``.
+      key: seed or PRNG key for the noise.
+
+    ``train_step(batch)`` takes real data ``x [B, ...]`` or ``{"x": x}``
+    and returns device metrics ``loss, d_loss, g_loss, real_logit,
+    fake_logit, d_accuracy, d_grad_norm, g_grad_norm``. :meth:`state_dict`
+    holds both players.
+
+    Example::
+
+        trainer = GANTrainer(
+            gen, nnx.Optimizer(gen, optax.adam(1e-3), wrt=nnx.Param),
+            GANConfig(loss="hinge", latent_dim=8),
+            discriminator=disc,
+            d_optimizer=nnx.Optimizer(disc, optax.adam(1e-3), wrt=nnx.Param))
+        trainer.fit(batches)
+        x = trainer.sample(256)
+    """
+
+    def __init__(self, generator, g_optimizer, config=None, *, discriminator,
+                 d_optimizer, key=None):
+        if config is None:
+            config = GANConfig(latent_dim=int(getattr(generator, "latent_dim",
+                                                      2)))
+        if not isinstance(config, GANConfig):
+            raise TypeError(
+                f"`config` must be a GANConfig, got {type(config).__name__}.")
+        for name in ("generator", "discriminator"):
+            if getattr(config, name) is not None:
+                raise ValueError(f"`config.{name}` must be None: the trainer "
+                                 "calls the modules.")
+        for name, opt in (("g_optimizer", g_optimizer),
+                          ("d_optimizer", d_optimizer)):
+            value = getattr(config, name)
+            if value is not None and value is not getattr(opt, "tx", None):
+                raise ValueError(f"`config.{name}` must be None: the trainer "
+                                 "uses the nnx.Optimizer's transformation.")
+        if not isinstance(discriminator, nnx.Module):
+            raise TypeError("`discriminator` must be a flax.nnx.Module, got "
+                            f"{type(discriminator).__name__}.")
+        if not isinstance(d_optimizer, nnx.Optimizer):
+            raise TypeError("`d_optimizer` must be an nnx.Optimizer built for "
+                            "the discriminator.")
+        super().__init__(generator, g_optimizer, config, key=key)
+        self.discriminator = discriminator
+        self.d_optimizer = d_optimizer
+        self.d_graphdef = nnx.graphdef(discriminator)
+        self._d_params = VariableBinding(discriminator, d_optimizer.wrt)
+        self._d_rest = VariableBinding(discriminator,
+                                       nnx.Not(d_optimizer.wrt))
+        self._d_opt_state = VariableBinding.of_tree(d_optimizer.opt_state)
+        self._d_opt_step = VariableBinding.of_tree(d_optimizer.step)
+        if not _same_layout(
+                jax.eval_shape(d_optimizer.tx.init, self._d_params.read()),
+                self._d_opt_state.read()):
+            raise ValueError("`d_optimizer` was not built for "
+                             "`discriminator`: build it as nnx.Optimizer("
+                             "discriminator, tx, wrt=nnx.Param).")
+        for binding in (self._d_params, self._d_rest, self._d_opt_state,
+                        self._d_opt_step):
+            binding.strong_types()
+        self._config_cache = (None, None)
+        self._step_fn = jax.jit(self._pure_step)
+        self._loss_fn = jax.jit(self._pure_loss)
+        self._sample_fn = jax.jit(self._pure_sample,
+                                  static_argnames=("num_samples",))
+
+    # -- configs ----------------------------------------------------------
+    def _config_arg(self):
+        """The config without its static callables (cached per config)."""
+        if self._config_cache[0] is not self.config:
+            self._config_cache = (self.config, dataclasses.replace(
+                self.config, generator=None, discriminator=None,
+                g_optimizer=None, d_optimizer=None))
+        return self._config_cache[1]
+
+    def _full_config(self, config, g_rest, d_rest):
+        return dataclasses.replace(
+            config,
+            generator=functools.partial(_apply, self.graphdef, g_rest),
+            discriminator=functools.partial(_apply, self.d_graphdef, d_rest),
+            g_optimizer=self.optimizer.tx, d_optimizer=self.d_optimizer.tx)
+
+    def _read_d(self):
+        return (self._d_params.read(), self._d_rest.read(),
+                self._d_opt_state.read(), self._d_opt_step.read())
+
+    # -- compiled pieces --------------------------------------------------
+    def _pure_step(self, g_state, d_state, step, key, config, batch):
+        g_params, g_rest, g_opt, g_opt_step = g_state
+        d_params, d_rest, d_opt, d_opt_step = d_state
+        state = common.TrainState(
+            params=dict(generator=g_params, discriminator=d_params),
+            opt_state=dict(generator=g_opt, discriminator=d_opt),
+            step=step, key=key, ref_params=None,
+            config=self._full_config(config, g_rest, d_rest))
+        new, metrics = _gan.update(state, batch)
+        return (new.params["generator"], new.opt_state["generator"],
+                g_opt_step + 1, new.params["discriminator"],
+                new.opt_state["discriminator"], d_opt_step + config.d_steps,
+                new.key, metrics)
+
+    def _pure_loss(self, g_params, g_rest, d_params, d_rest, config, batch,
+                   key):
+        params = dict(generator=g_params, discriminator=d_params)
+        return _gan.loss(params, batch,
+                         self._full_config(config, g_rest, d_rest), key)
+
+    def _pure_sample(self, g_params, g_rest, config, key, *, num_samples):
+        cfg = dataclasses.replace(
+            config, generator=functools.partial(_apply, self.graphdef, g_rest))
+        return _gan.sample(g_params, cfg, key, num_samples=num_samples)
+
+    # -- host side --------------------------------------------------------
+    def train_step(self, batch, *args, **kwargs) -> dict[str, jax.Array]:
+        """``d_steps`` discriminator steps then one generator step."""
+        if args or kwargs:
+            raise TypeError("GANTrainer.train_step takes only the batch.")
+        if isinstance(batch, dict) and "x" not in batch:
+            raise ValueError("batch is missing the key 'x'.")
+        g_state, d_state = self._read(), self._read_d()
+        (g_params, g_opt, g_opt_step, d_params, d_opt, d_opt_step, self.key,
+         metrics) = self._step_fn(g_state, d_state, np.int32(self.step),
+                                  self.key, self._config_arg(), batch)
+        self._write(g_params, g_opt, g_opt_step)
+        self._d_params.write(d_params)
+        self._d_opt_state.write(d_opt)
+        self._d_opt_step.write(d_opt_step)
+        self.step += 1
+        return metrics
+
+    def compute_loss(self, model, batch, key=None):
+        """Both losses of generator ``model`` against the bound discriminator.
+
+        Returns ``(d_loss + g_loss, metrics)`` (see
+        :func:`artifex_fn.families.gan.loss`); nothing is updated. ``key``
+        (default: split from the trainer's key) draws the noise.
+        """
+        if key is None:
+            self.key, key = jax.random.split(self.key)
+        wrt = self.optimizer.wrt
+        g_params = nnx.as_pure(nnx.state(model, wrt))
+        g_rest = nnx.as_pure(nnx.state(model, nnx.Not(wrt)))
+        return self._loss_fn(g_params, g_rest, self._d_params.read(),
+                             self._d_rest.read(), self._config_arg(), batch,
+                             key_data(key))
+
+    def sample(self, n: int, key=None) -> jax.Array:
+        """``n`` generator samples ``G(z)``, ``z ~ N(0, I)``.
+
+        Args:
+          n: number of samples.
+          key: seed or PRNG key (default: split from the trainer's key).
+        """
+        if key is None:
+            self.key, key = jax.random.split(self.key)
+        g_params, g_rest, _, _ = self._read()
+        return self._sample_fn(g_params, g_rest, self._config_arg(),
+                               key_data(key), num_samples=int(n))
+
+    generate = sample
+
+    # -- checkpoints ------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Both players' state: the base keys (generator) plus ``d_params``,
+        ``d_rest``, ``d_opt_state`` and ``d_optimizer_step``."""
+        state = super().state_dict()
+        state.update(zip(_D_KEYS, self._read_d()))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict` output into both models/optimisers."""
+        missing = {"d_params", "d_opt_state"} - set(state)
+        if missing:
+            raise ValueError(f"state is missing {sorted(missing)}.")
+        super().load_state_dict(state)
+        self._d_params.write(state["d_params"])
+        self._d_opt_state.write(state["d_opt_state"])
+        if "d_optimizer_step" in state:
+            self._d_opt_step.write(jnp.asarray(state["d_optimizer_step"]))
+        if state.get("d_rest") is not None:
+            self._d_rest.write(state["d_rest"])
