@@ -3,8 +3,9 @@
 Each test is the guide's code with ``artifex`` spelled ``artifex_fn`` and
 its placeholders (``YourPolicyModel``, ``observations``, models inside the
 reward examples, ``dataloader``) filled by tiny models and random data. The
-model-family trainers of the integration section (``DiffusionTrainer``)
-are covered with the family trainers.
+diffusion integration fills ``generate_samples`` / ``compute_log_probs``
+with the last reverse step of a tiny DDPM as a one-step MDP (the full
+chain-as-MDP version is ``examples/diffusion_grpo.py``).
 
 Read as documentation, the guide's DPO examples pass precomputed
 log-probabilities: those carry no gradient to the model, so the trainer
@@ -603,6 +604,81 @@ def test_utility_functions():
 
 # -- Integration with Model-Specific Trainers --------------------------------
 
+class EpsModel(nnx.Module):
+    """``eps(x_t, t)`` of a 2-D diffusion model; its DDPO policy is a step."""
+
+    def __init__(self, rngs, num_timesteps=10):
+        self.embed = nnx.Embed(num_timesteps, 32, rngs=rngs)
+        self.inp = nnx.Linear(2, 32, rngs=rngs)
+        self.out = nnx.Linear(32, 2, rngs=rngs)
+        self.num_timesteps = num_timesteps
+
+    def __call__(self, x_t, t):
+        return self.out(jax.nn.silu(self.inp(x_t) + self.embed(t)))
+
+    def policy_outputs(self, observations):
+        """The reverse step ``p(x_{t-1} | x_t)`` as a distrax Normal."""
+        from artifex_fn.families import diffusion
+        return diffusion.step_distribution(
+            lambda m, x, t: m(x, t), self, observations["x"],
+            observations["t"], diffusion.noise_schedule(self.num_timesteps))
+
+
+def test_diffusion_model_fine_tuning_with_grpo():
+    from artifex_fn.generative_models.training import GRPOConfig, GRPOTrainer
+    from artifex_fn.generative_models.training.trainers import DiffusionTrainer
+    from artifex_fn.families.diffusion import DiffusionConfig
+    from artifex_fn.toy_data import gaussian_mixture_2d
+
+    model = EpsModel(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    diffusion_config = DiffusionConfig(num_timesteps=10)
+    # The last reverse step as a one-step MDP: conditions are states x_1,
+    # four copies each (a group), actions are the sampled x_0.
+    x1 = jnp.repeat(jax.random.normal(jax.random.key(1), (8, 2)), 4, axis=0)
+    dataloader = [{"x": gaussian_mixture_2d(jax.random.key(i), 64),
+                   "conditions": {"x": x1, "t": jnp.zeros(32, jnp.int32)}}
+                  for i in range(3)]
+    keys = iter(jax.random.split(jax.random.key(2), 3))
+
+    def generate_samples(model, conditions, num_samples):
+        assert len(conditions["x"]) % num_samples == 0  # grouped rows
+        return model.policy_outputs(conditions).sample(seed=next(keys))
+
+    def compute_log_probs(model, samples, conditions):
+        return model.policy_outputs(conditions).log_prob(samples)
+
+    reward_fn = lambda samples, conditions: (samples[:, 0] > 0).astype(
+        jnp.float32)
+
+    # Standard diffusion trainer for pre-training
+    diffusion_trainer = DiffusionTrainer(model, optimizer, diffusion_config)
+    for batch in dataloader:
+        pre = diffusion_trainer.train_step(batch["x"])
+
+    # Fine-tune with GRPO
+    grpo_config = GRPOConfig(num_generations=4, beta=0.01)
+    grpo_trainer = GRPOTrainer(model, optimizer, grpo_config)
+
+    # Generate samples and compute rewards
+    for batch in dataloader:
+        # Generate multiple samples per condition
+        samples = generate_samples(model, batch["conditions"], num_samples=4)
+        rewards = reward_fn(samples, batch["conditions"])
+
+        # GRPO training step
+        rl_batch = {
+            "observations": batch["conditions"],
+            "actions": samples,
+            "rewards": rewards,
+            "log_probs": compute_log_probs(model, samples, batch["conditions"]),
+        }
+        metrics = grpo_trainer.train_step(rl_batch)
+    assert np.isfinite(float(pre["loss"])) and np.isfinite(float(metrics["loss"]))
+    assert float(metrics["approx_kl"]) >= 0.0
+    assert diffusion_trainer.step == 3 and grpo_trainer.step == 3
+
+
 class Encoder(nnx.Module):
     """Gaussian encoder with a value head; samples with its own RNG."""
 
@@ -869,9 +945,15 @@ def test_fit_drives_the_same_callbacks(offline_run_dir):
 
 # -- Trainer Class Hierarchy -------------------------------------------------
 
-def test_rl_trainers_inherit_the_base_trainer():
-    from artifex_fn.generative_models.training import (
-        DPOTrainer, GRPOTrainer, PPOTrainer, REINFORCETrainer, Trainer)
-    for cls in (REINFORCETrainer, PPOTrainer, GRPOTrainer, DPOTrainer):
+def test_trainer_hierarchy():
+    from artifex_fn.generative_models.training.trainers import (
+        AutoregressiveTrainer, DiffusionTrainer, DPOTrainer, EnergyTrainer,
+        FlowTrainer, GANTrainer, GRPOTrainer, PPOTrainer, REINFORCETrainer,
+        Trainer, VAETrainer)
+    assert callable(AutoregressiveTrainer.generate)
+    assert callable(EnergyTrainer.sample_negatives)
+    for cls in (VAETrainer, GANTrainer, DiffusionTrainer, FlowTrainer,
+                EnergyTrainer, AutoregressiveTrainer, REINFORCETrainer,
+                PPOTrainer, GRPOTrainer, DPOTrainer):
         assert issubclass(cls, Trainer)
         assert callable(cls.compute_loss) and callable(cls.fit)
