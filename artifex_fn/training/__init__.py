@@ -1,6 +1,7 @@
 """Trainer layer (layer 3): NNX trainers, reward functions, callbacks.
 
-The trainers wrap the pure algorithms of :mod:`artifex_fn.reinforce`,
+The family trainers (VAE, GAN, diffusion, flow, energy, autoregressive)
+wrap :mod:`artifex_fn.families`; the RL trainers wrap the pure algorithms of :mod:`artifex_fn.reinforce`,
 :mod:`artifex_fn.ppo`, :mod:`artifex_fn.grpo` and :mod:`artifex_fn.dpo`
 around a Flax NNX model and ``nnx.Optimizer``. The same names are exported
 from the documented entry point ``artifex_fn.generative_models.training``.
@@ -25,6 +26,19 @@ from artifex_fn.training.rl_trainers import REINFORCEConfig
 from artifex_fn.training.rl_trainers import REINFORCETrainer
 from artifex_fn.training.sampling import GenerationConfig
 from artifex_fn.training.trainer import Trainer
+from artifex_fn.training import trainers
+from artifex_fn.training.trainers import AutoregressiveConfig
+from artifex_fn.training.trainers import AutoregressiveTrainer
+from artifex_fn.training.trainers import DiffusionConfig
+from artifex_fn.training.trainers import DiffusionTrainer
+from artifex_fn.training.trainers import EnergyConfig
+from artifex_fn.training.trainers import EnergyTrainer
+from artifex_fn.training.trainers import FlowConfig
+from artifex_fn.training.trainers import FlowTrainer
+from artifex_fn.training.trainers import GANConfig
+from artifex_fn.training.trainers import GANTrainer
+from artifex_fn.training.trainers import VAEConfig
+from artifex_fn.training.trainers import VAETrainer
 
 __all__ = (
     # configurations
@@ -35,6 +49,11 @@ __all__ = (
     # reward functions
     "RewardFunction", "ConstantReward", "CompositeReward", "ThresholdReward",
     "ScaledReward", "ClippedReward",
+    # family trainers and configs
+    "VAEConfig", "VAETrainer", "GANConfig", "GANTrainer", "DiffusionConfig",
+    "DiffusionTrainer", "FlowConfig", "FlowTrainer", "EnergyConfig",
+    "EnergyTrainer", "AutoregressiveConfig", "AutoregressiveTrainer",
+    "trainers",
     # callbacks
     "callbacks",
 ) + tuple(_callback_names)

@@ -8,7 +8,9 @@ documented callbacks module.
 
 from artifex_fn.generative_models.training import callbacks
 from artifex_fn.generative_models.training import rl
+from artifex_fn.generative_models.training import trainers
 from artifex_fn.training import *  # noqa: F401,F403
 from artifex_fn.training import __all__ as _names
 
-__all__ = tuple(n for n in _names if n != "callbacks") + ("callbacks", "rl")
+__all__ = tuple(n for n in _names if n not in ("callbacks", "trainers")) + (
+    "callbacks", "rl", "trainers")

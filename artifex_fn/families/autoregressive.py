@@ -1,0 +1,31 @@
+"""Autoregressive sequence models: teacher forcing, scheduled sampling and
+generation.
+
+See :mod:`artifex_fn._src.families.autoregressive` for the maths and batch
+layout.
+"""
+
+from artifex_fn._src.families.autoregressive import AutoregressiveConfig
+from artifex_fn._src.families.autoregressive import cross_entropy
+from artifex_fn._src.families.autoregressive import generate
+from artifex_fn._src.families.autoregressive import init
+from artifex_fn._src.families.autoregressive import logits_of
+from artifex_fn._src.families.autoregressive import loss
+from artifex_fn._src.families.autoregressive import mix_predictions
+from artifex_fn._src.families.autoregressive import sample_next_token
+from artifex_fn._src.families.autoregressive import (
+    scheduled_sampling_probability)
+from artifex_fn._src.families.autoregressive import update
+
+__all__ = (
+    "AutoregressiveConfig",
+    "cross_entropy",
+    "generate",
+    "init",
+    "logits_of",
+    "loss",
+    "mix_predictions",
+    "sample_next_token",
+    "scheduled_sampling_probability",
+    "update",
+)
