@@ -115,6 +115,10 @@ class _RLTrainer(Trainer):
         self.apply_fn = resolve_apply_fn(model, apply_fn)
         self.reference_model = reference_model
         if reference_model is not None:
+            if not hasattr(self._algorithm, "with_reference_log_probs"):
+                raise ValueError(
+                    f"{type(self).__name__} does not use a reference model "
+                    "(only GRPO and DPO do): drop `reference_model`.")
             if not isinstance(reference_model, nnx.Module):
                 raise TypeError("`reference_model` must be a flax.nnx.Module.")
             self._ref_graphdef = nnx.graphdef(reference_model)
@@ -144,7 +148,14 @@ class _RLTrainer(Trainer):
                                    optimizer=self.optimizer.tx)
 
     def _with_reference(self, config, ref_state, batch):
-        return batch
+        """Adds the reference model's log-probs the batch lacks."""
+        if ref_state is None:
+            return batch
+        ref = common.TrainState(
+            params=None, opt_state=None, step=None, key=None,
+            ref_params=ref_state,
+            config=dataclasses.replace(config, policy=self._ref_policy()))
+        return self._algorithm.with_reference_log_probs(ref, batch)
 
     def _num_updates(self, config) -> int:
         return 1
@@ -271,15 +282,6 @@ class GRPOTrainer(_RLTrainer):
         self._generate_update = jax.jit(
             self._pure_generate_update, static_argnames=("reward_static",))
         self._sample = jax.jit(self._pure_sample)
-
-    def _with_reference(self, config, ref_state, batch):
-        if ref_state is None:
-            return batch
-        ref = common.TrainState(
-            params=None, opt_state=None, step=None, key=None,
-            ref_params=ref_state,
-            config=dataclasses.replace(config, policy=self._ref_policy()))
-        return _grpo.with_reference_log_probs(ref, batch)
 
     def _prepare(self, batch):
         batch, config = super()._prepare(batch)
@@ -438,15 +440,6 @@ class DPOTrainer(_RLTrainer):
                          reference_model=reference_model,
                          generation=generation, apply_fn=apply_fn, key=key)
         self._warned_flat = False
-
-    def _with_reference(self, config, ref_state, batch):
-        if ref_state is None:
-            return batch
-        ref = common.TrainState(
-            params=None, opt_state=None, step=None, key=None,
-            ref_params=ref_state,
-            config=dataclasses.replace(config, policy=self._ref_policy()))
-        return _dpo.with_reference_log_probs(ref, batch)
 
     def train_step(self, batch) -> dict[str, jax.Array]:
         """One DPO/SimPO step; see the class docstring for batch forms."""
