@@ -1,0 +1,336 @@
+"""PPO and REINFORCE on gymnax CartPole-v1, each run one compiled program.
+
+PPO follows the usual fully-jitted recipe (Schulman et al. 2017; the
+"PureJaxRL" layout of Lu et al. 2022): ``num_envs`` auto-resetting
+environments step ``num_steps`` times under ``lax.scan``, then the library's
+:func:`artifex_fn.ppo.update` runs GAE and ``num_epochs`` x
+``num_minibatches`` clipped-surrogate steps. Termination and truncation are
+kept apart: at the 500-step time limit the value of the *final* observation
+(``info["final_observation"]``, before the reset) is bootstrapped, at a
+termination nothing is.
+
+REINFORCE (Williams 1992) collects ``num_envs`` whole episodes per update
+(up to the 500-step limit, padding masked) and calls
+:func:`artifex_fn.reinforce.update` with a per-time-step mean baseline.
+
+Hyper-parameters in :data:`PPO_HPARAMS` / :data:`REINFORCE_HPARAMS` are
+traced (sweepable with ``vmap``); :data:`PPO_SETTINGS` /
+:data:`REINFORCE_SETTINGS` change shapes or loop lengths and are static.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from artifex_fn._src.algorithms import ppo
+from artifex_fn._src.algorithms import reinforce
+from artifex_fn.experiments._program import Program
+
+# The standard CartPole PPO configuration.
+PPO_SETTINGS = dict(num_envs=4, num_steps=128, total_timesteps=500_000,
+                    num_epochs=4, num_minibatches=4, hidden=64,
+                    anneal_lr=True, eval_envs=32)
+PPO_HPARAMS = dict(lr=2.5e-4, gamma=0.99, gae_lambda=0.95, clip_param=0.2,
+                   vf_coeff=0.5, entropy_coeff=0.01, max_grad_norm=0.5)
+
+REINFORCE_SETTINGS = dict(num_envs=16, max_steps=500, total_episodes=4_000,
+                          hidden=64, anneal_lr=False, eval_envs=32)
+REINFORCE_HPARAMS = dict(lr=1e-2, gamma=0.99, entropy_coeff=0.0,
+                         max_grad_norm=1.0)
+
+
+def _env():
+    try:
+        import gymnax
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError(
+            "the cartpole task needs gymnax: pip install 'artifex-fn[cli]' "
+            "(or pip install gymnax)") from e
+    env, env_params = gymnax.make("CartPole-v1")
+    return env, env_params
+
+
+class ActorCritic(nnx.Module):
+    """Separate tanh MLPs for the policy logits and the value.
+
+    Orthogonal initialisation with gains sqrt(2) (hidden), 0.01 (logits) and
+    1 (value), as in the PPO implementation details of Huang et al. 2022.
+    """
+
+    def __init__(self, obs_dim: int, num_actions: int, hidden: int = 64, *,
+                 rngs: nnx.Rngs):
+        def dense(i, o, gain):
+            return nnx.Linear(
+                i, o, kernel_init=nnx.initializers.orthogonal(gain),
+                bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+
+        g = math.sqrt(2.0)
+        self.actor = nnx.List([dense(obs_dim, hidden, g), dense(hidden, hidden, g),
+                               dense(hidden, num_actions, 0.01)])
+        self.critic = nnx.List([dense(obs_dim, hidden, g), dense(hidden, hidden, g),
+                                dense(hidden, 1, 1.0)])
+
+    def __call__(self, obs):
+        a = jnp.tanh(self.actor[0](obs))
+        a = jnp.tanh(self.actor[1](a))
+        v = jnp.tanh(self.critic[0](obs))
+        v = jnp.tanh(self.critic[1](v))
+        return self.actor[2](a), self.critic[2](v)[..., 0]
+
+
+def _model_fns(hidden: int, obs_dim: int = 4, num_actions: int = 2):
+    """Returns ``(init_params(key), apply(params, obs) -> (logits, value))``."""
+    graphdef, _ = nnx.split(ActorCritic(obs_dim, num_actions, hidden,
+                                        rngs=nnx.Rngs(0)))
+
+    def init_params(key):
+        return nnx.state(ActorCritic(obs_dim, num_actions, hidden,
+                                     rngs=nnx.Rngs(key)))
+
+    def apply(params, obs):
+        return nnx.merge(graphdef, params)(obs)
+
+    return init_params, apply
+
+
+def _optimizer():
+    # The learning rate lives in the optimiser state (inject_hyperparams), so
+    # it can be traced, swept and annealed while the transformation is static.
+    return optax.inject_hyperparams(optax.adam)(learning_rate=0.0, eps=1e-5)
+
+
+def _set_lr(opt_state, lr):
+    return opt_state._replace(
+        hyperparams={**opt_state.hyperparams, "learning_rate": lr})
+
+
+def _evaluate(env, env_params, apply, num_envs: int):
+    """Mean undiscounted return of ``num_envs`` fresh episodes (sampled actions)."""
+    max_steps = int(env_params.max_steps_in_episode)
+
+    def evaluate(params, key):
+        key, reset_key = jax.random.split(key)
+        obs, state = jax.vmap(env.reset, (0, None))(
+            jax.random.split(reset_key, num_envs), env_params)
+
+        def body(carry, step_key):
+            obs, state, alive, total = carry
+            logits, _ = apply(params, obs)
+            k1, k2 = jax.random.split(step_key)
+            action = jax.random.categorical(k1, logits)
+            obs, state, reward, terminated, _ = jax.vmap(
+                env.step_env, (0, 0, 0, None))(
+                    jax.random.split(k2, num_envs), state, action, env_params)
+            total = total + reward * alive
+            alive = alive * (1.0 - terminated.astype(jnp.float32))
+            return (obs, state, alive, total), None
+
+        init = (obs, state, jnp.ones(num_envs), jnp.zeros(num_envs))
+        (_, _, _, total), _ = jax.lax.scan(
+            body, init, jax.random.split(key, max_steps))
+        return dict(eval_return=jnp.mean(total),
+                    eval_return_min=jnp.min(total))
+
+    return evaluate
+
+
+def ppo_program(settings: dict | None = None) -> Program:
+    """PPO on CartPole-v1 (see the module docstring)."""
+    s = dict(PPO_SETTINGS, **(settings or {}))
+    env, env_params = _env()
+    num_envs, num_steps = s["num_envs"], s["num_steps"]
+    batch = num_envs * num_steps
+    num_updates = max(1, s["total_timesteps"] // batch)
+    if batch % s["num_minibatches"]:
+        raise ValueError(
+            f"`num_minibatches`={s['num_minibatches']} must divide "
+            f"num_envs*num_steps={batch}.")
+    init_params, apply = _model_fns(s["hidden"])
+    optimizer = _optimizer()
+    evaluate_params = _evaluate(env, env_params, apply, s["eval_envs"])
+
+    def config(hp):
+        return ppo.PPOConfig(
+            gamma=hp["gamma"], gae_lambda=hp["gae_lambda"],
+            clip_param=hp["clip_param"], vf_coeff=hp["vf_coeff"],
+            entropy_coeff=hp["entropy_coeff"],
+            max_grad_norm=hp["max_grad_norm"], num_epochs=s["num_epochs"],
+            num_minibatches=s["num_minibatches"], policy=apply,
+            optimizer=optimizer)
+
+    def init(key, hp):
+        k_params, k_env, k_state, k_run = jax.random.split(key, 4)
+        params = init_params(k_params)
+        state = ppo.init(params, config(hp), key=k_state)
+        state = state.replace(opt_state=_set_lr(state.opt_state, hp["lr"]))
+        obs, env_state = jax.vmap(env.reset, (0, None))(
+            jax.random.split(k_env, num_envs), env_params)
+        return dict(train=state, obs=obs, env_state=env_state, key=k_run,
+                    ep_return=jnp.zeros(num_envs),
+                    last_return=jnp.zeros(()), iteration=jnp.zeros((), jnp.int32))
+
+    def step(carry, hp):
+        train = carry["train"]
+        params = train.params
+        key, rollout_key = jax.random.split(carry["key"])
+
+        def env_step(c, k):
+            obs, env_state, ep_return, done_sum, done_count = c
+            k_act, k_env = jax.random.split(k)
+            logits, value = apply(params, obs)
+            action = jax.random.categorical(k_act, logits)
+            log_prob = jnp.take_along_axis(
+                jax.nn.log_softmax(logits), action[:, None], -1)[:, 0]
+            next_obs, env_state, reward, terminated, truncated, info = jax.vmap(
+                env.step, (0, 0, 0, None))(
+                    jax.random.split(k_env, num_envs), env_state, action,
+                    env_params)
+            done = jnp.logical_or(terminated, truncated)
+            ep_return = ep_return + reward
+            done_sum = done_sum + jnp.sum(jnp.where(done, ep_return, 0.0))
+            done_count = done_count + jnp.sum(done)
+            ep_return = jnp.where(done, 0.0, ep_return)
+            transition = dict(obs=obs, action=action, log_prob=log_prob,
+                              value=value, reward=reward,
+                              terminated=terminated, truncated=truncated,
+                              final_obs=info["final_observation"])
+            return (next_obs, env_state, ep_return, done_sum, done_count), transition
+
+        c0 = (carry["obs"], carry["env_state"], carry["ep_return"],
+              jnp.zeros(()), jnp.zeros((), jnp.int32))
+        (obs, env_state, ep_return, done_sum, done_count), traj = jax.lax.scan(
+            env_step, c0, jax.random.split(rollout_key, num_steps))
+        # [T, E] -> [E, T]; the value after every step is V(final_obs): the
+        # next observation of the same episode (before any reset).
+        traj = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1), traj)
+        _, next_values = apply(params, traj["final_obs"])
+        # After the last step of the rollout the episode continues: truncate
+        # the GAE recursion there and bootstrap V(final_obs).
+        truncated = traj["truncated"].at[:, -1].set(True)
+        batch_ = dict(observations=traj["obs"], actions=traj["action"],
+                      log_probs=traj["log_prob"], values=traj["value"],
+                      rewards=traj["reward"], dones=traj["terminated"],
+                      truncated=truncated, next_values=next_values)
+        if s["anneal_lr"]:
+            frac = 1.0 - carry["iteration"].astype(jnp.float32) / num_updates
+        else:
+            frac = 1.0
+        train = train.replace(opt_state=_set_lr(train.opt_state, hp["lr"] * frac))
+        train, metrics = ppo.update(train, batch_)
+        last_return = jnp.where(done_count > 0,
+                                done_sum / jnp.maximum(done_count, 1),
+                                carry["last_return"])
+        metrics = dict(metrics, episode_return=last_return,
+                       episodes=done_count.astype(jnp.float32))
+        carry = dict(train=train, obs=obs, env_state=env_state, key=key,
+                     ep_return=ep_return, last_return=last_return,
+                     iteration=carry["iteration"] + 1)
+        return carry, metrics
+
+    def evaluate(carry, key, hp):
+        del hp
+        return evaluate_params(carry["train"].params, key)
+
+    return Program(init=init, step=step, evaluate=evaluate,
+                   params=lambda c: c["train"].params,
+                   num_iterations=num_updates, samples_per_iteration=batch,
+                   curve="episode_return", score="eval_return",
+                   description="PPO on CartPole-v1 (gymnax)")
+
+
+def reinforce_program(settings: dict | None = None) -> Program:
+    """REINFORCE on CartPole-v1 with whole episodes (see the module docstring)."""
+    s = dict(REINFORCE_SETTINGS, **(settings or {}))
+    env, env_params = _env()
+    num_envs, max_steps = s["num_envs"], s["max_steps"]
+    num_updates = max(1, s["total_episodes"] // num_envs)
+    init_params, apply = _model_fns(s["hidden"])
+    optimizer = _optimizer()
+    evaluate_params = _evaluate(env, env_params, apply, s["eval_envs"])
+
+    def policy(params, obs):
+        return apply(params, obs)[0]
+
+    def config(hp):
+        return reinforce.REINFORCEConfig(
+            gamma=hp["gamma"], entropy_coeff=hp["entropy_coeff"],
+            max_grad_norm=hp["max_grad_norm"], baseline="mean",
+            normalize_returns=True, policy=policy, optimizer=optimizer)
+
+    def init(key, hp):
+        k_params, k_state, k_run = jax.random.split(key, 3)
+        state = reinforce.init(init_params(k_params), config(hp), key=k_state)
+        state = state.replace(opt_state=_set_lr(state.opt_state, hp["lr"]))
+        return dict(train=state, key=k_run,
+                    iteration=jnp.zeros((), jnp.int32))
+
+    def step(carry, hp):
+        train = carry["train"]
+        params = train.params
+        key, reset_key, rollout_key = jax.random.split(carry["key"], 3)
+        obs, env_state = jax.vmap(env.reset, (0, None))(
+            jax.random.split(reset_key, num_envs), env_params)
+
+        def env_step(c, k):
+            obs, env_state, alive = c
+            k_act, k_env = jax.random.split(k)
+            logits = policy(params, obs)
+            action = jax.random.categorical(k_act, logits)
+            next_obs, env_state, reward, terminated, _ = jax.vmap(
+                env.step_env, (0, 0, 0, None))(
+                    jax.random.split(k_env, num_envs), env_state, action,
+                    env_params)
+            transition = dict(obs=obs, action=action, reward=reward * alive,
+                              terminated=terminated, mask=alive)
+            alive = alive * (1.0 - terminated.astype(jnp.float32))
+            return (next_obs, env_state, alive), transition
+
+        _, traj = jax.lax.scan(env_step, (obs, env_state, jnp.ones(num_envs)),
+                               jax.random.split(rollout_key, max_steps))
+        traj = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1), traj)
+        batch_ = dict(observations=traj["obs"], actions=traj["action"],
+                      rewards=traj["reward"], dones=traj["terminated"],
+                      mask=traj["mask"])
+        if s["anneal_lr"]:
+            frac = 1.0 - carry["iteration"].astype(jnp.float32) / num_updates
+        else:
+            frac = 1.0
+        train = train.replace(opt_state=_set_lr(train.opt_state, hp["lr"] * frac))
+        train, metrics = reinforce.update(train, batch_)
+        episode_return = jnp.mean(jnp.sum(traj["reward"], axis=1))
+        metrics = dict(metrics, episode_return=episode_return,
+                       episodes=jnp.asarray(num_envs, jnp.float32))
+        return dict(train=train, key=key,
+                    iteration=carry["iteration"] + 1), metrics
+
+    def evaluate(carry, key, hp):
+        del hp
+        return evaluate_params(carry["train"].params, key)
+
+    return Program(init=init, step=step, evaluate=evaluate,
+                   params=lambda c: c["train"].params,
+                   num_iterations=num_updates,
+                   samples_per_iteration=num_envs * max_steps,
+                   curve="episode_return", score="eval_return",
+                   description="REINFORCE on CartPole-v1 (gymnax)")
+
+
+def program(algo: str, settings: dict | None = None) -> Program:
+    """The CartPole program for ``algo`` in ``{"ppo", "reinforce"}``."""
+    if algo == "ppo":
+        return ppo_program(settings)
+    if algo == "reinforce":
+        return reinforce_program(settings)
+    raise ValueError(f"cartpole supports --algo ppo or reinforce, got {algo!r}.")
+
+
+HPARAMS: dict[str, dict[str, Any]] = dict(ppo=PPO_HPARAMS,
+                                          reinforce=REINFORCE_HPARAMS)
+SETTINGS: dict[str, dict[str, Any]] = dict(ppo=PPO_SETTINGS,
+                                           reinforce=REINFORCE_SETTINGS)

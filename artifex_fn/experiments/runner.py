@@ -1,0 +1,235 @@
+"""Runs a :class:`Program` over seeds and hyper-parameter values in one compiled program.
+
+Every run is laid out on a grid ``[S seeds, V sweep values]``:
+
+* ``init``, ``evaluate`` and the training loop are ``jax.vmap``-ed twice
+  (seeds outside, sweep values inside; one seed's key is shared by all its
+  sweep values, so the values are compared on common random numbers);
+* the iterations run as ``lax.scan`` chunks of one compiled function, the
+  carry donated between chunks; only the chunk's scalar metrics come back
+  to the host (for the progress bar and ``metrics.jsonl``).
+
+On a CPU with several cores the seed axis can also be split across host
+devices (``XLA_FLAGS=--xla_force_host_platform_device_count=K``, which
+the CLI sets): the same program is then partitioned by ``jax.jit`` over a
+one-axis mesh and each core runs ``S / K`` seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from artifex_fn.experiments._program import Program
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What :func:`run` returns.
+
+    Attributes:
+      hparams: ``{name: float32[V]}``, the value of every hyper-parameter
+        at each sweep point.
+      sweep: ``[{name: value}]`` per sweep point (empty dicts without a
+        sweep).
+      metrics: ``{name: float[S, V, N]}`` per-iteration training metrics.
+      before, after: ``{name: float[S, V]}`` evaluations of the initial
+        and the final carry.
+      params: the final ``program.params(carry)`` with leading ``[S, V]``.
+      compile_seconds, run_seconds: wall time of the first chunk's
+        compilation and of the training loop (compilation excluded).
+      samples: environment steps or samples of the whole grid.
+    """
+    hparams: dict[str, np.ndarray]
+    sweep: list[dict[str, float]]
+    metrics: dict[str, np.ndarray]
+    before: dict[str, np.ndarray]
+    after: dict[str, np.ndarray]
+    params: Any
+    compile_seconds: float
+    run_seconds: float
+    samples: int
+    num_seeds: int
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / max(self.run_seconds, 1e-9)
+
+
+def sweep_grid(hparams: Mapping[str, float],
+               sweep: Mapping[str, Sequence[float]] | None = None):
+    """Cartesian product of ``sweep`` over the base ``hparams``.
+
+    Returns ``(grid, points)``: ``grid`` maps every hyper-parameter to a
+    ``float32[V]`` array and ``points`` lists the swept values of each of
+    the ``V`` points.
+
+    >>> grid, points = sweep_grid(dict(lr=1e-3, beta=0.1),
+    ...                           dict(lr=[1e-3, 3e-3]))
+    >>> grid["lr"].tolist(), grid["beta"].shape, points
+    ([0.0010000000474974513, 0.003000000026077032], (2,), [{'lr': 0.001}, {'lr': 0.003}])
+    """
+    sweep = dict(sweep or {})
+    unknown = sorted(set(sweep) - set(hparams))
+    if unknown:
+        raise ValueError(
+            f"cannot sweep {unknown}: not a hyper-parameter of this task; "
+            f"sweepable: {sorted(hparams)}.")
+    for name, values in sweep.items():
+        if len(values) == 0:
+            raise ValueError(f"sweep over {name!r} has no values.")
+    names = list(sweep)
+    points = [dict(zip(names, combo))
+              for combo in itertools.product(*(sweep[n] for n in names))]
+    if not points:
+        points = [{}]
+    grid = {k: np.asarray([p.get(k, v) for p in points], np.float32)
+            for k, v in hparams.items()}
+    return grid, points
+
+
+def _chunk_length(num_iterations: int, target_chunks: int) -> int:
+    """Largest divisor of ``num_iterations`` giving at least ``target_chunks`` chunks."""
+    if target_chunks <= 1:
+        return num_iterations
+    best = 1
+    for d in range(1, num_iterations + 1):
+        if num_iterations % d == 0 and num_iterations // d >= target_chunks:
+            best = d
+    return best
+
+
+def _grid_fns(program: Program):
+    """``init``/``evaluate``/``chunk`` vmapped over ``[seeds, sweep]``."""
+
+    def over_grid(fn, seed_axes, sweep_axes):
+        return jax.vmap(jax.vmap(fn, in_axes=sweep_axes), in_axes=seed_axes)
+
+    init = over_grid(program.init, (0, None), (None, 0))
+    evaluate = over_grid(program.evaluate, (0, None, None), (0, None, 0))
+    return init, evaluate
+
+
+def _seed_sharding(num_seeds: int):
+    """A sharding that splits the seed axis over the host devices, or None."""
+    devices = jax.devices()
+    usable = [d for d in devices if d.platform == devices[0].platform]
+    k = math.gcd(num_seeds, len(usable))
+    if k <= 1:
+        return None
+    mesh = jax.sharding.Mesh(np.asarray(usable[:k]), ("seed",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed"))
+
+
+def run(program: Program, *, hparams: Mapping[str, float],
+        sweep: Mapping[str, Sequence[float]] | None = None,
+        num_seeds: int = 1, seed: int = 0, chunks: int = 20,
+        progress: bool = True, on_chunk: Callable | None = None,
+        shard_seeds: bool = True) -> RunResult:
+    """Trains ``num_seeds`` x (sweep points) runs of ``program`` at once.
+
+    Args:
+      program: the task (:class:`Program`).
+      hparams: base value of every traced hyper-parameter.
+      sweep: ``{name: [values]}``; the grid is their Cartesian product.
+      num_seeds: ``S >= 1`` seeds, keys ``split(PRNGKey(seed), S)``.
+      seed: base seed.
+      chunks: roughly how many compiled chunks the iterations are split
+        into (progress and metrics come back after each; 1 compiles the
+        whole run as one call).
+      progress: show a tqdm bar.
+      on_chunk: optional ``(first_iteration, metrics {name: [S, V, L]})``
+        called after each chunk.
+      shard_seeds: split the seed axis across host devices when there are
+        several.
+
+    Returns:
+      a :class:`RunResult`.
+    """
+    if not isinstance(num_seeds, int) or num_seeds < 1:
+        raise ValueError(f"`num_seeds` must be an int >= 1, got {num_seeds!r}.")
+    grid, points = sweep_grid(hparams, sweep)
+    hp = {k: jnp.asarray(v) for k, v in grid.items()}
+    keys = jax.random.split(jax.random.PRNGKey(seed), num_seeds)
+    eval_key = jax.random.PRNGKey(seed + 1_000_003)
+    init_fn, evaluate_fn = _grid_fns(program)
+    n = program.num_iterations
+    length = _chunk_length(n, chunks)
+
+    def chunk(carry, hp):
+        def one(c, h):
+            return jax.lax.scan(lambda c, _: program.step(c, h), c, None,
+                                length=length)
+        return jax.vmap(jax.vmap(one), in_axes=(0, None))(carry, hp)
+
+    sharding = _seed_sharding(num_seeds) if shard_seeds else None
+    if sharding is None:
+        init_j = jax.jit(init_fn)
+        eval_j = jax.jit(evaluate_fn)
+        chunk_j = jax.jit(chunk, donate_argnums=0)
+    else:
+        # Every leaf of the carry and the metrics leads with the seed axis;
+        # hyper-parameters and evaluation keys are replicated.
+        rep = jax.sharding.NamedSharding(sharding.mesh,
+                                         jax.sharding.PartitionSpec())
+        keys = jax.device_put(keys, sharding)
+        hp = jax.device_put(hp, rep)
+        init_j = jax.jit(init_fn, in_shardings=(sharding, rep),
+                         out_shardings=sharding)
+        eval_j = jax.jit(evaluate_fn, in_shardings=(sharding, rep, rep),
+                         out_shardings=sharding)
+        chunk_j = jax.jit(chunk, donate_argnums=0,
+                          in_shardings=(sharding, rep),
+                          out_shardings=(sharding, sharding))
+
+    carry = init_j(keys, hp)
+    before = jax.device_get(eval_j(carry, eval_key, hp))
+    t0 = time.perf_counter()
+    compiled = chunk_j.lower(carry, hp).compile()
+    compile_seconds = time.perf_counter() - t0
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n, desc=program.description or "train",
+                   unit="it", dynamic_ncols=True)
+    history: dict[str, list[np.ndarray]] = {}
+    t0 = time.perf_counter()
+    try:
+        for i in range(n // length):
+            carry, metrics = compiled(carry, hp)
+            metrics = jax.device_get(metrics)
+            for k, v in metrics.items():
+                history.setdefault(k, []).append(np.asarray(v))
+            if on_chunk is not None:
+                on_chunk(i * length, metrics)
+            if bar is not None:
+                bar.update(length)
+                curve = metrics.get(program.curve)
+                if curve is not None:
+                    bar.set_postfix({program.curve: f"{np.mean(curve[..., -1]):.3g}"})
+        jax.block_until_ready(carry)
+    finally:
+        if bar is not None:
+            bar.close()
+    run_seconds = time.perf_counter() - t0
+    after = jax.device_get(eval_j(carry, eval_key, hp))
+    params = jax.device_get(program.params(carry))
+    return RunResult(
+        hparams=grid, sweep=points,
+        metrics={k: np.concatenate(v, axis=-1) for k, v in history.items()},
+        before={k: np.asarray(v) for k, v in before.items()},
+        after={k: np.asarray(v) for k, v in after.items()},
+        params=params, compile_seconds=compile_seconds,
+        run_seconds=run_seconds,
+        samples=num_seeds * len(points) * n * program.samples_per_iteration,
+        num_seeds=num_seeds)

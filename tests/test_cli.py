@@ -1,0 +1,274 @@
+"""The ``artifex-fn`` command line, the seeds x sweep runner and the CartPole task.
+
+Budgets here are tiny (a few iterations); the full runs and their numbers
+are in ``benchmarks/bench_cartpole.py`` and the README.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from artifex_fn import experiments
+from artifex_fn.experiments import cartpole
+from artifex_fn.experiments import cli
+from artifex_fn.experiments import runner
+
+
+def _cli(argv, capsys):
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+# --- argument handling ------------------------------------------------------
+
+def test_help_lists_every_option_and_task(capsys):
+    code, text = _cli(["train", "--help"], capsys)
+    assert code == 0
+    for option in ("--task", "--algo", "--seeds", "--seed", "--steps", "--set",
+                   "--sweep", "--out", "--config", "--chunks", "--devices",
+                   "--no-progress", "--no-plot"):
+        assert option in text
+    for task in experiments.TASKS:
+        assert task in text
+    code, text = _cli(["--help"], capsys)
+    assert code == 0 and "train" in text and "demo" in text and "tasks" in text
+    code, text = _cli(["demo", "--help"], capsys)
+    assert code == 0 and "--quick" in text and "--out" in text
+
+
+def test_unknown_task_and_algo_name_the_valid_ones(capsys, tmp_path):
+    code, text = _cli(["train", "--task", "pong", "--algo", "ppo",
+                       "--out", str(tmp_path)], capsys)
+    assert code == 2
+    assert "unknown task 'pong'" in text
+    assert "cartpole" in text and "lm" in text and "diffusion" in text
+    code, text = _cli(["train", "--task", "cartpole", "--algo", "dpo",
+                       "--out", str(tmp_path)], capsys)
+    assert code == 2 and "valid: ppo, reinforce" in text
+    code, text = _cli(["train", "--task", "cartpole", "--algo", "ppo",
+                       "--set", "learning_rate=1", "--out", str(tmp_path)],
+                      capsys)
+    assert code == 2 and "'learning_rate' is not a setting" in text
+    assert "lr" in text
+    code, text = _cli(["train", "--task", "cartpole", "--algo", "ppo",
+                       "--sweep", "lr", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "NAME=VALUE" in text
+    code, text = _cli(["train", "--task", "cartpole"], capsys)
+    assert code == 2 and "--algo" in text
+
+
+def test_tasks_command_lists_defaults(capsys):
+    code, text = _cli(["tasks"], capsys)
+    assert code == 0
+    assert "total_timesteps=500000" in text and "lr=0.00025" in text
+
+
+def test_resolve_types_and_errors():
+    from artifex_fn.experiments.train import resolve
+    _, settings, hparams = resolve(
+        "cartpole", "ppo", steps=4096,
+        overrides=dict(num_envs=8.0, lr=1e-3, anneal_lr="false"))
+    assert settings["total_timesteps"] == 4096
+    assert settings["num_envs"] == 8 and isinstance(settings["num_envs"], int)
+    assert settings["anneal_lr"] is False and hparams["lr"] == 1e-3
+    with pytest.raises(ValueError, match="must be an integer"):
+        resolve("cartpole", "ppo", overrides=dict(num_envs=2.5))
+    with pytest.raises(ValueError, match="--steps must be >= 1"):
+        resolve("cartpole", "ppo", steps=0)
+
+
+def test_sweep_grid_is_a_cartesian_product():
+    grid, points = runner.sweep_grid(dict(a=1.0, b=2.0, c=3.0),
+                                     dict(a=[1, 2], b=[5, 6, 7]))
+    assert len(points) == 6
+    assert grid["a"].tolist() == [1, 1, 1, 2, 2, 2]
+    assert grid["b"].tolist() == [5, 6, 7, 5, 6, 7]
+    assert grid["c"].tolist() == [3] * 6
+    with pytest.raises(ValueError, match="cannot sweep"):
+        runner.sweep_grid(dict(a=1.0), dict(z=[1.0]))
+    with pytest.raises(ValueError, match="no values"):
+        runner.sweep_grid(dict(a=1.0), dict(a=[]))
+
+
+def test_chunk_length_divides():
+    assert runner._chunk_length(976, 20) == 16
+    assert runner._chunk_length(7, 20) == 1
+    assert runner._chunk_length(40, 1) == 40
+    for n in range(1, 60):
+        for c in (1, 3, 20):
+            assert n % runner._chunk_length(n, c) == 0
+
+
+# --- a reduced CartPole run through the CLI ---------------------------------
+
+def _rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_cli_cartpole_writes_every_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('task = "cartpole"\nalgo = "ppo"\nseeds = 2\n'
+                   '[settings]\nnum_envs = 4\n[hparams]\nentropy_coeff = 0.02\n')
+    code, text = _cli(["train", "--config", str(cfg), "--steps", "2048",
+                       "--sweep", "lr=1e-3,3e-3", "--chunks", "2",
+                       "--no-progress", "--out", str(out)], capsys)
+    assert code == 0, text
+    assert "eval_return" in text and "lr=0.001" in text
+    files = sorted(os.listdir(out))
+    assert files == ["checkpoint", "config.json", "curve.png",
+                     "metrics.jsonl", "summary.json"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["seeds"] == 2 and config["settings"]["total_timesteps"] == 2048
+    assert config["hparams"]["entropy_coeff"] == 0.02
+    assert config["sweep"] == {"lr": [1e-3, 3e-3]}
+    assert config["versions"]["jax"] == jax.__version__
+    rows = _rows(out / "metrics.jsonl")
+    iterations = 2048 // 512
+    assert len(rows) == iterations * 2 * 2
+    assert {(r["iteration"], r["seed"], r["lr"]) for r in rows} == {
+        (i, s, lr) for i in range(1, iterations + 1) for s in (0, 1)
+        for lr in (1e-3, 3e-3)}
+    for r in rows:
+        for k in ("loss", "policy_loss", "value_loss", "entropy",
+                  "approx_kl", "clip_fraction", "episode_return"):
+            assert r[k] is not None and math.isfinite(r[k]), (k, r)
+        assert r["samples"] == r["iteration"] * 512
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["points"]) == 2
+    assert all(math.isfinite(x) for p in summary["points"]
+               for x in p["after_per_seed"])
+    with open(out / "curve.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    params = experiments.load_checkpoint(str(out))
+    leaves = jax.tree_util.tree_leaves(params)
+    assert leaves and all(np.shape(x)[:2] == (2, 2) for x in leaves)
+    assert all(np.all(np.isfinite(x)) for x in leaves)
+
+
+def test_console_script_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "artifex_fn.experiments.cli",
+                           "train", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "--sweep" in proc.stdout
+
+
+# --- runner semantics ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_ppo():
+    return cartpole.ppo_program(dict(total_timesteps=3 * 512, eval_envs=4))
+
+
+def test_grid_points_equal_separate_runs(small_ppo):
+    """vmap over seeds and hyper-parameters does what separate runs do.
+
+    Point (seed i, value v) of the grid equals the plain run with key
+    ``split(PRNGKey(0), S)[i]`` and that value, stepped one jitted
+    iteration at a time.
+    """
+    swept = runner.run(small_ppo, hparams=cartpole.PPO_HPARAMS,
+                       sweep=dict(lr=[1e-3, 5e-3]), num_seeds=2, chunks=3,
+                       progress=False, shard_seeds=False)
+    assert swept.metrics["loss"].shape == (2, 2, 3)
+    hp = {k: jnp.float32(v) for k, v in
+          dict(cartpole.PPO_HPARAMS, lr=5e-3).items()}
+    key = jax.random.split(jax.random.PRNGKey(0), 2)[1]
+    carry = small_ppo.init(key, hp)
+    step = jax.jit(small_ppo.step)
+    plain = {k: [] for k in ("loss", "value_loss", "episode_return")}
+    for _ in range(small_ppo.num_iterations):
+        carry, m = step(carry, hp)
+        for k in plain:
+            plain[k].append(float(m[k]))
+    for k, v in plain.items():
+        np.testing.assert_allclose(swept.metrics[k][1, 1], v, rtol=2e-4,
+                                   atol=2e-5, err_msg=k)
+    # Different learning rates give different runs; different seeds too.
+    assert not np.allclose(swept.metrics["value_loss"][:, 0, -1],
+                           swept.metrics["value_loss"][:, 1, -1])
+    assert not np.allclose(swept.metrics["value_loss"][0, 0],
+                           swept.metrics["value_loss"][1, 0])
+
+
+def test_bad_seed_count(small_ppo):
+    with pytest.raises(ValueError, match="num_seeds"):
+        runner.run(small_ppo, hparams=cartpole.PPO_HPARAMS, num_seeds=0)
+
+
+# --- the CartPole programs ----------------------------------------------------
+
+def test_ppo_rollout_bootstraps_at_truncation_only():
+    """The batch handed to PPO keeps termination and truncation apart."""
+    import gymnax
+    env, params = gymnax.make("CartPole-v1")
+    key = jax.random.PRNGKey(0)
+    obs, state = env.reset(key, params)
+    # One step before the time limit: the next step truncates, and the
+    # auto-reset observation differs from the final one.
+    state = state.replace(time=params.max_steps_in_episode - 1)
+    nobs, _, reward, terminated, truncated, info = env.step(
+        key, state, 1, params)
+    assert bool(truncated) and not bool(terminated)
+    assert not np.allclose(nobs, info["final_observation"])
+    # The library's GAE bootstraps V(final_obs) there and not after a
+    # termination (the recursion is cut in both cases).
+    import artifex_fn as afn
+    r = jnp.ones((1, 3))
+    v = jnp.zeros((1, 3))
+    nv = jnp.array([[0.0, 10.0, 0.0]])
+    trunc = jnp.array([[False, True, True]])
+    adv_t = afn.gae_advantages(r, v, gamma=0.5, lambda_=1.0, next_values=nv,
+                               truncated=trunc,
+                               terminated=jnp.zeros((1, 3), bool))
+    adv_d = afn.gae_advantages(r, v, gamma=0.5, lambda_=1.0, next_values=nv,
+                               truncated=trunc,
+                               terminated=jnp.array([[False, True, False]]))
+    np.testing.assert_allclose(adv_t, [[1 + 0.5 * 6.0, 1 + 5.0, 1.0]])
+    np.testing.assert_allclose(adv_d, [[1 + 0.5 * 1.0, 1.0, 1.0]])
+
+
+def test_ppo_cartpole_learns_quickly():
+    """2 seeds, 40k steps: the evaluation return at least triples."""
+    program = cartpole.ppo_program(dict(total_timesteps=40_960, eval_envs=16))
+    res = runner.run(program, hparams=dict(cartpole.PPO_HPARAMS, lr=1e-3),
+                     num_seeds=2, chunks=1, progress=False)
+    before, after = res.before["eval_return"], res.after["eval_return"]
+    assert np.all(before < 40)
+    assert np.all(after > 3 * before), (before, after)
+    for k, v in res.metrics.items():
+        assert np.all(np.isfinite(v)), k
+
+
+def test_reinforce_cartpole_runs_and_improves():
+    program = cartpole.reinforce_program(dict(total_episodes=16 * 30,
+                                              eval_envs=16))
+    res = runner.run(program, hparams=cartpole.REINFORCE_HPARAMS,
+                     num_seeds=2, chunks=1, progress=False)
+    assert res.metrics["episode_return"].shape == (2, 1, 30)
+    for k, v in res.metrics.items():
+        assert np.all(np.isfinite(v)), k
+    first = res.metrics["episode_return"][..., :3].mean()
+    last = res.metrics["episode_return"][..., -3:].mean()
+    assert last > 1.5 * first, (first, last)
+
+
+def test_program_rejects_bad_settings():
+    with pytest.raises(ValueError, match="num_minibatches"):
+        cartpole.ppo_program(dict(num_envs=3, num_steps=5, num_minibatches=4))
+    with pytest.raises(ValueError, match="ppo or reinforce"):
+        cartpole.program("grpo")
