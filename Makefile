@@ -10,16 +10,19 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,cli]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# The main job: a two-minute tour (PPO on CartPole, GRPO on a tiny LM and on
+# a 2-D diffusion model) with progress bars, curves and checkpoints in runs/demo.
 demo: $(STAMP)
-	$(PY) benchmarks/bench_returns.py
+	$(VENV)/bin/artifex-fn demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_returns.py
+	$(PY) benchmarks/bench_cartpole.py
 
 # One test worker per CPU (pytest-xdist); `make test PYTEST_ARGS=` runs serially.
 PYTEST_ARGS ?= -n auto

@@ -6,8 +6,6 @@ compile), compile time, and the wall time of S seeds relative to one seed.
 * ``baseline``: ``cartpole_baseline.py``, plain JAX + optax, no library;
 * ``library``: :func:`artifex_fn.experiments.cartpole.ppo_program`, the
   whole run one ``jit`` (``vmap`` over seeds when S > 1);
-* ``library, 2 devices``: the same program with the seed axis split over
-  two XLA host devices (one per core), as ``artifex-fn train`` does;
 * ``runner``: :func:`artifex_fn.experiments.run` as the CLI calls it (20
   compiled chunks, metrics to the host after each, progress bar off).
 
@@ -20,9 +18,6 @@ import argparse
 import os
 import sys
 import time
-
-os.environ.setdefault("XLA_FLAGS",
-                      "--xla_force_host_platform_device_count=2")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -46,15 +41,6 @@ def _time(fn, args, repeats):
         out = jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - t0)
     return compile_s, float(np.median(times)), out
-
-
-def _sharded(fn, num_seeds):
-    devices = jax.devices()[:2]
-    if len(devices) < 2 or num_seeds % 2:
-        return None
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("seed",))
-    s = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed"))
-    return jax.jit(fn, in_shardings=s, out_shardings=s), s
 
 
 def main():
@@ -91,15 +77,7 @@ def main():
                 jitted = jax.jit(jax.vmap(fn))
             c, t, out = _time(jitted, (keys,), args.repeats)
             final = np.asarray(out[1]).reshape(seeds, -1)[:, -8:]
-            rows.append((name, seeds, 1, c, t, np.nanmean(final)))
-            if seeds > 1:
-                sh = _sharded(jax.vmap(fn), seeds)
-                if sh is not None:
-                    jitted, s = sh
-                    c, t, out = _time(jitted, (jax.device_put(keys, s),),
-                                      args.repeats)
-                    final = np.asarray(out[1]).reshape(seeds, -1)[:, -8:]
-                    rows.append((name, seeds, 2, c, t, np.nanmean(final)))
+            rows.append((name, seeds, c, t, np.nanmean(final)))
 
     # The CLI path: chunked runner with metrics copied back per chunk.
     runner_rows = []
@@ -116,22 +94,21 @@ def main():
     base1 = next(r for r in rows if r[0] == "baseline" and r[1] == 1)[4]
     lib1 = next(r for r in rows if r[0] == "library" and r[1] == 1)[4]
     print(f"\nPPO CartPole-v1, {steps:,} env steps per seed, "
-          f"{jax.device_count()} host devices, {os.cpu_count()} cores, "
-          f"median of {args.repeats}\n")
-    print("| program | seeds | devices | compile s | run s | env steps/s "
+          f"{os.cpu_count()} cores, {jax.default_backend()}, median of "
+          f"{args.repeats}\n")
+    print("| program | seeds | compile s | run s | env steps/s "
           "| vs baseline 1 seed | wall vs same program 1 seed | "
           "final train return |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, seeds, dev, c, t, ret in rows:
+    print("|---|---|---|---|---|---|---|---|")
+    for name, seeds, c, t, ret in rows:
         one = base1 if name == "baseline" else lib1
         sps = seeds * steps / t
-        print(f"| {name} | {seeds} | {dev} | {c:.1f} | {t:.2f} | "
+        print(f"| {name} | {seeds} | {c:.1f} | {t:.2f} | "
               f"{sps:,.0f} | {sps / (steps / base1):.2f}x | "
               f"{t / one:.2f}x | {ret:.0f} |")
     for seeds, c, t, ret in runner_rows:
         sps = seeds * steps / t
         print(f"| runner (CLI path, 20 chunks) | {seeds} | "
-              f"{min(seeds, jax.device_count()) if seeds % 2 == 0 else 1} | "
               f"{c:.1f} | {t:.2f} | {sps:,.0f} | {sps / (steps / base1):.2f}x"
               f" | {t / runner_rows[0][2]:.2f}x | eval {ret:.0f} |")
 

@@ -38,7 +38,7 @@ def test_help_lists_every_option_and_task(capsys):
     code, text = _cli(["train", "--help"], capsys)
     assert code == 0
     for option in ("--task", "--algo", "--seeds", "--seed", "--steps", "--set",
-                   "--sweep", "--out", "--config", "--chunks", "--devices",
+                   "--sweep", "--out", "--config", "--chunks",
                    "--no-progress", "--no-plot"):
         assert option in text
     for task in experiments.TASKS:
@@ -183,7 +183,7 @@ def test_grid_points_equal_separate_runs(small_ppo):
     """
     swept = runner.run(small_ppo, hparams=cartpole.PPO_HPARAMS,
                        sweep=dict(lr=[1e-3, 5e-3]), num_seeds=2, chunks=3,
-                       progress=False, shard_seeds=False)
+                       progress=False)
     assert swept.metrics["loss"].shape == (2, 2, 3)
     hp = {k: jnp.float32(v) for k, v in
           dict(cartpole.PPO_HPARAMS, lr=5e-3).items()}

@@ -6,26 +6,6 @@ import argparse
 import json
 import os
 import sys
-import time
-
-
-def _host_devices(requested: str) -> None:
-    """Splits the CPU into ``requested`` XLA host devices (before JAX starts).
-
-    Seeds are then partitioned across the devices, one core each. Has no
-    effect when ``XLA_FLAGS`` already sets a device count or when JAX has
-    already created its backends.
-    """
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" in flags:
-        return
-    if requested == "auto":
-        n = min(os.cpu_count() or 1, 8)
-    else:
-        n = int(requested)
-    if n > 1:
-        os.environ["XLA_FLAGS"] = (
-            flags + f" --xla_force_host_platform_device_count={n}").strip()
 
 
 def _parse_assignment(text: str, flag: str, parser):
@@ -132,10 +112,6 @@ examples:
                     help="split the iterations into about this many compiled "
                          "chunks; metrics and the progress bar update after "
                          "each (default 20; 1 = one call for the whole run)")
-    tr.add_argument("--devices", default="auto",
-                    help="CPU only: split the host into this many XLA "
-                         "devices and partition seeds across them "
-                         "(default auto = number of cores, at most 8)")
     tr.add_argument("--no-progress", action="store_true",
                     help="no progress bar")
     tr.add_argument("--no-plot", action="store_true",
@@ -154,8 +130,6 @@ examples:
                       help="tiny budgets (a smoke test, not a result)")
     demo.add_argument("--no-progress", action="store_true",
                       help="no progress bars")
-    demo.add_argument("--devices", default="auto",
-                      help="as for train")
 
     sub.add_parser("tasks", help="list tasks, algorithms, settings and "
                                  "hyper-parameters with their defaults")
@@ -230,7 +204,6 @@ def main(argv=None) -> int:
         return 2
     if args.command == "tasks":
         return _print_tasks()
-    _host_devices(args.devices)
     if args.command == "train":
         return _train_from_args(args, parser)
     from artifex_fn.experiments.demo import demo
