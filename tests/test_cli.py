@@ -23,6 +23,13 @@ from artifex_fn.experiments import cli
 from artifex_fn.experiments import runner
 
 
+@pytest.fixture(autouse=True)
+def _no_persistent_cache(monkeypatch):
+    # The CLI turns on JAX's persistent compilation cache in ~/.cache;
+    # keep the test process's global config untouched.
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")
+
+
 def _cli(argv, capsys):
     try:
         code = cli.main(argv)

@@ -8,6 +8,24 @@ import os
 import sys
 
 
+def _compilation_cache() -> None:
+    """Keeps compiled programs in ``~/.cache/artifex_fn/xla`` between runs.
+
+    JAX's persistent compilation cache: a second run of the same task,
+    settings and shapes skips most of XLA's compile time. Set
+    ``JAX_COMPILATION_CACHE_DIR`` to move it, or to an empty string to
+    turn it off.
+    """
+    import jax
+
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if path is None:
+        path = os.path.join(os.path.expanduser("~"), ".cache", "artifex_fn",
+                            "xla")
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
+
+
 def _parse_assignment(text: str, flag: str, parser):
     if "=" not in text:
         parser.error(f"{flag} expects NAME=VALUE, got {text!r}.")
@@ -204,6 +222,7 @@ def main(argv=None) -> int:
         return 2
     if args.command == "tasks":
         return _print_tasks()
+    _compilation_cache()
     if args.command == "train":
         return _train_from_args(args, parser)
     from artifex_fn.experiments.demo import demo
