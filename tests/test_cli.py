@@ -20,6 +20,7 @@ import pytest
 from artifex_fn import experiments
 from artifex_fn.experiments import cartpole
 from artifex_fn.experiments import cli
+from artifex_fn.experiments import lm
 from artifex_fn.experiments import runner
 
 
@@ -284,10 +285,8 @@ def test_program_rejects_bad_settings():
 # --- the generative tasks, tiny budgets ---------------------------------------
 
 _TINY = {
-    ("lm", "grpo"): dict(pretrain_steps=20, pretrain_batch=32, iterations=2,
-                         eval_samples=64, num_groups=2, num_generations=4),
-    ("lm", "dpo"): dict(pretrain_steps=20, pretrain_batch=32, iterations=2,
-                        eval_samples=64, batch_pairs=8, eval_pairs=16),
+    ("lm", "grpo"): lm.TEST_SETTINGS["grpo"],
+    ("lm", "dpo"): lm.TEST_SETTINGS["dpo"],
     ("diffusion", "grpo"): dict(pretrain_steps=20, pretrain_batch=64,
                                 iterations=2, eval_samples=64, num_groups=4,
                                 group_size=4),
