@@ -4,8 +4,11 @@ Prints environment steps per second (median of ``--repeats`` runs after the
 compile), compile time, and the wall time of S seeds relative to one seed.
 
 * ``baseline``: ``cartpole_baseline.py``, plain JAX + optax, no library;
-* ``library``: :func:`artifex_fn.experiments.cartpole.ppo_program`, the
-  whole run one ``jit`` (``vmap`` over seeds when S > 1);
+* ``library``: :func:`artifex_fn.experiments.cartpole.ppo_program`
+  (``vmap`` over seeds when S > 1);
+
+both run as 8 calls of one compiled ``lax.scan`` over 1/8 of the
+iterations, the carry kept on the device;
 * ``runner``: :func:`artifex_fn.experiments.run` as the CLI calls it (20
   compiled chunks, metrics to the host after each, progress bar off).
 
@@ -30,19 +33,6 @@ from artifex_fn.experiments import cartpole  # noqa: E402
 from artifex_fn.experiments import runner  # noqa: E402
 
 
-def _time(fn, args, repeats):
-    t0 = time.perf_counter()
-    compiled = fn.lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    out = jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return compile_s, float(np.median(times)), out
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -51,33 +41,73 @@ def main():
     args = parser.parse_args()
     steps = 100_000 if args.quick else 500_000
 
-    train_base, base_steps = cartpole_baseline.make_train(
+    _, base_steps, base_init, base_update = cartpole_baseline.make_train(
         dict(cartpole_baseline.CONFIG, total_timesteps=steps))
     program = cartpole.ppo_program(dict(total_timesteps=steps))
     hp = {k: jnp.float32(v) for k, v in cartpole.PPO_HPARAMS.items()}
-    lib_steps = program.num_iterations * program.samples_per_iteration
-    assert lib_steps == base_steps
+    n_iter = program.num_iterations
+    assert n_iter * program.samples_per_iteration == base_steps
 
-    def lib_run(key):
-        carry = program.init(key, hp)
-        carry, metrics = jax.lax.scan(lambda c, _: program.step(c, hp), carry,
-                                      None, length=program.num_iterations)
-        return program.params(carry), metrics["episode_return"]
+    def lib_init(key):
+        return program.init(key, hp)
 
-    def base_run(key):
-        return train_base(key)
+    def lib_update(carry, _):
+        carry, metrics = program.step(carry, hp)
+        return carry, metrics["episode_return"]
 
-    rows = []
-    for name, fn in (("baseline", base_run), ("library", lib_run)):
+    # Both programs run as CHUNKS calls of one compiled scan over
+    # n_iter / CHUNKS iterations (single calls that ran for minutes stalled
+    # in XLA's CPU runtime here); the carry stays on the device between
+    # calls, so this is the fully-jitted loop cut into a few calls.
+    length = runner._chunk_length(n_iter, 8)
+
+    def driver(init, update, seeds):
+        def chunk(carry):
+            return jax.lax.scan(update, carry, None, length=length)
+        if seeds == 1:
+            init_j = jax.jit(lambda k: init(k[0]))
+            chunk_j = jax.jit(chunk, donate_argnums=0)
+        else:
+            init_j = jax.jit(jax.vmap(init))
+            chunk_j = jax.jit(jax.vmap(chunk), donate_argnums=0)
+
+        def run_all(keys):
+            carry = init_j(keys)
+            outs = []
+            for _ in range(n_iter // length):
+                carry, out = chunk_j(carry)
+                outs.append(out)
+            jax.block_until_ready(carry)
+            return np.concatenate([np.asarray(o) for o in outs], axis=-1)
+
+        return init_j, chunk_j, run_all
+
+    # Compile everything first, then time the programs in interleaved
+    # rounds so that load changes on the machine hit all of them alike.
+    entries = []
+    for name, init, update in (("baseline", base_init, base_update),
+                               ("library", lib_init, lib_update)):
         for seeds in (1, 4, 8):
             keys = jax.random.split(jax.random.PRNGKey(0), seeds)
-            if seeds == 1:
-                jitted = jax.jit(lambda k, fn=fn: fn(k[0]))
-            else:
-                jitted = jax.jit(jax.vmap(fn))
-            c, t, out = _time(jitted, (keys,), args.repeats)
-            final = np.asarray(out[1]).reshape(seeds, -1)[:, -8:]
-            rows.append((name, seeds, c, t, np.nanmean(final)))
+            init_j, chunk_j, run_all = driver(init, update, seeds)
+            t0 = time.perf_counter()
+            carry = init_j(keys)
+            chunk_j.lower(carry).compile()
+            compile_s = time.perf_counter() - t0
+            out = run_all(keys)     # warm-up (and the jit cache entry)
+            entries.append(dict(name=name, seeds=seeds, run=run_all,
+                                keys=keys, compile=compile_s, times=[],
+                                out=out))
+    for _ in range(args.repeats):
+        for e in entries:
+            t0 = time.perf_counter()
+            e["out"] = e["run"](e["keys"])
+            e["times"].append(time.perf_counter() - t0)
+    rows = []
+    for e in entries:
+        final = np.asarray(e["out"]).reshape(e["seeds"], -1)[:, -8:]
+        rows.append((e["name"], e["seeds"], e["compile"],
+                     float(np.median(e["times"])), np.nanmean(final)))
 
     # The CLI path: chunked runner with metrics copied back per chunk.
     runner_rows = []

@@ -4,8 +4,8 @@ The speed baseline of ``bench_cartpole.py``: the same network, environment,
 rollout and update schedule as :mod:`artifex_fn.experiments.cartpole`, in
 plain JAX + optax (GAE by a reverse ``lax.scan``, the clipped surrogate, the
 value loss and the entropy bonus written out by hand, no metrics beyond the
-loss). Truncation is handled the same way (bootstrap ``V(final_obs)``), so
-both programs do the same arithmetic.
+loss, the value loss clipped as in PPO2). Truncation is handled the same way
+(bootstrap ``V(final_obs)``), so both programs do the same arithmetic.
 """
 
 from __future__ import annotations
@@ -66,7 +66,10 @@ def make_train(config=CONFIG):
         logp_all = jax.nn.log_softmax(logits)
         logp = jnp.take_along_axis(logp_all, b["action"][:, None], -1)[:, 0]
         entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, -1).mean()
-        v_loss = 0.5 * jnp.mean((value - b["targets"]) ** 2)
+        v_clipped = b["value"] + jnp.clip(value - b["value"], -c["clip"],
+                                          c["clip"])
+        v_loss = 0.5 * jnp.mean(jnp.maximum((value - b["targets"]) ** 2,
+                                            (v_clipped - b["targets"]) ** 2))
         adv = b["adv"]
         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
         ratio = jnp.exp(logp - b["log_prob"])
@@ -74,78 +77,80 @@ def make_train(config=CONFIG):
                           jnp.clip(ratio, 1 - c["clip"], 1 + c["clip"]) * adv)
         return pg.mean() + c["vf_coeff"] * v_loss - c["ent_coeff"] * entropy
 
-    def train(key):
+    def init(key):
         k_params, k_env, key = jax.random.split(key, 3)
         params = init_params(k_params, c["hidden"])
         opt_state = tx.init(params)
         obs, env_state = jax.vmap(env.reset, (0, None))(
             jax.random.split(k_env, E), env_params)
+        return (params, opt_state, obs, env_state, jnp.zeros(E), key)
 
-        def update(carry, _):
-            params, opt_state, obs, env_state, ep_ret, key = carry
-            key, k_roll, k_perm = jax.random.split(key, 3)
+    def update(carry, _):
+        params, opt_state, obs, env_state, ep_ret, key = carry
+        key, k_roll, k_perm = jax.random.split(key, 3)
 
-            def env_step(cc, k):
-                obs, env_state, ep_ret = cc
-                k1, k2 = jax.random.split(k)
-                logits, value = apply(params, obs)
-                action = jax.random.categorical(k1, logits)
-                logp = jnp.take_along_axis(jax.nn.log_softmax(logits),
-                                           action[:, None], -1)[:, 0]
-                nobs, env_state, r, term, trunc, info = jax.vmap(
-                    env.step, (0, 0, 0, None))(jax.random.split(k2, E),
-                                               env_state, action, env_params)
-                done = term | trunc
-                ep_ret = ep_ret + r
-                finished = jnp.where(done, ep_ret, jnp.nan)
-                ep_ret = jnp.where(done, 0.0, ep_ret)
-                return (nobs, env_state, ep_ret), (
-                    obs, action, logp, value, r, term, trunc,
-                    info["final_observation"], finished)
+        def env_step(cc, k):
+            obs, env_state, ep_ret = cc
+            k1, k2 = jax.random.split(k)
+            logits, value = apply(params, obs)
+            action = jax.random.categorical(k1, logits)
+            logp = jnp.take_along_axis(jax.nn.log_softmax(logits),
+                                       action[:, None], -1)[:, 0]
+            nobs, env_state, r, term, trunc, info = jax.vmap(
+                env.step, (0, 0, 0, None))(jax.random.split(k2, E),
+                                           env_state, action, env_params)
+            done = term | trunc
+            ep_ret = ep_ret + r
+            finished = jnp.where(done, ep_ret, jnp.nan)
+            ep_ret = jnp.where(done, 0.0, ep_ret)
+            return (nobs, env_state, ep_ret), (
+                obs, action, logp, value, r, term, trunc,
+                info["final_observation"], finished)
 
-            (obs, env_state, ep_ret), traj = jax.lax.scan(
-                env_step, (obs, env_state, ep_ret), jax.random.split(k_roll, T))
-            o, a, lp, v, r, term, trunc, fobs, finished = traj
-            _, nv = apply(params, fobs)
-            trunc = trunc.at[-1].set(True)
+        (obs, env_state, ep_ret), traj = jax.lax.scan(
+            env_step, (obs, env_state, ep_ret), jax.random.split(k_roll, T))
+        o, a, lp, v, r, term, trunc, fobs, finished = traj
+        _, nv = apply(params, fobs)
+        trunc = trunc.at[-1].set(True)
 
-            def gae_step(next_adv, x):
-                r, v, nv, term, trunc = x
-                delta = r + c["gamma"] * nv * (1.0 - term) - v
-                adv = delta + c["gamma"] * c["gae_lambda"] * (1.0 - term) * (
-                    1.0 - trunc) * next_adv
-                return adv, adv
+        def gae_step(next_adv, x):
+            r, v, nv, term, trunc = x
+            delta = r + c["gamma"] * nv * (1.0 - term) - v
+            adv = delta + c["gamma"] * c["gae_lambda"] * (1.0 - term) * (
+                1.0 - trunc) * next_adv
+            return adv, adv
 
-            _, adv = jax.lax.scan(
-                gae_step, jnp.zeros(E),
-                (r, v, nv, term.astype(jnp.float32), trunc.astype(jnp.float32)),
-                reverse=True)
-            flat = dict(obs=o.reshape(n, -1), action=a.reshape(n),
-                        log_prob=lp.reshape(n), adv=adv.reshape(n),
-                        targets=(adv + v).reshape(n))
+        _, adv = jax.lax.scan(
+            gae_step, jnp.zeros(E),
+            (r, v, nv, term.astype(jnp.float32), trunc.astype(jnp.float32)),
+            reverse=True)
+        flat = dict(obs=o.reshape(n, -1), action=a.reshape(n),
+                    log_prob=lp.reshape(n), adv=adv.reshape(n),
+                    value=v.reshape(n), targets=(adv + v).reshape(n))
 
-            def epoch(cc, k):
-                perm = jax.random.permutation(k, n)
-                mbs = jax.tree_util.tree_map(
-                    lambda x: x[perm].reshape((c["num_minibatches"], mb) + x.shape[1:]),
-                    flat)
+        def epoch(cc, k):
+            perm = jax.random.permutation(k, n)
+            mbs = jax.tree_util.tree_map(
+                lambda x: x[perm].reshape((c["num_minibatches"], mb) + x.shape[1:]),
+                flat)
 
-                def mb_step(cc, b):
-                    params, opt_state = cc
-                    grads = jax.grad(loss_fn)(params, b)
-                    updates, opt_state = tx.update(grads, opt_state, params)
-                    return (optax.apply_updates(params, updates), opt_state), None
+            def mb_step(cc, b):
+                params, opt_state = cc
+                grads = jax.grad(loss_fn)(params, b)
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return (optax.apply_updates(params, updates), opt_state), None
 
-                return jax.lax.scan(mb_step, cc, mbs)[0], None
+            return jax.lax.scan(mb_step, cc, mbs)[0], None
 
-            (params, opt_state), _ = jax.lax.scan(
-                epoch, (params, opt_state),
-                jax.random.split(k_perm, c["num_epochs"]))
-            ret = jnp.nanmean(finished)
-            return (params, opt_state, obs, env_state, ep_ret, key), ret
+        (params, opt_state), _ = jax.lax.scan(
+            epoch, (params, opt_state),
+            jax.random.split(k_perm, c["num_epochs"]))
+        ret = jnp.nanmean(finished)
+        return (params, opt_state, obs, env_state, ep_ret, key), ret
 
-        carry = (params, opt_state, obs, env_state, jnp.zeros(E), key)
-        carry, returns = jax.lax.scan(update, carry, None, length=num_updates)
+    def train(key):
+        carry, returns = jax.lax.scan(update, init(key), None,
+                                      length=num_updates)
         return carry[0], returns
 
-    return train, num_updates * n
+    return train, num_updates * n, init, update
