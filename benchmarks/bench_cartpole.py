@@ -121,8 +121,8 @@ def main():
                             float(np.median(times)),
                             float(np.mean(result.after["eval_return"]))))
 
-    base1 = next(r for r in rows if r[0] == "baseline" and r[1] == 1)[4]
-    lib1 = next(r for r in rows if r[0] == "library" and r[1] == 1)[4]
+    base1 = next(r for r in rows if r[0] == "baseline" and r[1] == 1)[3]
+    lib1 = next(r for r in rows if r[0] == "library" and r[1] == 1)[3]
     print(f"\nPPO CartPole-v1, {steps:,} env steps per seed, "
           f"{os.cpu_count()} cores, {jax.default_backend()}, median of "
           f"{args.repeats}\n")
