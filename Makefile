@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# The main job: a two-minute tour (PPO on CartPole, GRPO on a tiny LM and on
+# The main job: a tour of a few minutes (PPO on CartPole, GRPO on a tiny LM and on
 # a 2-D diffusion model) with progress bars, curves and checkpoints in runs/demo.
 demo: $(STAMP)
 	$(VENV)/bin/artifex-fn demo
