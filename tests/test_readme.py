@@ -23,6 +23,10 @@ def test_quick_start_is_short_and_trains(capsys):
     assert reward > -0.5
 
 
-def test_other_examples_run(capsys):
+def test_other_examples_run(capsys, tmp_path, monkeypatch):
+    # Examples that write files (the CLI's runs/) write them in tmp_path.
+    monkeypatch.chdir(tmp_path)
     for block in _blocks()[1:]:
-        exec(compile(block, "README example", "exec"), {})
+        scope = {}
+        exec(compile(block, "README example", "exec"), scope)
+    assert (tmp_path / "runs" / "sweep" / "metrics.jsonl").exists()
