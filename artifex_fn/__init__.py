@@ -44,6 +44,9 @@ from artifex_fn._src.algorithms.common import TrainState
 from artifex_fn import families
 from artifex_fn import toy_data
 
+# Scaling out: meshes, data parallel and FSDP placement, multi-host set-up.
+from artifex_fn import distributed
+
 __version__ = "0.1.0"
 
 __all__ = (
@@ -57,6 +60,7 @@ __all__ = (
     "clip_fraction",
     "clipped_surrogate_loss",
     "discounted_returns",
+    "distributed",
     "dpo",
     "dpo_loss",
     "entropy_from_log_probs",

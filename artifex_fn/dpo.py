@@ -7,9 +7,10 @@ from artifex_fn._src.algorithms.common import TrainState
 from artifex_fn._src.algorithms.dpo import DPOConfig
 from artifex_fn._src.algorithms.dpo import init
 from artifex_fn._src.algorithms.dpo import loss
+from artifex_fn._src.algorithms.dpo import rows_loss
 from artifex_fn._src.algorithms.dpo import score
 from artifex_fn._src.algorithms.dpo import update
 from artifex_fn._src.algorithms.dpo import with_reference_log_probs
 
-__all__ = ("DPOConfig", "TrainState", "init", "loss", "score", "update",
-           "with_reference_log_probs")
+__all__ = ("DPOConfig", "TrainState", "init", "loss", "rows_loss", "score",
+           "update", "with_reference_log_probs")

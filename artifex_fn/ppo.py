@@ -9,7 +9,9 @@ from artifex_fn._src.algorithms.ppo import init
 from artifex_fn._src.algorithms.ppo import loss
 from artifex_fn._src.algorithms.ppo import minibatch_loss
 from artifex_fn._src.algorithms.ppo import prepare
+from artifex_fn._src.algorithms.ppo import prepare_minibatch
+from artifex_fn._src.algorithms.ppo import rows_loss
 from artifex_fn._src.algorithms.ppo import update
 
 __all__ = ("PPOConfig", "TrainState", "init", "loss", "minibatch_loss",
-           "prepare", "update")
+           "prepare", "prepare_minibatch", "rows_loss", "update")

@@ -7,6 +7,9 @@ from artifex_fn._src.algorithms.common import TrainState
 from artifex_fn._src.algorithms.reinforce import REINFORCEConfig
 from artifex_fn._src.algorithms.reinforce import init
 from artifex_fn._src.algorithms.reinforce import loss
+from artifex_fn._src.algorithms.reinforce import prepare
+from artifex_fn._src.algorithms.reinforce import rows_loss
 from artifex_fn._src.algorithms.reinforce import update
 
-__all__ = ("REINFORCEConfig", "TrainState", "init", "loss", "update")
+__all__ = ("REINFORCEConfig", "TrainState", "init", "loss", "prepare",
+           "rows_loss", "update")

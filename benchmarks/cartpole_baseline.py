@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from artifex_fn.experiments.cartpole import orthogonal
+
 CONFIG = dict(num_envs=4, num_steps=128, total_timesteps=500_000,
               num_epochs=4, num_minibatches=4, hidden=64, lr=2.5e-4,
               gamma=0.99, gae_lambda=0.95, clip=0.2, vf_coeff=0.5,
@@ -24,7 +26,8 @@ CONFIG = dict(num_envs=4, num_steps=128, total_timesteps=500_000,
 
 
 def _dense(key, i, o, gain):
-    w = jax.nn.initializers.orthogonal(gain)(key, (i, o))
+    # QR-free: batched LAPACK QR can deadlock XLA's CPU runtime (cartpole.py)
+    w = orthogonal(gain)(key, (i, o))
     return dict(w=w, b=jnp.zeros(o))
 
 

@@ -90,6 +90,7 @@ def aggregate_loss(
     *,
     mode: AggregationMode = "token_mean",
     normalizer: float | None = None,
+    denominator: jax.Array | None = None,
 ) -> jax.Array:
     """Reduces per-token losses to a scalar with a mask.
 
@@ -102,6 +103,12 @@ def aggregate_loss(
         ``"seq_mean_token_sum"`` or ``"seq_mean_token_sum_norm"`` (module
         docstring).
       normalizer: constant of ``"seq_mean_token_sum_norm"`` (default ``L``).
+      denominator: optional denominator of the *whole* batch (the sum of
+        :func:`aggregate_loss_parts` denominators over all its shards).
+        With it the result is this shard's numerator over the global
+        denominator: its exact share of the full-batch value, so the
+        values (and gradients) of disjoint shards sum to the full-batch
+        ones. Default: this batch's own denominator.
 
     Returns:
       A scalar in the dtype of ``loss``.
@@ -119,9 +126,19 @@ def aggregate_loss(
       Array(3.5, dtype=float32)
       >>> afn.aggregate_loss(loss, mask, mode="seq_mean_token_sum_norm")
       Array(1.1666666, dtype=float32)
+
+      Shares of two shards under the global denominator sum to the whole:
+
+      >>> _, den = afn.aggregate_loss_parts(loss, mask, mode="token_mean")
+      >>> parts = [afn.aggregate_loss(loss[i:i + 1], mask[i:i + 1],
+      ...                             denominator=den) for i in (0, 1)]
+      >>> parts[0] + parts[1]
+      Array(1.75, dtype=float32)
     """
     num, den = aggregate_loss_parts(loss, mask, mode=mode,
                                     normalizer=normalizer)
+    if denominator is not None:
+        den = jnp.asarray(denominator, num.dtype)
     out_dtype, _ = checks.float_dtypes(jnp.asarray(loss))
     ok = den > 0
     value = jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)

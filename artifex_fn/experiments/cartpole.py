@@ -49,6 +49,45 @@ REINFORCE_HPARAMS = dict(lr=1e-2, gamma=0.99, entropy_coeff=0.0,
                          max_grad_norm=1.0)
 
 
+def orthogonal(scale: float = 1.0):
+    """Orthogonal initializer (Saxe et al. 2014) built from matrix products.
+
+    The same matrix as ``jax.nn.initializers.orthogonal(scale)`` for the
+    same key (up to rounding): a Gaussian matrix is drawn as there and
+    orthonormalised by classical Gram-Schmidt applied twice, which is its
+    QR factor with a positive diagonal. It avoids LAPACK's QR on purpose:
+    batched over seeds (``vmap``), XLA's CPU runtime in jaxlib 0.10 runs two
+    batched QR calls concurrently, each waiting on the same two-thread pool
+    for the other's work, and the program deadlocks.
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        if len(shape) != 2:
+            raise ValueError(f"orthogonal init needs a 2-D shape, got {shape}.")
+        n_rows, n_cols = shape
+        z = jax.random.normal(key, (max(n_rows, n_cols), min(n_rows, n_cols)),
+                              dtype)
+        q = _gram_schmidt(z.astype(jnp.float32))
+        if n_rows < n_cols:
+            q = q.T
+        return (scale * q).astype(dtype)
+
+    return init
+
+
+def _gram_schmidt(z):
+    """Orthonormal columns spanning ``z``'s (CGS2, column by column)."""
+    k = z.shape[1]
+
+    def column(j, q):
+        v = z[:, j]
+        for _ in range(2):  # the second pass removes the first's rounding
+            v = v - q @ (q.T @ v)
+        return q.at[:, j].set(v / jnp.linalg.norm(v))
+
+    return jax.lax.fori_loop(0, k, column, jnp.zeros_like(z))
+
+
 def _env():
     try:
         import gymnax
@@ -71,7 +110,7 @@ class ActorCritic(nnx.Module):
                  rngs: nnx.Rngs):
         def dense(i, o, gain):
             return nnx.Linear(
-                i, o, kernel_init=nnx.initializers.orthogonal(gain),
+                i, o, kernel_init=orthogonal(gain),
                 bias_init=nnx.initializers.zeros_init(), rngs=rngs)
 
         g = math.sqrt(2.0)

@@ -190,6 +190,7 @@ class _RLTrainer(Trainer):
     def train_step(self, batch) -> dict[str, jax.Array]:
         """One update on a collected batch; returns device metrics."""
         batch, config = self._prepare(batch)
+        batch = self._place_batch(batch)
         params, rest, opt_state, opt_step = self._read()
         params, opt_state, opt_step, self.key, metrics = self._update(
             params, rest, opt_state, opt_step, np.int32(self.step), self.key,
@@ -385,7 +386,7 @@ class GRPOTrainer(_RLTrainer):
         if isinstance(batch, dict) and "group_size" in batch:
             config = dataclasses.replace(
                 config, num_generations=_grpo.group_size_of(batch, config))
-        prompts = self._prompts(batch)
+        prompts = self._place_batch(self._prompts(batch))
         if key is None:
             self.key, key = jax.random.split(self.key)
         else:

@@ -27,6 +27,7 @@ with warnings.catch_warnings():
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 
 
@@ -209,6 +210,23 @@ def keyed_gradient_step(state: TrainState, loss_fn, batch):
                          step=state.step + 1, key=key), metrics
 
 
+def accumulated_gradient_step(state: TrainState, loss_fn, rows, *args):
+    """One optimiser step on a row-additive ``loss_fn(params, rows, config,
+    *args)``, accumulated over ``config.num_micro_batches`` micro-batches
+    (see :func:`accumulated_grad`). Returns ``(state, metrics)`` with
+    ``grad_norm`` added (before clipping).
+    """
+    config = state.config
+    grads, metrics = accumulated_grad(loss_fn, state.params, rows,
+                                      config.num_micro_batches, config, *args)
+    params, opt_state, grad_norm = optimizer_step(
+        state.params, state.opt_state, grads, config.optimizer,
+        config.max_grad_norm)
+    metrics = dict(metrics, grad_norm=grad_norm)
+    return state.replace(params=params, opt_state=opt_state,
+                         step=state.step + 1), metrics
+
+
 def batch_array(batch, key: str, *, required=True):
     if key not in batch:
         if required:
@@ -228,3 +246,61 @@ def masked_mean_std(x, mask=None):
     return mean, jnp.sqrt(var)
 
 
+
+
+def check_micro_batches(name: str, value) -> None:
+    check_int(name, value, 1)
+
+
+def micro_batches(rows, num_micro_batches: int, *, what: str = "batch"):
+    """Splits every leaf's leading axis into ``[k, n // k, ...]``.
+
+    Row ``i`` goes to micro-batch ``i % k`` (strided, not contiguous): when
+    the rows are sharded over devices in contiguous blocks, every
+    micro-batch keeps the same share on every device, so splitting moves no
+    data between devices.
+    """
+    k = num_micro_batches
+    leaves = jax.tree_util.tree_leaves(rows)
+    sizes = {jnp.shape(x)[0] for x in leaves if jnp.ndim(x) > 0}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"every array of the {what} must share its leading (sample) "
+            f"axis; got leading sizes {sorted(sizes)}.")
+    n = sizes.pop()
+    if n % k:
+        raise ValueError(
+            f"`num_micro_batches`={k} must divide the {what} size {n}.")
+    return jax.tree_util.tree_map(
+        lambda x: jnp.swapaxes(
+            jnp.reshape(x, (n // k, k) + jnp.shape(x)[1:]), 0, 1), rows)
+
+
+def accumulated_grad(loss_fn, params, rows, num_micro_batches: int, *args,
+                     what: str = "batch"):
+    """``(grads, metrics)`` of a row-additive loss, over micro-batches.
+
+    ``loss_fn(params, rows, *args) -> (loss, metrics)`` must be *additive
+    over rows*: for disjoint row sets its values, metrics and gradients add
+    up to those of their union. The algorithms get there by normalising
+    with denominators of the whole batch (``args``), computed once before
+    the split (the (sum, count) form). Then the sum over ``k``
+    micro-batches of ``n / k`` rows, accumulated in a ``lax.scan`` so that
+    only one micro-batch's activations are alive at a time, is the
+    full-batch gradient up to floating-point summation order.
+    """
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if num_micro_batches == 1:
+        return grad_fn(params, rows, *args)
+    split = micro_batches(rows, num_micro_batches, what=what)
+    first = jax.tree_util.tree_map(lambda x: x[0], split)
+    zeros = jax.tree_util.tree_map(
+        lambda s: jnp.zeros(s.shape, s.dtype),
+        jax.eval_shape(grad_fn, params, first, *args))
+
+    def add(total, micro_batch):
+        out = grad_fn(params, micro_batch, *args)
+        return jax.tree_util.tree_map(jnp.add, total, out), None
+
+    total, _ = lax.scan(add, zeros, split)
+    return total

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Literal
 
+import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
@@ -36,8 +37,8 @@ from artifex_fn._src.preference import simpo_loss
 _REF_KEYS = ("ref_chosen_log_probs", "ref_rejected_log_probs")
 
 
-@common.pytree_config(static=("reference_free", "loss_type", "policy",
-                              "optimizer"))
+@common.pytree_config(static=("reference_free", "loss_type",
+                              "num_micro_batches", "policy", "optimizer"))
 class DPOConfig:
     """Hyper-parameters of DPO / SimPO.
 
@@ -49,6 +50,9 @@ class DPOConfig:
         (SimPO: ``"sigmoid"`` or ``"hinge"``).
       simpo_gamma: SimPO's target reward margin ``gamma``.
       max_grad_norm: optional global-norm gradient clipping.
+      num_micro_batches: accumulate each step's gradient over this many
+        micro-batches of pairs (must divide ``B``); same step, a ``k``-th
+        of the activations in memory.
       policy: ``(params, observations) -> distrax.Distribution`` (or logits)
         giving per-token log-probs of ``actions``.
       optimizer: an optax ``GradientTransformation``.
@@ -59,11 +63,13 @@ class DPOConfig:
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     simpo_gamma: float = 0.5
     max_grad_norm: float | None = None
+    num_micro_batches: int = 1
     policy: Callable[..., Any] | None = None
     optimizer: optax.GradientTransformation | None = None
 
     def __post_init__(self):
         common.check_range("beta", self.beta, 0.0, lo_open=True)
+        common.check_int("num_micro_batches", self.num_micro_batches, 1)
         allowed = (("sigmoid", "hinge") if self.reference_free else
                    ("sigmoid", "ipo", "hinge", "robust"))
         if self.loss_type not in allowed:
@@ -119,13 +125,21 @@ def _scored(params, batch, config):
     return out
 
 
-def loss(params, batch, config: DPOConfig):
-    """DPO or SimPO loss averaged over pairs; returns ``(loss, metrics)``.
+def _num_pairs(batch) -> int:
+    if "chosen" in batch:
+        side = batch["chosen"]
+        leaves = jax.tree_util.tree_leaves(
+            common.batch_array(side, "actions"))
+        return int(jnp.shape(leaves[0])[0])
+    return int(jnp.shape(common.batch_array(batch, "chosen_log_probs"))[0])
 
-    Metrics: ``loss, dpo_loss, reward_accuracy, chosen_reward,
-    rejected_reward, reward_margin, chosen_log_probs,
-    rejected_log_probs`` (rewards are the implicit rewards, scaled by
-    ``beta`` as in the papers).
+
+def rows_loss(params, batch, config: DPOConfig, totals):
+    """This shard's share of the DPO/SimPO loss: ``(loss, metrics)``.
+
+    Every value is a sum over the shard's pairs divided by the number of
+    pairs of the whole batch (``totals["pairs"]``), so shares of disjoint
+    shards add up to the full-batch means.
     """
     flat = _scored(params, batch, config)
     chosen = jnp.asarray(flat["chosen_log_probs"])
@@ -149,17 +163,31 @@ def loss(params, batch, config: DPOConfig):
                        flat["ref_rejected_log_probs"], beta=config.beta,
                        loss_type=config.loss_type,
                        label_smoothing=config.label_smoothing)
-    total = jnp.mean(out.loss)
+    pairs = totals["pairs"]
+    mean = lambda x: jnp.sum(x) / pairs
+    total = mean(out.loss)
     margin = out.chosen_rewards - out.rejected_rewards
     metrics = dict(
         loss=total, dpo_loss=total,
-        reward_accuracy=jnp.mean((margin > 0).astype(jnp.float32)),
-        chosen_reward=jnp.mean(out.chosen_rewards),
-        rejected_reward=jnp.mean(out.rejected_rewards),
-        reward_margin=jnp.mean(margin),
-        chosen_log_probs=lax.stop_gradient(jnp.mean(chosen)),
-        rejected_log_probs=lax.stop_gradient(jnp.mean(rejected)))
+        reward_accuracy=mean((margin > 0).astype(jnp.float32)),
+        chosen_reward=mean(out.chosen_rewards),
+        rejected_reward=mean(out.rejected_rewards),
+        reward_margin=mean(margin),
+        chosen_log_probs=lax.stop_gradient(mean(chosen)),
+        rejected_log_probs=lax.stop_gradient(mean(rejected)))
     return total, metrics
+
+
+def loss(params, batch, config: DPOConfig):
+    """DPO or SimPO loss averaged over pairs; returns ``(loss, metrics)``.
+
+    Metrics: ``loss, dpo_loss, reward_accuracy, chosen_reward,
+    rejected_reward, reward_margin, chosen_log_probs,
+    rejected_log_probs`` (rewards are the implicit rewards, scaled by
+    ``beta`` as in the papers).
+    """
+    pairs = jnp.asarray(max(_num_pairs(batch), 1), jnp.float32)
+    return rows_loss(params, batch, config, dict(pairs=pairs))
 
 
 def init(params, config: DPOConfig, *, key=None,
@@ -185,11 +213,23 @@ def with_reference_log_probs(state: common.TrainState, batch):
 
 
 def update(state: common.TrainState, batch):
-    """One DPO/SimPO gradient step; returns ``(state, metrics)``."""
+    """One DPO/SimPO gradient step; returns ``(state, metrics)``.
+
+    With ``num_micro_batches = k > 1`` the gradient is accumulated over
+    ``k`` micro-batches of ``B / k`` pairs (means over all ``B`` pairs):
+    the same step as with one batch. Every array of the batch must then
+    have the pairs on its leading axis.
+    """
     if "chosen" not in batch:
         raise ValueError(
             "update needs responses to score: batch = {'chosen': "
             "{'observations', 'actions', 'mask'?}, 'rejected': {...}}; flat "
             "log-probs carry no gradient (use `loss` to evaluate them).")
-    batch = with_reference_log_probs(state, batch)
-    return common.gradient_step(state, loss, batch)
+    totals = dict(pairs=jnp.asarray(max(_num_pairs(batch), 1), jnp.float32))
+    loss_fn = rows_loss
+    if not all(k in batch for k in _REF_KEYS):
+        # Reference log-probs per micro-batch (all at once when k = 1).
+        def loss_fn(params, micro, config, totals):
+            return rows_loss(params, with_reference_log_probs(state, micro),
+                             config, totals)
+    return common.accumulated_gradient_step(state, loss_fn, batch, totals)

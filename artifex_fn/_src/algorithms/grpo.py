@@ -39,8 +39,10 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from artifex_fn._src import checks
 from artifex_fn._src.advantages import group_advantages
 from artifex_fn._src.aggregation import aggregate_loss
+from artifex_fn._src.aggregation import aggregate_loss_parts
 from artifex_fn._src.algorithms import common
 from artifex_fn._src.divergences import kl_estimate
 from artifex_fn._src.multistep import discounted_returns
@@ -58,8 +60,8 @@ LOSS_AGGREGATIONS = {
 
 @common.pytree_config(static=(
     "num_generations", "kl_estimator", "loss_aggregation", "ratio_level",
-    "scale_rewards", "baseline", "max_completion_length", "policy",
-    "optimizer"))
+    "scale_rewards", "baseline", "max_completion_length",
+    "num_micro_batches", "policy", "optimizer"))
 class GRPOConfig:
     """Hyper-parameters of GRPO.
 
@@ -80,6 +82,9 @@ class GRPOConfig:
       max_completion_length: constant of ``"dr_grpo"`` aggregation
         (defaults to the token axis length ``L``).
       max_grad_norm: optional global-norm gradient clipping.
+      num_micro_batches: accumulate each step's gradient over this many
+        micro-batches (must divide ``B``); the step is the same as with
+        one batch, with a ``k``-th of the activations in memory.
       policy: ``(params, observations) -> distrax.Distribution`` (or logits).
       optimizer: an optax ``GradientTransformation``.
     """
@@ -97,11 +102,13 @@ class GRPOConfig:
     advantage_eps: float = 1e-6
     max_completion_length: int | None = None
     max_grad_norm: float | None = None
+    num_micro_batches: int = 1
     policy: Callable[..., Any] | None = None
     optimizer: optax.GradientTransformation | None = None
 
     def __post_init__(self):
         common.check_int("num_generations", self.num_generations, 1)
+        common.check_int("num_micro_batches", self.num_micro_batches, 1)
         common.check_range("clip_param", self.clip_param, 0.0)
         common.check_range("beta", self.beta, 0.0)
         common.check_range("entropy_coeff", self.entropy_coeff, 0.0)
@@ -163,48 +170,92 @@ def advantages_of(batch, config: GRPOConfig):
     return rewards, out
 
 
-def loss(params, batch, config: GRPOConfig):
-    """GRPO loss; returns ``(loss, metrics)``.
+def prepare(batch, config: GRPOConfig):
+    """The parameter-free part of the loss, on the whole batch.
 
-    Metrics: ``loss, policy_loss, kl, kl_penalty, approx_kl, clip_fraction,
-    entropy, mean_reward, reward_std, group_advantage_std,
-    frac_reward_zero_std``. ``kl`` is the mean estimated
-    ``KL(pi || pi_ref)`` and ``kl_penalty = beta * kl`` (both zero without
-    reference log-probs).
+    Returns ``(rows, totals, stats)``: ``rows`` holds the per-sample arrays
+    the loss reads (``observations``, ``actions``, ``log_probs``,
+    ``advantages``, optional ``mask`` and ``ref_log_probs``), all with
+    leading ``[B]``; ``totals`` the denominators of the batch (``loss``:
+    that of ``loss_aggregation``, ``tokens``: valid tokens); ``stats`` the
+    reward statistics. Group advantages need whole groups, so they are
+    computed here, before any split into micro-batches.
     """
-    policy = common.require_policy(config)
     rewards, group = advantages_of(batch, config)
     old = jnp.asarray(common.batch_array(batch, "log_probs"))
     if old.ndim not in (1, 2) or old.shape[0] != rewards.shape[0]:
         raise ValueError(
             f"`batch['log_probs']` must be [B] or [B, L] with B="
             f"{rewards.shape[0]}, got shape {tuple(old.shape)}.")
-    dist = common.as_distribution(
-        policy(params, common.batch_array(batch, "observations")))
-    log_prob, entropy = common.log_prob_and_entropy(
-        dist, common.batch_array(batch, "actions"), old.ndim)
+    rows = dict(observations=common.batch_array(batch, "observations"),
+                actions=common.batch_array(batch, "actions"),
+                log_probs=old, advantages=group.advantages)
+    mask = batch.get("mask")
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        checks.check_broadcastable(mask, old.shape, "batch['mask']")
+        rows["mask"] = jnp.broadcast_to(mask, old.shape)
+    ref = batch.get("ref_log_probs")
+    if ref is not None:
+        rows["ref_log_probs"] = jnp.asarray(ref).reshape(old.shape)
+    tokens = jnp.zeros(old.shape if old.ndim == 2 else old.shape + (1,),
+                       jnp.float32)
+    m2 = _token_mask(rows.get("mask"), old.ndim)
+    _, den = aggregate_loss_parts(
+        tokens, m2, mode=LOSS_AGGREGATIONS[config.loss_aggregation],
+        normalizer=config.max_completion_length)
+    _, n_tokens = aggregate_loss_parts(tokens, m2, mode="token_mean")
+    mean_reward, reward_std = common.masked_mean_std(rewards)
+    _, adv_std = common.masked_mean_std(group.advantages)
+    stats = dict(
+        mean_reward=mean_reward, reward_std=reward_std,
+        group_advantage_std=adv_std,
+        frac_reward_zero_std=jnp.mean(group.zero_std.astype(jnp.float32)))
+    return rows, dict(loss=den, tokens=n_tokens), stats
+
+
+def _token_mask(mask, ndim):
+    """The ``[B, L]`` mask (one-step samples are sequences of one token)."""
+    if mask is None or ndim == 2:
+        return mask
+    return jnp.asarray(mask)[:, None]
+
+
+def rows_loss(params, rows, config: GRPOConfig, totals):
+    """This shard's share of the GRPO loss: ``(loss, metrics)``.
+
+    ``rows`` and ``totals`` come from :func:`prepare`; every value is the
+    rows' sum over the whole batch's denominators, so shares of disjoint
+    shards (micro-batches, devices) add up to the full-batch values.
+    """
+    policy = common.require_policy(config)
+    old = jnp.asarray(rows["log_probs"])
+    dist = common.as_distribution(policy(params, rows["observations"]))
+    log_prob, entropy = common.log_prob_and_entropy(dist, rows["actions"],
+                                                    old.ndim)
     if log_prob.shape != old.shape:
         raise ValueError(
             f"the policy's log-probs have shape {tuple(log_prob.shape)} but "
             f"`batch['log_probs']` has {tuple(old.shape)}.")
-    mask = batch.get("mask")
+    mask = _token_mask(rows.get("mask"), old.ndim)
+    ref = rows.get("ref_log_probs")
     if old.ndim == 1:  # one-step samples: B sequences of one token
         log_prob, old, entropy = log_prob[:, None], old[:, None], entropy[:, None]
-        mask = None if mask is None else jnp.asarray(mask)[:, None]
-    adv = group.advantages
+        ref = None if ref is None else ref[:, None]
+    adv = rows["advantages"]
     eps_high = config.epsilon_high
     per_token = clipped_surrogate_loss(
         log_prob, old, adv, epsilon_low=config.clip_param,
         epsilon_high=eps_high, level=config.ratio_level, mask=mask)
     mode = LOSS_AGGREGATIONS[config.loss_aggregation]
     agg = lambda x: aggregate_loss(x, mask, mode=mode,
-                                   normalizer=config.max_completion_length)
-    token_mean = lambda x: aggregate_loss(x, mask, mode="token_mean")
+                                   normalizer=config.max_completion_length,
+                                   denominator=totals["loss"])
+    token_mean = lambda x: aggregate_loss(x, mask, mode="token_mean",
+                                          denominator=totals["tokens"])
     policy_loss = agg(per_token)
     total_tokens = per_token - config.entropy_coeff * entropy
-    ref = batch.get("ref_log_probs")
     if ref is not None:
-        ref = jnp.asarray(ref).reshape(log_prob.shape)
         kl_tok = kl_estimate(log_prob, lax.stop_gradient(ref),
                              estimator=config.kl_estimator)
         total_tokens = total_tokens + config.beta * kl_tok
@@ -214,18 +265,28 @@ def loss(params, batch, config: GRPOConfig):
     total = agg(total_tokens)
     ratio = importance_ratio(log_prob, old, level=config.ratio_level,
                              mask=mask)
-    mean_reward, reward_std = common.masked_mean_std(rewards)
-    _, adv_std = common.masked_mean_std(adv)
     metrics = dict(
         loss=total, policy_loss=policy_loss, kl=kl,
         kl_penalty=config.beta * kl,
         approx_kl=token_mean(kl_estimate(old, log_prob)),
         clip_fraction=token_mean(clip_fraction(
             ratio, epsilon_low=config.clip_param, epsilon_high=eps_high)),
-        entropy=token_mean(entropy), mean_reward=mean_reward,
-        reward_std=reward_std, group_advantage_std=adv_std,
-        frac_reward_zero_std=jnp.mean(group.zero_std.astype(jnp.float32)))
+        entropy=token_mean(entropy))
     return total, metrics
+
+
+def loss(params, batch, config: GRPOConfig):
+    """GRPO loss; returns ``(loss, metrics)``.
+
+    Metrics: ``loss, policy_loss, kl, kl_penalty, approx_kl, clip_fraction,
+    entropy, mean_reward, reward_std, group_advantage_std,
+    frac_reward_zero_std``. ``kl`` is the mean estimated
+    ``KL(pi || pi_ref)`` and ``kl_penalty = beta * kl`` (both zero without
+    reference log-probs).
+    """
+    rows, totals, stats = prepare(batch, config)
+    total, metrics = rows_loss(params, rows, config, totals)
+    return total, dict(metrics, **stats)
 
 
 def init(params, config: GRPOConfig, *, key=None,
@@ -252,8 +313,18 @@ def update(state: common.TrainState, batch):
     """One GRPO gradient step; returns ``(state, metrics)``.
 
     The KL penalty applies when the batch holds ``ref_log_probs`` or the
-    state holds ``ref_params``. Metrics are those of :func:`loss` plus
-    ``grad_norm``.
+    state holds ``ref_params``. With ``num_micro_batches = k > 1`` the
+    gradient is accumulated over ``k`` micro-batches of ``B / k`` samples
+    (reference log-probs scored per micro-batch); advantages and
+    denominators come from the whole batch first, so the step equals the
+    one-batch step. Metrics are those of :func:`loss` plus ``grad_norm``.
     """
-    batch = with_reference_log_probs(state, batch)
-    return common.gradient_step(state, loss, batch)
+    rows, totals, stats = prepare(batch, state.config)
+    loss_fn = rows_loss
+    if "ref_log_probs" not in rows and state.ref_params is not None:
+        def loss_fn(params, micro, config, totals):
+            return rows_loss(params, with_reference_log_probs(state, micro),
+                             config, totals)
+    state, metrics = common.accumulated_gradient_step(state, loss_fn, rows,
+                                                      totals)
+    return state, dict(metrics, **stats)

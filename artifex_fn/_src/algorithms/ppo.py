@@ -41,7 +41,8 @@ from artifex_fn._src.policy_gradients import value_loss
 
 
 @common.pytree_config(static=("num_epochs", "num_minibatches",
-                              "normalize_advantages", "policy", "optimizer"))
+                              "normalize_advantages", "num_micro_batches",
+                              "policy", "optimizer"))
 class PPOConfig:
     """Hyper-parameters of PPO.
 
@@ -60,6 +61,9 @@ class PPOConfig:
         values with this range (PPO baselines' value clipping).
       epsilon_high: optional upper clip range (clip-higher); defaults to
         ``clip_param``.
+      num_micro_batches: accumulate each minibatch's gradient over this
+        many micro-batches (must divide the minibatch size); the same
+        steps, a ``k``-th of the activations in memory.
       policy: ``(params, observations) -> (distribution_or_logits, value)``.
       optimizer: an optax ``GradientTransformation``.
     """
@@ -74,6 +78,7 @@ class PPOConfig:
     normalize_advantages: bool = True
     value_clip_param: float | None = None
     epsilon_high: float | None = None
+    num_micro_batches: int = 1
     policy: Callable[..., Any] | None = None
     optimizer: optax.GradientTransformation | None = None
 
@@ -91,6 +96,7 @@ class PPOConfig:
                            optional=True)
         common.check_int("num_epochs", self.num_epochs, 1)
         common.check_int("num_minibatches", self.num_minibatches, 1)
+        common.check_int("num_micro_batches", self.num_micro_batches, 1)
 
 
 def _policy_outputs(config, params, observations, actions):
@@ -104,20 +110,34 @@ def _policy_outputs(config, params, observations, actions):
     return log_prob, entropy, value
 
 
-def minibatch_loss(params, minibatch, config: PPOConfig):
-    """PPO loss on flattened samples; returns ``(loss, metrics)``.
+def prepare_minibatch(minibatch, config: PPOConfig):
+    """Minibatch statistics, before any split into micro-batches.
 
-    ``minibatch`` holds ``observations``, ``actions`` (leading ``[n]``),
-    ``log_probs``, ``advantages``, ``returns``, ``values``, ``mask``
-    (all ``[n]``).
+    Returns ``(minibatch, totals)``: advantages normalised over the whole
+    minibatch (if ``normalize_advantages``) and ``totals["samples"]``, its
+    number of valid samples (the loss's denominator).
+    """
+    minibatch = dict(minibatch)
+    mask = minibatch["mask"]
+    if config.normalize_advantages:
+        minibatch["advantages"] = normalize_advantages(
+            minibatch["advantages"], mask=mask)
+    return minibatch, dict(samples=jnp.sum(jnp.asarray(mask, jnp.float32)))
+
+
+def rows_loss(params, minibatch, config: PPOConfig, totals):
+    """This shard's share of the PPO loss: ``(loss, metrics)``.
+
+    ``minibatch`` and ``totals`` come from :func:`prepare_minibatch`; every
+    value is a sum over the shard's samples divided by the minibatch's
+    valid samples, so shares of disjoint shards add up to the minibatch
+    means.
     """
     log_prob, entropy, value = _policy_outputs(
         config, params, minibatch["observations"], minibatch["actions"])
     mask = minibatch["mask"]
     old = minibatch["log_probs"]
     adv = minibatch["advantages"]
-    if config.normalize_advantages:
-        adv = normalize_advantages(adv, mask=mask)
     eps_high = config.epsilon_high
     pg = clipped_surrogate_loss(log_prob, old, adv,
                                 epsilon_low=config.clip_param,
@@ -127,20 +147,31 @@ def minibatch_loss(params, minibatch, config: PPOConfig):
                     clip_epsilon=config.value_clip_param)
     # One sample per "sequence": token_mean over [n, 1] is the masked mean.
     m = mask[:, None]
-    policy_loss = aggregate_loss(pg[:, None], m)
-    v_loss = aggregate_loss(vl[:, None], m)
-    ent = aggregate_loss(entropy[:, None], m)
+    mean = lambda x: aggregate_loss(x[:, None], m,
+                                    denominator=totals["samples"])
+    policy_loss = mean(pg)
+    v_loss = mean(vl)
+    ent = mean(entropy)
     total = policy_loss + config.vf_coeff * v_loss - config.entropy_coeff * ent
     ratio = importance_ratio(log_prob, old)
     metrics = dict(
         loss=total, policy_loss=policy_loss, value_loss=v_loss, entropy=ent,
-        approx_kl=aggregate_loss(kl_estimate(old, log_prob)[:, None], m),
-        kl_divergence=aggregate_loss(
-            kl_estimate(old, log_prob, estimator="k1")[:, None], m),
-        clip_fraction=aggregate_loss(
-            clip_fraction(ratio, epsilon_low=config.clip_param,
-                          epsilon_high=eps_high)[:, None], m))
+        approx_kl=mean(kl_estimate(old, log_prob)),
+        kl_divergence=mean(kl_estimate(old, log_prob, estimator="k1")),
+        clip_fraction=mean(clip_fraction(ratio, epsilon_low=config.clip_param,
+                                         epsilon_high=eps_high)))
     return total, metrics
+
+
+def minibatch_loss(params, minibatch, config: PPOConfig):
+    """PPO loss on flattened samples; returns ``(loss, metrics)``.
+
+    ``minibatch`` holds ``observations``, ``actions`` (leading ``[n]``),
+    ``log_probs``, ``advantages``, ``returns``, ``values``, ``mask``
+    (all ``[n]``).
+    """
+    minibatch, totals = prepare_minibatch(minibatch, config)
+    return rows_loss(params, minibatch, config, totals)
 
 
 def _flatten(x, lead_ndim, n):
@@ -228,6 +259,10 @@ def update(state: common.TrainState, batch):
     kl_divergence, clip_fraction`` (means over all minibatch steps),
     ``mean_reward, advantage_mean, advantage_std, explained_variance`` (of
     the batch) and ``grad_norm`` (mean, before clipping).
+
+    With ``num_micro_batches = k > 1`` each minibatch's gradient is
+    accumulated over ``k`` micro-batches, with the advantage statistics and
+    denominator of the whole minibatch: the same steps as with ``k = 1``.
     """
     config = state.config
     samples, stats = prepare(batch, config)
@@ -238,11 +273,17 @@ def update(state: common.TrainState, batch):
             f"`num_minibatches`={k} must divide the number of samples "
             f"B*T={n}.")
     key, *epoch_keys = jax.random.split(state.key, config.num_epochs + 1)
-    grad_fn = jax.grad(minibatch_loss, has_aux=True)
+    if (n // k) % config.num_micro_batches:
+        raise ValueError(
+            f"`num_micro_batches`={config.num_micro_batches} must divide the "
+            f"minibatch size B*T/num_minibatches={n // k}.")
 
     def minibatch_step(carry, minibatch):
         params, opt_state = carry
-        grads, metrics = grad_fn(params, minibatch, config)
+        minibatch, totals = prepare_minibatch(minibatch, config)
+        grads, metrics = common.accumulated_grad(
+            rows_loss, params, minibatch, config.num_micro_batches, config,
+            totals, what="minibatch")
         params, opt_state, grad_norm = common.optimizer_step(
             params, opt_state, grads, config.optimizer, config.max_grad_norm)
         return (params, opt_state), dict(metrics, grad_norm=grad_norm)

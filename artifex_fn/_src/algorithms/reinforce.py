@@ -19,13 +19,14 @@ import optax
 
 from artifex_fn._src.advantages import normalize_advantages
 from artifex_fn._src.aggregation import aggregate_loss
+from artifex_fn._src.aggregation import aggregate_loss_parts
 from artifex_fn._src.algorithms import common
 from artifex_fn._src.multistep import discounted_returns
 from artifex_fn._src.policy_gradients import policy_gradient_loss
 
 
-@common.pytree_config(static=("normalize_returns", "baseline", "policy",
-                              "optimizer"))
+@common.pytree_config(static=("normalize_returns", "baseline",
+                              "num_micro_batches", "policy", "optimizer"))
 class REINFORCEConfig:
     """Hyper-parameters of REINFORCE.
 
@@ -37,6 +38,9 @@ class REINFORCEConfig:
       baseline: ``"none"`` or ``"mean"`` (subtract the batch mean return,
         per time step for ``[B, T]`` rewards).
       max_grad_norm: optional global-norm gradient clipping.
+      num_micro_batches: accumulate each step's gradient over this many
+        micro-batches of trajectories (must divide ``B``); same step, a
+        ``k``-th of the activations in memory.
       policy: ``(params, observations) -> distrax.Distribution`` (or logits,
         wrapped as ``distrax.Categorical``).
       optimizer: an optax ``GradientTransformation``.
@@ -46,11 +50,13 @@ class REINFORCEConfig:
     entropy_coeff: float = 0.01
     baseline: Literal["none", "mean"] = "none"
     max_grad_norm: float | None = None
+    num_micro_batches: int = 1
     policy: Callable[..., Any] | None = None
     optimizer: optax.GradientTransformation | None = None
 
     def __post_init__(self):
         common.check_range("gamma", self.gamma, 0.0, 1.0)
+        common.check_int("num_micro_batches", self.num_micro_batches, 1)
         common.check_range("entropy_coeff", self.entropy_coeff, 0.0)
         common.check_range("max_grad_norm", self.max_grad_norm, 0.0,
                            lo_open=True, optional=True)
@@ -65,6 +71,70 @@ def _masked_time_mean(x, mask):
     num = jnp.sum(jnp.where(m > 0, x, 0.0), axis=0, keepdims=True)
     den = jnp.sum(m, axis=0, keepdims=True)
     return jnp.where(den > 0, num / jnp.maximum(den, 1.0), 0.0)
+
+
+def prepare(batch, config: REINFORCEConfig):
+    """The parameter-free part of the loss, on the whole batch.
+
+    Returns ``(rows, totals, stats)``: ``rows`` holds ``observations``,
+    ``actions``, the weights ``G_t - b_t`` (normalised over the whole batch
+    if ``normalize_returns``) and the optional ``mask``; ``totals["steps"]``
+    is the number of valid steps (the loss's denominator); ``stats`` the
+    reward and return statistics.
+    """
+    rewards = jnp.asarray(common.batch_array(batch, "rewards"))
+    if rewards.ndim not in (1, 2):
+        raise ValueError(
+            f"`batch['rewards']` must be [B] or [B, T], got shape "
+            f"{tuple(rewards.shape)}.")
+    mask = batch.get("mask")
+    if mask is not None:
+        mask = jnp.asarray(mask)
+    if rewards.ndim == 1:
+        returns = rewards
+    else:
+        returns = discounted_returns(rewards, gamma=config.gamma,
+                                     terminated=batch.get("dones"), mask=mask)
+    weights = returns
+    if config.baseline == "mean":
+        weights = weights - _masked_time_mean(weights, mask)
+    if config.normalize_returns:
+        weights = normalize_advantages(weights, mask=mask)
+    rows = dict(observations=common.batch_array(batch, "observations"),
+                actions=common.batch_array(batch, "actions"), weights=weights)
+    if mask is not None:
+        rows["mask"] = jnp.broadcast_to(mask, weights.shape)
+    _, steps = aggregate_loss_parts(jnp.zeros(weights.shape, jnp.float32),
+                                    rows.get("mask"))
+    mean_reward, reward_std = common.masked_mean_std(rewards, mask)
+    mean_return, _ = common.masked_mean_std(returns, mask)
+    stats = dict(mean_reward=mean_reward, reward_std=reward_std,
+                 mean_return=mean_return)
+    return rows, dict(steps=steps), stats
+
+
+def rows_loss(params, rows, config: REINFORCEConfig, totals):
+    """This shard's share of the loss (over the batch's valid steps).
+
+    Returns ``(loss, metrics)`` with ``loss, policy_loss, entropy``; shares
+    of disjoint shards add up to the full-batch values.
+    """
+    policy = common.require_policy(config)
+    weights = rows["weights"]
+    dist = common.as_distribution(policy(params, rows["observations"]))
+    log_prob, entropy = common.log_prob_and_entropy(dist, rows["actions"],
+                                                    weights.ndim)
+    per_step = policy_gradient_loss(log_prob, weights)
+    mask = rows.get("mask")
+    if weights.ndim == 1:  # B one-step episodes, not one sequence of B steps
+        per_step, entropy = per_step[:, None], entropy[:, None]
+        mask = None if mask is None else mask[:, None]
+    mean = lambda x: aggregate_loss(x, mask, denominator=totals["steps"])
+    policy_loss = mean(per_step)
+    mean_entropy = mean(entropy)
+    total = policy_loss - config.entropy_coeff * mean_entropy
+    return total, dict(loss=total, policy_loss=policy_loss,
+                       entropy=mean_entropy)
 
 
 def loss(params, batch, config: REINFORCEConfig):
@@ -82,44 +152,9 @@ def loss(params, batch, config: REINFORCEConfig):
       ``(loss, metrics)`` with metrics ``loss, policy_loss, entropy,
       mean_reward, reward_std, mean_return``.
     """
-    policy = common.require_policy(config)
-    rewards = jnp.asarray(common.batch_array(batch, "rewards"))
-    if rewards.ndim not in (1, 2):
-        raise ValueError(
-            f"`batch['rewards']` must be [B] or [B, T], got shape "
-            f"{tuple(rewards.shape)}.")
-    mask = batch.get("mask")
-    if rewards.ndim == 1:
-        returns = rewards
-        if mask is not None:
-            mask = jnp.asarray(mask)
-    else:
-        returns = discounted_returns(rewards, gamma=config.gamma,
-                                     terminated=batch.get("dones"), mask=mask)
-    dist = common.as_distribution(
-        policy(params, common.batch_array(batch, "observations")))
-    log_prob, entropy = common.log_prob_and_entropy(
-        dist, common.batch_array(batch, "actions"), rewards.ndim)
-    weights = returns
-    if config.baseline == "mean":
-        weights = weights - _masked_time_mean(weights, mask)
-    if config.normalize_returns:
-        weights = normalize_advantages(weights, mask=mask)
-    per_step = policy_gradient_loss(log_prob, weights)
-    if rewards.ndim == 1:  # B one-step episodes, not one sequence of B steps
-        per_step, entropy = per_step[:, None], entropy[:, None]
-        agg_mask = None if mask is None else mask[:, None]
-    else:
-        agg_mask = mask
-    policy_loss = aggregate_loss(per_step, agg_mask)
-    mean_entropy = aggregate_loss(entropy, agg_mask)
-    total = policy_loss - config.entropy_coeff * mean_entropy
-    mean_reward, reward_std = common.masked_mean_std(rewards, mask)
-    mean_return, _ = common.masked_mean_std(returns, mask)
-    metrics = dict(loss=total, policy_loss=policy_loss, entropy=mean_entropy,
-                   mean_reward=mean_reward, reward_std=reward_std,
-                   mean_return=mean_return)
-    return total, metrics
+    rows, totals, stats = prepare(batch, config)
+    total, metrics = rows_loss(params, rows, config, totals)
+    return total, dict(metrics, **stats)
 
 
 def init(params, config: REINFORCEConfig, *, key=None,
@@ -132,6 +167,12 @@ def update(state: common.TrainState, batch):
     """One REINFORCE gradient step; returns ``(state, metrics)``.
 
     ``metrics`` holds the :func:`loss` metrics plus ``grad_norm`` (before
-    clipping), all scalars on device.
+    clipping), all scalars on device. With ``num_micro_batches = k > 1``
+    the gradient is accumulated over ``k`` micro-batches of ``B / k``
+    trajectories, with the baseline, normalisation and denominator of the
+    whole batch: the same step as with one batch.
     """
-    return common.gradient_step(state, loss, batch)
+    rows, totals, stats = prepare(batch, state.config)
+    state, metrics = common.accumulated_gradient_step(state, rows_loss, rows,
+                                                      totals)
+    return state, dict(metrics, **stats)

@@ -132,6 +132,7 @@ class EnergyTrainer(Trainer):
 
     def train_step(self, batch) -> dict[str, jax.Array]:
         """Samples negatives, updates the buffer, takes one CD step."""
+        batch = self._place_batch(batch)
         x = _energy.positives_of(batch)
         if self.data_shape is None:
             self.data_shape = tuple(x.shape[1:])

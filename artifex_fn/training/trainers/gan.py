@@ -179,6 +179,7 @@ class GANTrainer(Trainer):
             raise TypeError("GANTrainer.train_step takes only the batch.")
         if isinstance(batch, dict) and "x" not in batch:
             raise ValueError("batch is missing the key 'x'.")
+        batch = self._place_batch(batch)
         g_state, d_state = self._read(), self._read_d()
         (g_params, g_opt, g_opt_step, d_params, d_opt, d_opt_step, self.key,
          metrics) = self._step_fn(g_state, d_state, np.int32(self.step),

@@ -1,0 +1,289 @@
+"""Runs each algorithm's update on several meshes; prints the differences.
+
+Run by ``tests/test_distributed.py`` in a subprocess (the device count of
+a JAX process is fixed at start-up):
+
+* ``python distributed_worker.py devices`` with
+  ``XLA_FLAGS=--xla_force_host_platform_device_count=8``: every case's
+  update on 1, 2, 4 and 8 devices (and FSDP, and micro-batched) against the
+  plain single-device ``jax.jit(update)``; prints one JSON line per case
+  with the largest relative difference of parameters and metrics.
+* ``python distributed_worker.py host RANK PORT OUT``: one of two
+  processes of a ``jax.distributed`` run on localhost; rank 0 writes the
+  result to ``OUT`` (JSON).
+* ``python distributed_worker.py single OUT``: the same problem in one
+  process, for comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import numpy as np
+
+MODE = sys.argv[1] if len(sys.argv) > 1 else "devices"
+if MODE == "host":
+    import jax
+
+    import artifex_fn as afn
+
+    afn.distributed.initialize(f"localhost:{sys.argv[3]}", num_processes=2,
+                               process_id=int(sys.argv[2]))
+else:
+    import jax
+
+    import artifex_fn as afn
+
+import distrax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+SGD = optax.sgd(0.5)
+D, V = 6, 5          # feature size, number of actions / vocabulary
+B, L, G = 24, 5, 4   # rows, tokens, group size (groups of 4 straddle 8 devices)
+
+
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+def _mask(rng, n, length):
+    lengths = rng.integers(0, length + 1, n)
+    lengths[0] = 0            # one sequence without any valid token
+    lengths[1] = length
+    return (np.arange(length)[None] < lengths[:, None]).astype(np.float32)
+
+
+def token_policy(params, obs):
+    return distrax.Categorical(logits=obs @ params["w"] + params["b"])
+
+
+def actor_critic(params, obs):
+    return obs @ params["w"] + params["b"], obs @ params["v"]
+
+
+def _params(seed=0):
+    rng = _rng(seed)
+    return {"w": jnp.asarray(0.5 * rng.standard_normal((D, V)), jnp.float32),
+            "b": jnp.asarray(0.5 * rng.standard_normal(V), jnp.float32),
+            "v": jnp.asarray(0.5 * rng.standard_normal(D), jnp.float32)}
+
+
+def grpo_problem(aggregation, seed=1):
+    rng = _rng(seed)
+    params = _params()
+    ref = jax.tree_util.tree_map(lambda x: x + 0.1, params)
+    rewards = rng.integers(0, 3, B).astype(np.float32)
+    rewards[:G] = 1.0        # one group with zero reward variance
+    batch = dict(
+        observations=jnp.asarray(rng.standard_normal((B, L, D)), jnp.float32),
+        actions=jnp.asarray(rng.integers(0, V, (B, L))),
+        rewards=jnp.asarray(rewards),
+        log_probs=jnp.asarray(-1.6 + 0.3 * rng.standard_normal((B, L)),
+                              jnp.float32),
+        mask=jnp.asarray(_mask(rng, B, L)))
+    config = afn.grpo.GRPOConfig(
+        num_generations=G, beta=0.05, loss_aggregation=aggregation,
+        policy=token_policy, optimizer=SGD, max_grad_norm=10.0)
+    state = afn.grpo.init(params, config, ref_params=ref)
+    return afn.grpo.update, state, batch
+
+
+def ppo_problem(seed=2):
+    rng = _rng(seed)
+    n_env, t = 8, 6
+    batch = dict(
+        observations=jnp.asarray(rng.standard_normal((n_env, t, D)),
+                                 jnp.float32),
+        actions=jnp.asarray(rng.integers(0, V, (n_env, t))),
+        rewards=jnp.asarray(rng.standard_normal((n_env, t)), jnp.float32),
+        dones=jnp.asarray(rng.random((n_env, t)) < 0.2),
+        values=jnp.asarray(rng.standard_normal((n_env, t + 1)), jnp.float32),
+        log_probs=jnp.asarray(-1.6 + 0.3 * rng.standard_normal((n_env, t)),
+                              jnp.float32),
+        mask=jnp.asarray(_mask(rng, n_env, t)))
+    config = afn.ppo.PPOConfig(num_epochs=2, num_minibatches=2,
+                               value_clip_param=0.2, policy=actor_critic,
+                               optimizer=SGD)
+    state = afn.ppo.init(_params(), config, key=jax.random.key(3))
+    return afn.ppo.update, state, batch
+
+
+def reinforce_problem(seed=3):
+    rng = _rng(seed)
+    batch = dict(
+        observations=jnp.asarray(rng.standard_normal((B, L, D)), jnp.float32),
+        actions=jnp.asarray(rng.integers(0, V, (B, L))),
+        rewards=jnp.asarray(rng.standard_normal((B, L)), jnp.float32),
+        dones=jnp.asarray(rng.random((B, L)) < 0.2),
+        mask=jnp.asarray(_mask(rng, B, L)))
+    config = afn.reinforce.REINFORCEConfig(baseline="mean", policy=token_policy,
+                                           optimizer=SGD)
+    return afn.reinforce.update, afn.reinforce.init(_params(), config), batch
+
+
+def dpo_problem(reference_free, seed=4):
+    rng = _rng(seed)
+
+    def side():
+        return dict(
+            observations=jnp.asarray(rng.standard_normal((B, L, D)),
+                                     jnp.float32),
+            actions=jnp.asarray(rng.integers(0, V, (B, L))),
+            mask=jnp.asarray(_mask(rng, B, L)))
+
+    batch = dict(chosen=side(), rejected=side())
+    config = afn.dpo.DPOConfig(reference_free=reference_free,
+                               policy=token_policy, optimizer=SGD)
+    ref = jax.tree_util.tree_map(lambda x: x - 0.1, _params())
+    return afn.dpo.update, afn.dpo.init(_params(), config,
+                                        ref_params=ref), batch
+
+
+CASES = {
+    # "bnpo" reduces like "dapo" (token_mean) within one update.
+    **{f"grpo-{a}": (lambda a=a: grpo_problem(a))
+       for a in ("grpo", "dapo", "dr_grpo")},
+    "ppo": ppo_problem,
+    "reinforce": reinforce_problem,
+    "dpo": lambda: dpo_problem(False),
+    "simpo": lambda: dpo_problem(True),
+}
+
+
+def _with_micro_batches(state, k):
+    return state.replace(config=dataclasses.replace(state.config,
+                                                    num_micro_batches=k))
+
+
+def _host(tree):
+    """NumPy copy of a (replicated or sharded) pytree, on this process."""
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+            return np.asarray(multihost_utils.process_allgather(x,
+                                                                tiled=True))
+        return np.asarray(x)
+    return jax.tree_util.tree_map(get, tree)
+
+
+def _rel_diff(a, b):
+    """Largest ``|a - b| / (1 + |b|)`` over two pytrees of the same shape."""
+    worst = 0.0
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        assert x.shape == y.shape, (x.shape, y.shape)
+        if x.size:
+            worst = max(worst, float(np.max(np.abs(x - y) / (1 + np.abs(y)))))
+    return worst
+
+
+def _result(state, metrics):
+    return dict(params=_host(state.params), metrics=_host(metrics))
+
+
+# Every case on 1, 2, 4 and 8 devices and micro-batched; FSDP and
+# devices-with-micro-batches for one case per algorithm family.
+VARIANTS = [(f"{n}dev", dict(data=n), 1) for n in (1, 2, 4, 8)]
+VARIANTS += [("micro3", None, 3)]
+EXTRA = [("fsdp4x2", dict(data=4, fsdp=2), 1), ("8dev-micro3", dict(data=8), 3)]
+EXTRA_CASES = ("grpo-grpo", "ppo", "dpo")
+
+
+def run_aggregation():
+    """The math layer alone: every aggregation mode, sharded rows."""
+    rng = np.random.default_rng(5)
+    loss = jnp.asarray(rng.standard_normal((B, L)), jnp.float32)
+    mask = jnp.asarray(_mask(rng, B, L))
+    for mode in afn.AGGREGATION_MODES:
+        fn = jax.jit(lambda x, m, mode=mode: jax.value_and_grad(
+            lambda y: afn.aggregate_loss(y, m, mode=mode))(x))
+        reference = _host(fn(loss, mask))
+        for n in (1, 2, 4, 8):
+            mesh = afn.distributed.make_mesh(data=n)
+            placed = afn.distributed.shard_batch(dict(x=loss, m=mask), mesh)
+            got = _host(fn(placed["x"], placed["m"]))
+            print(json.dumps(dict(case=f"aggregate-{mode}", variant=f"{n}dev",
+                                  params=_rel_diff(got[1], reference[1]),
+                                  metrics=_rel_diff(got[0], reference[0]),
+                                  metric_names=["value"])), flush=True)
+
+
+def run_devices():
+    n_dev = len(jax.devices())
+    assert n_dev == 8, f"expected 8 forced host devices, got {n_dev}"
+    run_aggregation()
+    for name, make in CASES.items():
+        update, state, batch = make()
+        reference = _result(*jax.jit(update)(state, batch))
+        variants = VARIANTS + (EXTRA if name in EXTRA_CASES else [])
+        for label, mesh_shape, k in variants:
+            if name == "ppo" and k == 3:
+                k = 4          # minibatches of 24 samples; 4 divides 24 too
+            s = _with_micro_batches(state, k) if k > 1 else state
+            if mesh_shape is None:
+                out = jax.jit(update)(s, batch)
+            else:
+                fsdp = mesh_shape.get("fsdp", 1) > 1
+                mesh = afn.distributed.make_mesh(**mesh_shape)
+                step = afn.distributed.data_parallel(
+                    update, mesh, fsdp=fsdp, min_fsdp_size=1)
+                out = step(s, batch)
+                if fsdp:  # the 6 x 5 kernel really is split over "fsdp"
+                    spec = out[0].params["w"].sharding.spec
+                    assert "fsdp" in tuple(spec), spec
+            got = _result(*out)
+            print(json.dumps(dict(
+                case=name, variant=label,
+                params=_rel_diff(got["params"], reference["params"]),
+                metrics=_rel_diff(got["metrics"], reference["metrics"]),
+                metric_names=sorted(got["metrics"]))), flush=True)
+
+
+def _two_process_problem():
+    update, state, batch = grpo_problem("grpo")
+    return update, state, batch
+
+
+def run_single(out):
+    update, state, batch = _two_process_problem()
+    for _ in range(2):
+        state, metrics = jax.jit(update)(state, batch)
+    with open(out, "w") as f:
+        json.dump({k: np.asarray(v).tolist()
+                   for k, v in dict(_result(state, metrics)["params"],
+                                    **_result(state, metrics)["metrics"]
+                                    ).items()}, f)
+
+
+def run_host(rank, out):
+    assert jax.process_count() == 2
+    update, state, batch = _two_process_problem()
+    mesh = afn.distributed.make_mesh()
+    step = afn.distributed.data_parallel(update, mesh, process_local=True)
+    half = B // 2
+    local = jax.tree_util.tree_map(
+        lambda x: np.asarray(x)[rank * half:(rank + 1) * half], batch)
+    for _ in range(2):
+        state, metrics = step(state, local)
+    result = _result(state, metrics)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({k: np.asarray(v).tolist()
+                       for k, v in dict(result["params"],
+                                        **result["metrics"]).items()}, f)
+    print(f"rank {rank}: {len(jax.devices())} global devices, "
+          f"{len(jax.local_devices())} local", flush=True)
+
+
+if __name__ == "__main__":
+    if MODE == "devices":
+        run_devices()
+    elif MODE == "single":
+        run_single(sys.argv[2])
+    elif MODE == "host":
+        run_host(int(sys.argv[2]), sys.argv[4])
+    else:
+        raise SystemExit(f"unknown mode {MODE!r}")
