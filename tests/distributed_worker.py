@@ -242,6 +242,166 @@ def run_devices():
                 metric_names=sorted(got["metrics"]))), flush=True)
 
 
+def _trainer_cases():
+    """``name -> (make_trainer, batches, step)`` for the trainer checks."""
+    from flax import nnx
+
+    from artifex_fn import training as T
+
+    rng = _rng(6)
+
+    class ActorCritic(nnx.Module):
+        def __init__(self, rngs):
+            self.pi = nnx.Linear(D, V, rngs=rngs)
+            self.v = nnx.Linear(D, 1, rngs=rngs)
+
+        def __call__(self, obs):
+            return self.pi(obs), self.v(obs)[..., 0]
+
+    class Tokens(nnx.Module):
+        def __init__(self, rngs):
+            self.w = nnx.Linear(D, V, rngs=rngs)
+
+        def __call__(self, obs):
+            return self.w(obs)
+
+    class VAE(nnx.Module):
+        def __init__(self, rngs):
+            self.enc = nnx.Linear(D, 4, rngs=rngs)
+            self.dec = nnx.Linear(2, D, rngs=rngs)
+
+        def encode(self, x):
+            return tuple(jnp.split(self.enc(x), 2, axis=-1))
+
+        def decode(self, z):
+            return self.dec(z)
+
+    class Field(nnx.Module):  # diffusion eps(x, t) and flow v(x, t)
+        def __init__(self, rngs):
+            self.x = nnx.Linear(2, 16, rngs=rngs)
+            self.t = nnx.Linear(1, 16, rngs=rngs)
+            self.out = nnx.Linear(16, 2, rngs=rngs)
+
+        def __call__(self, x, t):
+            t = jnp.asarray(t, jnp.float32).reshape(-1, 1)
+            return self.out(jnp.tanh(self.x(x) + self.t(t)))
+
+    class MLP(nnx.Module):
+        def __init__(self, din, dout, rngs):
+            self.a = nnx.Linear(din, 16, rngs=rngs)
+            self.b = nnx.Linear(16, dout, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(jnp.tanh(self.a(x)))
+
+    adam = optax.adam(1e-2)
+
+    def opt(model):
+        return nnx.Optimizer(model, adam, wrt=nnx.Param)
+
+    def ppo():
+        m = ActorCritic(nnx.Rngs(0))
+        return T.PPOTrainer(m, opt(m), T.PPOConfig(num_minibatches=2), key=1)
+
+    def grpo():
+        m = Tokens(nnx.Rngs(0))
+        return T.GRPOTrainer(m, opt(m), T.GRPOConfig(num_generations=G),
+                             reference_model=Tokens(nnx.Rngs(1)), key=2)
+
+    def dpo():
+        m = Tokens(nnx.Rngs(0))
+        return T.DPOTrainer(m, opt(m), T.DPOConfig(),
+                            reference_model=Tokens(nnx.Rngs(1)), key=3)
+
+    def vae():
+        m = VAE(nnx.Rngs(0))
+        return T.VAETrainer(m, opt(m), T.VAEConfig(), key=4)
+
+    def diffusion():
+        m = Field(nnx.Rngs(0))
+        return T.DiffusionTrainer(m, opt(m), T.DiffusionConfig(
+            num_timesteps=10), key=5)
+
+    def flow():
+        m = Field(nnx.Rngs(0))
+        return T.FlowTrainer(m, opt(m), T.FlowConfig(), key=6)
+
+    def gan():
+        g, d = MLP(2, 2, nnx.Rngs(0)), MLP(2, 1, nnx.Rngs(1))
+        return T.GANTrainer(g, opt(g), T.GANConfig(latent_dim=2),
+                            discriminator=d, d_optimizer=opt(d), key=7)
+
+    n_env, t = 8, 6
+    ppo_batch = dict(
+        observations=jnp.asarray(rng.standard_normal((n_env, t, D)),
+                                 jnp.float32),
+        actions=jnp.asarray(rng.integers(0, V, (n_env, t))),
+        rewards=jnp.asarray(rng.standard_normal((n_env, t)), jnp.float32),
+        dones=jnp.asarray(rng.random((n_env, t)) < 0.2),
+        values=jnp.asarray(rng.standard_normal((n_env, t + 1)), jnp.float32),
+        log_probs=jnp.full((n_env, t), -np.log(V), jnp.float32))
+    prompts = dict(observations=jnp.asarray(rng.standard_normal((8, D)),
+                                            jnp.float32))
+
+    def side():
+        return dict(observations=jnp.asarray(
+            rng.standard_normal((B, L, D)), jnp.float32),
+            actions=jnp.asarray(rng.integers(0, V, (B, L))),
+            mask=jnp.asarray(_mask(rng, B, L)))
+
+    pairs = dict(chosen=side(), rejected=side())
+    x6 = jnp.asarray(rng.standard_normal((16, D)), jnp.float32)
+    x2 = jnp.asarray(rng.standard_normal((16, 2)), jnp.float32)
+    reward = lambda samples, conditions: (samples % 2).astype(jnp.float32)
+    plain = lambda tr, b: tr.train_step(b)
+    return {
+        "PPOTrainer": (ppo, ppo_batch, plain),
+        "GRPOTrainer": (grpo, prompts, lambda tr, b: tr.train_step(
+            b, reward, key=jax.random.key(9))),
+        "DPOTrainer": (dpo, pairs, plain),
+        "VAETrainer": (vae, x6, plain),
+        "DiffusionTrainer": (diffusion, x2, plain),
+        "FlowTrainer": (flow, x2, plain),
+        "GANTrainer": (gan, x2, plain),
+    }
+
+
+def _trainer_params(trainer):
+    from flax import nnx
+    out = [nnx.state(trainer.model, nnx.Param)]
+    if hasattr(trainer, "discriminator"):
+        out.append(nnx.state(trainer.discriminator, nnx.Param))
+    return _host(nnx.as_pure(out))
+
+
+def run_trainers():
+    """Every trainer, sharded over 8 devices (and FSDP), against plain."""
+    assert len(jax.devices()) == 8
+    for name, (make, batch, step) in _trainer_cases().items():
+        meshes = {"8dev": (afn.distributed.make_mesh(), False)}
+        if name in ("PPOTrainer", "VAETrainer"):
+            meshes["fsdp4x2"] = (afn.distributed.make_mesh(data=4, fsdp=2),
+                                 True)
+        runs = {"plain": make()}
+        for label, (mesh, fsdp) in meshes.items():
+            runs[label] = make().shard(mesh, fsdp=fsdp, min_fsdp_size=1)
+        metrics = {}
+        for label, trainer in runs.items():
+            for _ in range(2):
+                metrics[label] = _host(step(trainer, batch))
+        want = _trainer_params(runs["plain"])
+        for label in meshes:  # the state stayed on the whole mesh
+            from flax import nnx
+            leaves = jax.tree_util.tree_leaves(nnx.as_pure(nnx.state(
+                runs[label].model, nnx.Param)))
+            assert all(len(x.sharding.device_set) == 8 for x in leaves), label
+            print(json.dumps(dict(
+                case=name, variant=label,
+                params=_rel_diff(_trainer_params(runs[label]), want),
+                metrics=_rel_diff(metrics[label], metrics["plain"]),
+                metric_names=sorted(metrics[label]))), flush=True)
+
+
 def _two_process_problem():
     update, state, batch = grpo_problem("grpo")
     return update, state, batch
@@ -281,6 +441,7 @@ def run_host(rank, out):
 if __name__ == "__main__":
     if MODE == "devices":
         run_devices()
+        run_trainers()
     elif MODE == "single":
         run_single(sys.argv[2])
     elif MODE == "host":

@@ -84,6 +84,21 @@ def test_aggregation_modes_equal_single_device(device_results, mode):
         assert row["params"] <= TOL and row["metrics"] <= TOL, row
 
 
+TRAINERS = ("PPOTrainer", "GRPOTrainer", "DPOTrainer", "VAETrainer",
+            "DiffusionTrainer", "FlowTrainer", "GANTrainer")
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_trainer_shard_equals_plain(device_results, trainer):
+    """``trainer.shard(mesh)`` on 8 devices (PPO and VAE also FSDP 4 x 2):
+    two steps give the unsharded trainer's parameters and metrics."""
+    variants = ["8dev"] + (["fsdp4x2"] if trainer in ("PPOTrainer",
+                                                      "VAETrainer") else [])
+    for variant in variants:
+        row = device_results[(trainer, variant)]
+        assert row["params"] <= TOL and row["metrics"] <= TOL, row
+
+
 def test_device_results_cover_the_metrics(device_results):
     """The comparison included every metric, e.g. GRPO's group statistics."""
     names = device_results[("grpo-grpo", "8dev")]["metric_names"]
