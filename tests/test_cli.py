@@ -318,3 +318,20 @@ def test_generative_task_runs_over_seeds_and_sweep(task, algo):
     # Both grid points start from the same pre-trained model per seed.
     np.testing.assert_allclose(res.before[program.score][:, 0],
                                res.before[program.score][:, 1])
+
+
+@pytest.mark.parametrize("shape", [(4, 64), (64, 64), (64, 2), (64, 1)])
+def test_cartpole_orthogonal_init_matches_jax(shape):
+    """The QR-free initializer gives JAX's orthogonal matrix for the same
+    key, and stays orthonormal when vmapped over seeds (the case that
+    LAPACK's batched QR deadlocked)."""
+    keys = jax.random.split(jax.random.key(3), 4)
+    got = jax.jit(jax.vmap(lambda k: cartpole.orthogonal(1.5)(k, shape)))(keys)
+    for k, w in zip(keys, got):
+        want = jax.nn.initializers.orthogonal(1.5)(k, shape)
+        np.testing.assert_allclose(w, want, atol=2e-5)
+    small = min(shape)
+    gram = (np.einsum("bij,bik->bjk", got, got) if shape[0] >= shape[1]
+            else np.einsum("bji,bki->bjk", got, got))
+    np.testing.assert_allclose(gram, np.broadcast_to(
+        2.25 * np.eye(small), gram.shape), atol=1e-4)
