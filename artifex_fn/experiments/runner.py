@@ -10,10 +10,9 @@ Every run is laid out on a grid ``[S seeds, V sweep values]``:
   to the host (for the progress bar and ``metrics.jsonl``).
 
 With ``shard_seeds=True`` and several devices the seed axis is split across
-them (``jax.jit`` over a one-axis ``seed`` mesh). Off by default: on a CPU
-split into host devices (``--xla_force_host_platform_device_count``) long
-runs of the CartPole program stalled inside XLA's CPU runtime with jaxlib
-0.10.2.
+them (``jax.jit`` over a one-axis ``seed`` mesh). Off by default: a CPU
+split into host devices (``--xla_force_host_platform_device_count``) gains
+nothing from it.
 """
 
 from __future__ import annotations
