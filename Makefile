@@ -23,9 +23,11 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_returns.py
 	$(PY) benchmarks/bench_cartpole.py
+	$(PY) benchmarks/bench_distributed.py
 
-# One test worker per CPU (pytest-xdist); `make test PYTEST_ARGS=` runs serially.
-PYTEST_ARGS ?= -n auto
+# One test worker per CPU (pytest-xdist; tests marked xdist_group share a
+# worker); `make test PYTEST_ARGS=` runs serially.
+PYTEST_ARGS ?= -n auto --dist loadgroup
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

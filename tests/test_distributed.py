@@ -42,6 +42,9 @@ EXTRA = ("fsdp4x2", "8dev-micro3")
 
 def _env(devices=None):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
+    # No shared compilation cache: the two processes of the multi-host
+    # test would write the same entries at once.
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     flags = [f for f in env.get("XLA_FLAGS", "").split()
              if "force_host_platform_device_count" not in f]
     if devices:
@@ -50,6 +53,11 @@ def _env(devices=None):
     env["PYTHONPATH"] = os.pathsep.join(
         [str(HERE.parent)] + [p for p in [env.get("PYTHONPATH")] if p])
     return env
+
+
+# Every test reading the 8-device results runs on one pytest-xdist worker
+# (``--dist loadgroup``), so the subprocess runs once.
+DEVICES_GROUP = pytest.mark.xdist_group("distributed-8-devices")
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +71,7 @@ def device_results():
     return {(r["case"], r["variant"]): r for r in rows}
 
 
+@DEVICES_GROUP
 @pytest.mark.parametrize("case", CASES)
 def test_update_equals_single_device(device_results, case):
     """1, 2, 4, 8 devices and micro-batches (FSDP and micro-batches on 8
@@ -74,6 +83,7 @@ def test_update_equals_single_device(device_results, case):
         assert row["metrics"] <= TOL, (variant, row)
 
 
+@DEVICES_GROUP
 @pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean",
                                   "seq_mean_token_sum",
                                   "seq_mean_token_sum_norm"])
@@ -88,6 +98,7 @@ TRAINERS = ("PPOTrainer", "GRPOTrainer", "DPOTrainer", "VAETrainer",
             "DiffusionTrainer", "FlowTrainer", "GANTrainer")
 
 
+@DEVICES_GROUP
 @pytest.mark.parametrize("trainer", TRAINERS)
 def test_trainer_shard_equals_plain(device_results, trainer):
     """``trainer.shard(mesh)`` on 8 devices (PPO and VAE also FSDP 4 x 2):
@@ -99,6 +110,7 @@ def test_trainer_shard_equals_plain(device_results, trainer):
         assert row["params"] <= TOL and row["metrics"] <= TOL, row
 
 
+@DEVICES_GROUP
 def test_device_results_cover_the_metrics(device_results):
     """The comparison included every metric, e.g. GRPO's group statistics."""
     names = device_results[("grpo-grpo", "8dev")]["metric_names"]
@@ -169,7 +181,7 @@ def _grpo_setup(aggregation="grpo", k=1):
 @pytest.mark.parametrize("aggregation", ["grpo", "dapo", "dr_grpo"])
 def test_grpo_micro_batches_equal_one_batch(aggregation):
     one = jax.jit(afn.grpo.update)(*_grpo_setup(aggregation, 1))
-    for k in (2, 4, 12):
+    for k in (2, 12):
         many = jax.jit(afn.grpo.update)(*_grpo_setup(aggregation, k))
         for a, b in zip(jax.tree_util.tree_leaves(many),
                         jax.tree_util.tree_leaves(one)):
@@ -183,8 +195,8 @@ def test_micro_batches_differ_from_naive_mean_of_means():
     rows, totals, _ = afn.grpo.prepare(batch, state.config)
     split = [jax.tree_util.tree_map(lambda x, i=i: x[i::2], rows)
              for i in range(2)]
-    grad = jax.grad(lambda p, r, t: afn.grpo.rows_loss(p, r, state.config,
-                                                       t)[0])
+    grad = jax.jit(jax.grad(lambda p, r, t: afn.grpo.rows_loss(
+        p, r, state.config, t)[0]))
     exact = sum(grad(state.params, r, totals)["w"] for r in split)
     naive = sum(grad(state.params, r, dict(
         loss=jnp.sum(r["mask"]), tokens=jnp.sum(r["mask"])))["w"]

@@ -1,0 +1,46 @@
+"""Session setup shared by the tests: a compilation cache for this run.
+
+Most of the suite's time is XLA compilation, and much of it compiles the
+same program again: every trainer instance (and every ``jax.jit`` of a new
+function object) traces and compiles its step anew, even when the program
+is identical to one compiled a moment before. JAX's persistent compilation
+cache, keyed on the program and compile options, turns those repeats into
+a lookup. The cache lives in a fresh temporary directory private to this
+process (each pytest-xdist worker has its own, so that no two processes
+write one file at the same time) and is removed at the end; subprocesses
+that the tests start (``test_checkpoint.py``) inherit it through the
+environment. Executables from the cache are those XLA compiles for the same
+program: nothing the tests check depends on whether it was used.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+
+import jax
+
+_CACHE_DIR = tempfile.mkdtemp(prefix="artifex-fn-test-jax-cache-")
+_CACHE_ENV = {
+    "JAX_COMPILATION_CACHE_DIR": _CACHE_DIR,
+    # Cache every program: the repeats are mostly small ones.
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
+os.environ.update(_CACHE_ENV)
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _remove_cache():
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
+atexit.register(_remove_cache)
+
+
+def pytest_unconfigure(config):
+    _remove_cache()
