@@ -91,10 +91,9 @@ def grpo_problem(aggregation, seed=1):
     return afn.grpo.update, state, batch
 
 
-def ppo_problem(seed=2):
-    rng = _rng(seed)
-    n_env, t = 8, 6
-    batch = dict(
+def _ppo_batch(rng, n_env=8, t=6):
+    """A ``[n_env, t]`` PPO trajectory batch with terminations."""
+    return dict(
         observations=jnp.asarray(rng.standard_normal((n_env, t, D)),
                                  jnp.float32),
         actions=jnp.asarray(rng.integers(0, V, (n_env, t))),
@@ -102,8 +101,13 @@ def ppo_problem(seed=2):
         dones=jnp.asarray(rng.random((n_env, t)) < 0.2),
         values=jnp.asarray(rng.standard_normal((n_env, t + 1)), jnp.float32),
         log_probs=jnp.asarray(-1.6 + 0.3 * rng.standard_normal((n_env, t)),
-                              jnp.float32),
-        mask=jnp.asarray(_mask(rng, n_env, t)))
+                              jnp.float32))
+
+
+def ppo_problem(seed=2):
+    rng = _rng(seed)
+    batch = _ppo_batch(rng)
+    batch["mask"] = jnp.asarray(_mask(rng, 8, 6))
     config = afn.ppo.PPOConfig(num_epochs=2, num_minibatches=2,
                                value_clip_param=0.2, policy=actor_critic,
                                optimizer=SGD)
@@ -331,15 +335,7 @@ def _trainer_cases():
         return T.GANTrainer(g, opt(g), T.GANConfig(latent_dim=2),
                             discriminator=d, d_optimizer=opt(d), key=7)
 
-    n_env, t = 8, 6
-    ppo_batch = dict(
-        observations=jnp.asarray(rng.standard_normal((n_env, t, D)),
-                                 jnp.float32),
-        actions=jnp.asarray(rng.integers(0, V, (n_env, t))),
-        rewards=jnp.asarray(rng.standard_normal((n_env, t)), jnp.float32),
-        dones=jnp.asarray(rng.random((n_env, t)) < 0.2),
-        values=jnp.asarray(rng.standard_normal((n_env, t + 1)), jnp.float32),
-        log_probs=jnp.full((n_env, t), -np.log(V), jnp.float32))
+    ppo_batch = _ppo_batch(rng)
     prompts = dict(observations=jnp.asarray(rng.standard_normal((8, D)),
                                             jnp.float32))
 

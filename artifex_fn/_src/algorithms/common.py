@@ -175,39 +175,29 @@ def optimizer_step(params, opt_state, grads, optimizer, max_grad_norm=None):
     return optax.apply_updates(params, updates), opt_state, grad_norm
 
 
-def gradient_step(state: TrainState, loss_fn, batch):
-    """One optimiser step on ``loss_fn(params, batch, config)``.
-
-    Returns ``(state, metrics)`` with the loss's metrics plus ``grad_norm``
-    (before clipping by ``config.max_grad_norm``).
-    """
+def _apply_gradients(state: TrainState, grads, metrics, **replace):
+    """Optimiser step from ``grads``; adds ``grad_norm`` (before clipping)."""
     config = state.config
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch,
-                                                      config)
-    params, opt_state, grad_norm = optimizer_step(
-        state.params, state.opt_state, grads, config.optimizer,
-        config.max_grad_norm)
-    metrics = dict(metrics, grad_norm=grad_norm)
-    return state.replace(params=params, opt_state=opt_state,
-                         step=state.step + 1), metrics
-
-
-def keyed_gradient_step(state: TrainState, loss_fn, batch):
-    """Like :func:`gradient_step` for losses that need randomness.
-
-    Calls ``loss_fn(params, batch, config, key)`` with a fresh subkey of
-    ``state.key`` and advances the key. Returns ``(state, metrics)``.
-    """
-    config = state.config
-    key, sub = jax.random.split(state.key)
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch,
-                                                      config, sub)
     params, opt_state, grad_norm = optimizer_step(
         state.params, state.opt_state, grads, config.optimizer,
         getattr(config, "max_grad_norm", None))
     metrics = dict(metrics, grad_norm=grad_norm)
     return state.replace(params=params, opt_state=opt_state,
-                         step=state.step + 1, key=key), metrics
+                         step=state.step + 1, **replace), metrics
+
+
+def keyed_gradient_step(state: TrainState, loss_fn, batch):
+    """One optimiser step on a loss that needs randomness.
+
+    Calls ``loss_fn(params, batch, config, key)`` with a fresh subkey of
+    ``state.key`` and advances the key. Returns ``(state, metrics)`` with
+    the loss's metrics plus ``grad_norm`` (before clipping by
+    ``config.max_grad_norm``).
+    """
+    key, sub = jax.random.split(state.key)
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch,
+                                                      state.config, sub)
+    return _apply_gradients(state, grads, metrics, key=key)
 
 
 def accumulated_gradient_step(state: TrainState, loss_fn, rows, *args):
@@ -219,12 +209,7 @@ def accumulated_gradient_step(state: TrainState, loss_fn, rows, *args):
     config = state.config
     grads, metrics = accumulated_grad(loss_fn, state.params, rows,
                                       config.num_micro_batches, config, *args)
-    params, opt_state, grad_norm = optimizer_step(
-        state.params, state.opt_state, grads, config.optimizer,
-        config.max_grad_norm)
-    metrics = dict(metrics, grad_norm=grad_norm)
-    return state.replace(params=params, opt_state=opt_state,
-                         step=state.step + 1), metrics
+    return _apply_gradients(state, grads, metrics)
 
 
 def batch_array(batch, key: str, *, required=True):
