@@ -88,7 +88,6 @@ class Trainer:
         self.stop_training = False
         self._generic_step = None
         self.mesh = None
-        self._fsdp = False
 
     # -- placement on a mesh ----------------------------------------------
     def shard(self, mesh, *, fsdp: bool = False, min_fsdp_size: int = 1024):
@@ -106,7 +105,7 @@ class Trainer:
         Example: ``trainer = PPOTrainer(model, opt, config).shard(
         afn.distributed.make_mesh())``.
         """
-        self.mesh, self._fsdp = mesh, fsdp
+        self.mesh = mesh
         for binding in self._bindings():
             binding.write(distributed.place_state(
                 binding.read(), mesh, fsdp=fsdp, min_fsdp_size=min_fsdp_size))
