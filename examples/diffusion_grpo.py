@@ -47,6 +47,7 @@ import optax
 from flax import nnx
 
 from artifex_fn.families import diffusion
+from artifex_fn.families.diffusion import EpsMLP
 from artifex_fn.toy_data import gaussian_mixture_2d
 from artifex_fn.toy_data import mixture_coverage
 from artifex_fn.training import GRPOConfig
@@ -56,26 +57,6 @@ from artifex_fn.training.trainers.diffusion import DiffusionTrainer
 
 NUM_TIMESTEPS = 20
 WEDGE = (math.radians(22.5), math.radians(112.5))
-
-
-class EpsMLP(nnx.Module):
-    """``eps_theta(x_t, t)``: MLP on ``x_t`` and a learned ``t`` embedding."""
-
-    data_shape = (2,)
-
-    def __init__(self, num_timesteps: int, hidden: int = 128, *, rngs):
-        self.embed = nnx.Embed(num_timesteps, hidden, rngs=rngs)
-        self.inp = nnx.Linear(2, hidden, rngs=rngs)
-        self.h1 = nnx.Linear(hidden, hidden, rngs=rngs)
-        self.h2 = nnx.Linear(hidden, hidden, rngs=rngs)
-        self.out = nnx.Linear(hidden, 2, rngs=rngs)
-
-    def __call__(self, x_t, t):
-        e = self.embed(t)
-        h = nnx.silu(self.inp(x_t) + e)
-        h = nnx.silu(self.h1(h) + e)
-        h = nnx.silu(self.h2(h))
-        return self.out(h)
 
 
 def _eps(model, x_t, t):

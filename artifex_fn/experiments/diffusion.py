@@ -125,6 +125,7 @@ from artifex_fn import dpo
 from artifex_fn import grpo
 from artifex_fn.experiments._program import Program
 from artifex_fn.families import diffusion
+from artifex_fn.families.diffusion import EpsMLP
 from artifex_fn.toy_data import gaussian_mixture_2d
 from artifex_fn.toy_data import mixture_coverage
 
@@ -142,28 +143,6 @@ GRPO_HPARAMS = dict(lr=3e-4, beta=0.01, clip_param=0.2, pretrain_lr=5e-3)
 DPO_SETTINGS = dict(_COMMON_SETTINGS, iterations=30, num_pairs=128,
                     group_size=4)
 DPO_HPARAMS = dict(lr=3e-4, beta=1.0, label_smoothing=0.0, pretrain_lr=5e-3)
-
-
-class EpsMLP(nnx.Module):
-    """``eps_theta(x_t, t)``: ``x_t [N, 2]``, ``t int [N]`` -> ``[N, 2]``.
-
-    Three SiLU layers of width ``hidden``; a learned embedding of ``t`` is
-    added to the first two pre-activations.
-    """
-
-    def __init__(self, num_timesteps: int, hidden: int = 128, *, rngs):
-        self.embed = nnx.Embed(num_timesteps, hidden, rngs=rngs)
-        self.inp = nnx.Linear(2, hidden, rngs=rngs)
-        self.h1 = nnx.Linear(hidden, hidden, rngs=rngs)
-        self.h2 = nnx.Linear(hidden, hidden, rngs=rngs)
-        self.out = nnx.Linear(hidden, 2, rngs=rngs)
-
-    def __call__(self, x_t, t):
-        e = self.embed(t)
-        h = nnx.silu(self.inp(x_t) + e)
-        h = nnx.silu(self.h1(h) + e)
-        h = nnx.silu(self.h2(h))
-        return self.out(h)
 
 
 def in_region(x):

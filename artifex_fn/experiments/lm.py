@@ -3,7 +3,7 @@ compiled program.
 
 Data and model. Strings ``BOS d1 .. dK EOS`` of ``K = 4`` uniform digits
 (vocabulary ``V = 12``: 0 pad, 1 BOS/EOS, digit ``d`` is token ``d + 2``)
-pre-train a :class:`~artifex_fn.training.trainers.autoregressive.TinyCausalLM`
+pre-train a :class:`~artifex_fn.families.autoregressive.TinyCausalLM`
 (``num_layers = 2`` causal self-attention blocks, width 32) by teacher
 forcing: a ``lax.scan`` of :func:`artifex_fn.families.autoregressive.update`
 inside ``init`` (300 Adam steps on batches ``[128, K + 2]``). The pre-trained
@@ -62,12 +62,12 @@ from flax import nnx
 
 from artifex_fn import dpo
 from artifex_fn import grpo
+from artifex_fn._src.sampling import token_policy
 from artifex_fn.experiments._program import Program
 from artifex_fn.families import autoregressive as ar
+from artifex_fn.families.autoregressive import TinyCausalLM
 from artifex_fn.toy_data import digit_strings
 from artifex_fn.toy_data import digit_sum
-from artifex_fn.training.sampling import token_policy
-from artifex_fn.training.trainers.autoregressive import TinyCausalLM
 
 PAD, BOS, EOS = 0, 1, 1
 VOCAB = 12

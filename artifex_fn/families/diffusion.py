@@ -10,6 +10,7 @@ the chain a policy for :mod:`artifex_fn.grpo` (:func:`ddpo_policy`,
 :mod:`artifex_fn._src.families.diffusion_sampling` for the maths.
 """
 
+from artifex_fn._src.families.networks import EpsMLP
 from artifex_fn._src.families.diffusion import DiffusionConfig
 from artifex_fn._src.families.diffusion import DiffusionState
 from artifex_fn._src.families.diffusion import ema_decay_at
@@ -34,6 +35,7 @@ from artifex_fn._src.families.diffusion_sampling import step_distribution
 from artifex_fn._src.families.diffusion_sampling import step_std
 
 __all__ = (
+    "EpsMLP",
     "DiffusionConfig", "DiffusionState", "NoiseSchedule", "SCHEDULES",
     "VARIANCES", "chain_kl", "chain_timesteps", "ddpo_batch", "ddpo_policy",
     "ema_decay_at", "ema_update", "init", "loss", "noise_schedule",
