@@ -2,12 +2,17 @@
 
 Prints environment steps per second (median of ``--repeats`` runs after the
 compile), compile time, and the wall time of S seeds relative to one seed.
+The process splits the CPU into one XLA host device per core (at most 8),
+as ``artifex-fn`` does.
 
-* ``baseline``: ``cartpole_baseline.py``, plain JAX + optax, no library;
-* ``library``: :func:`artifex_fn.experiments.cartpole.ppo_program`
-  (``vmap`` over seeds when S > 1);
+* ``baseline``: ``cartpole_baseline.py``, plain JAX + optax, no library,
+  seeds ``vmap``-ed on one device (the usual fully-jitted recipe);
+* ``library``: :func:`artifex_fn.experiments.cartpole.ppo_program`, seeds
+  ``vmap``-ed and split over the host devices (as the CLI runs it); the
+  8-seed run is repeated on one device, and the baseline on all devices,
+  so that every ratio has its like-for-like partner;
 
-both run as 8 calls of one compiled ``lax.scan`` over 1/8 of the
+all run as 8 calls of one compiled ``lax.scan`` over 1/8 of the
 iterations, the carry kept on the device;
 * ``runner``: :func:`artifex_fn.experiments.run` as the CLI calls it (20
   compiled chunks, metrics to the host after each, progress bar off).
@@ -21,6 +26,11 @@ import argparse
 import os
 import sys
 import time
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
+        f"{min(os.cpu_count() or 1, 8)}").strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -60,15 +70,22 @@ def main():
     # calls, so this is the fully-jitted loop cut into a few calls.
     length = runner._chunk_length(n_iter, 8)
 
-    def driver(init, update, seeds):
+    def driver(init, update, seeds, split):
         def chunk(carry):
             return jax.lax.scan(update, carry, None, length=length)
+        sharding = runner._seed_sharding(seeds) if split else None
         if seeds == 1:
             init_j = jax.jit(lambda k: init(k[0]))
             chunk_j = jax.jit(chunk, donate_argnums=0)
-        else:
+        elif sharding is None:
             init_j = jax.jit(jax.vmap(init))
             chunk_j = jax.jit(jax.vmap(chunk), donate_argnums=0)
+        else:
+            init_j = jax.jit(jax.vmap(init), in_shardings=sharding,
+                             out_shardings=sharding)
+            chunk_j = jax.jit(jax.vmap(chunk), donate_argnums=0,
+                              in_shardings=sharding,
+                              out_shardings=(sharding, sharding))
 
         def run_all(keys):
             carry = init_j(keys)
@@ -79,24 +96,30 @@ def main():
             jax.block_until_ready(carry)
             return np.concatenate([np.asarray(o) for o in outs], axis=-1)
 
-        return init_j, chunk_j, run_all
+        return init_j, chunk_j, run_all, (
+            1 if sharding is None else len(sharding.device_set))
 
     # Compile everything first, then time the programs in interleaved
     # rounds so that load changes on the machine hit all of them alike.
+    plan = [("baseline", base_init, base_update, seeds, False)
+            for seeds in (1, 4, 8)]
+    plan += [("library", lib_init, lib_update, seeds, True)
+             for seeds in (1, 4, 8)]
+    if jax.device_count() > 1:
+        plan += [("baseline", base_init, base_update, 8, True),
+                 ("library", lib_init, lib_update, 8, False)]
     entries = []
-    for name, init, update in (("baseline", base_init, base_update),
-                               ("library", lib_init, lib_update)):
-        for seeds in (1, 4, 8):
-            keys = jax.random.split(jax.random.PRNGKey(0), seeds)
-            init_j, chunk_j, run_all = driver(init, update, seeds)
-            t0 = time.perf_counter()
-            carry = init_j(keys)
-            chunk_j.lower(carry).compile()
-            compile_s = time.perf_counter() - t0
-            out = run_all(keys)     # warm-up (and the jit cache entry)
-            entries.append(dict(name=name, seeds=seeds, run=run_all,
-                                keys=keys, compile=compile_s, times=[],
-                                out=out))
+    for name, init, update, seeds, split in plan:
+        keys = jax.random.split(jax.random.PRNGKey(0), seeds)
+        init_j, chunk_j, run_all, devices = driver(init, update, seeds, split)
+        t0 = time.perf_counter()
+        carry = init_j(keys)
+        chunk_j.lower(carry).compile()
+        compile_s = time.perf_counter() - t0
+        out = run_all(keys)     # warm-up (and the jit cache entry)
+        entries.append(dict(name=name, seeds=seeds, devices=devices,
+                            run=run_all, keys=keys, compile=compile_s,
+                            times=[], out=out))
     for _ in range(args.repeats):
         for e in entries:
             t0 = time.perf_counter()
@@ -105,7 +128,7 @@ def main():
     rows = []
     for e in entries:
         final = np.asarray(e["out"]).reshape(e["seeds"], -1)[:, -8:]
-        rows.append((e["name"], e["seeds"], e["compile"],
+        rows.append((e["name"], e["seeds"], e["devices"], e["compile"],
                      float(np.median(e["times"])), np.nanmean(final)))
 
     # The CLI path: chunked runner with metrics copied back per chunk.
@@ -120,24 +143,26 @@ def main():
                             float(np.median(times)),
                             float(np.mean(result.after["eval_return"]))))
 
-    base1 = next(r for r in rows if r[0] == "baseline" and r[1] == 1)[3]
-    lib1 = next(r for r in rows if r[0] == "library" and r[1] == 1)[3]
+    base1 = next(r for r in rows if r[0] == "baseline" and r[1] == 1)[4]
+    lib1 = next(r for r in rows if r[0] == "library" and r[1] == 1)[4]
     print(f"\nPPO CartPole-v1, {steps:,} env steps per seed, "
-          f"{os.cpu_count()} cores, {jax.default_backend()}, median of "
-          f"{args.repeats}\n")
-    print("| program | seeds | compile s | run s | env steps/s "
+          f"{os.cpu_count()} cores, {jax.device_count()} "
+          f"{jax.default_backend()} devices, median of {args.repeats}\n")
+    print("| program | seeds | devices | compile s | run s | env steps/s "
           "| vs baseline 1 seed | wall vs same program 1 seed | "
           "final train return |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, seeds, c, t, ret in rows:
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, seeds, devices, c, t, ret in rows:
         one = base1 if name == "baseline" else lib1
         sps = seeds * steps / t
-        print(f"| {name} | {seeds} | {c:.1f} | {t:.2f} | "
+        print(f"| {name} | {seeds} | {devices} | {c:.1f} | {t:.2f} | "
               f"{sps:,.0f} | {sps / (steps / base1):.2f}x | "
               f"{t / one:.2f}x | {ret:.0f} |")
     for seeds, c, t, ret in runner_rows:
         sps = seeds * steps / t
-        print(f"| runner (CLI path, 20 chunks) | {seeds} | "
+        devices = runner._seed_sharding(seeds)
+        devices = 1 if devices is None else len(devices.device_set)
+        print(f"| runner (CLI path, 20 chunks) | {seeds} | {devices} | "
               f"{c:.1f} | {t:.2f} | {sps:,.0f} | {sps / (steps / base1):.2f}x"
               f" | {t / runner_rows[0][2]:.2f}x | eval {ret:.0f} |")
 

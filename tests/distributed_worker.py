@@ -398,6 +398,28 @@ def run_trainers():
                 metric_names=sorted(metrics[label]))), flush=True)
 
 
+def run_runner():
+    """The experiment runner: 4 CartPole PPO seeds split over 4 of the 8
+    devices against the same seeds on one device."""
+    from artifex_fn.experiments import cartpole, runner
+    program = cartpole.ppo_program(dict(num_steps=16, total_timesteps=192,
+                                        eval_envs=4))
+    results = {}
+    for label, shard in (("plain", False), ("4dev", "auto")):
+        results[label] = runner.run(program, hparams=cartpole.PPO_HPARAMS,
+                                    num_seeds=4, chunks=3, progress=False,
+                                    shard_seeds=shard)
+    plain, split = results["plain"], results["4dev"]
+    assert plain.devices == 1 and split.devices == 4, (plain.devices,
+                                                      split.devices)
+    print(json.dumps(dict(
+        case="runner", variant="4dev",
+        params=_rel_diff(split.params, plain.params),
+        metrics=_rel_diff(dict(split.metrics, **split.after),
+                          dict(plain.metrics, **plain.after)),
+        metric_names=sorted(split.metrics))), flush=True)
+
+
 def _two_process_problem():
     update, state, batch = grpo_problem("grpo")
     return update, state, batch
@@ -438,6 +460,7 @@ if __name__ == "__main__":
     if MODE == "devices":
         run_devices()
         run_trainers()
+        run_runner()
     elif MODE == "single":
         run_single(sys.argv[2])
     elif MODE == "host":

@@ -250,3 +250,60 @@ def test_missing_optimizer_or_policy_is_a_clear_error(name):
     state = mod.init(params, with_fields(cfg, policy=None))
     with pytest.raises(ValueError, match="policy"):
         jax.jit(mod.update)(state, batch)
+
+
+# --- minibatch shuffling ------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from artifex_fn._src.algorithms.common import shuffle_indices  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(0, 3000), seed=st.integers(0, 2**31 - 1))
+def test_shuffle_indices_is_a_permutation(n, seed):
+    p = np.asarray(shuffle_indices(jax.random.PRNGKey(seed), n))
+    assert p.dtype == np.int32 and p.shape == (n,)
+    np.testing.assert_array_equal(np.sort(p), np.arange(n))
+
+
+def test_shuffle_indices_is_uniform():
+    """All 24 orders of 4 rows equally likely (chi-square), and every row
+    equally likely at every position of a 512-row shuffle."""
+    keys = jax.random.split(jax.random.PRNGKey(3), 24_000)
+    perms = np.asarray(jax.jit(jax.vmap(lambda k: shuffle_indices(k, 4)))(keys))
+    codes = perms @ (4 ** np.arange(4))
+    counts = np.unique(codes, return_counts=True)[1]
+    assert len(counts) == 24
+    chi2 = np.sum((counts - 1000.0) ** 2 / 1000.0)
+    assert chi2 < 49.7, chi2          # 23 dof, p = 0.001
+    perms = np.asarray(jax.jit(jax.vmap(lambda k: shuffle_indices(k, 512)))(
+        keys[:4096]))
+    first = np.bincount(perms[:, 0], minlength=512)   # row at position 0
+    chi2 = np.sum((first - 8.0) ** 2 / 8.0)
+    assert chi2 < 650, chi2            # 511 dof, p = 0.001
+    # Neighbouring rows are not kept together (a sort bug would do that).
+    assert np.mean(np.abs(np.diff(perms, axis=1)) == 1) < 0.01
+
+
+@pytest.mark.parametrize("n, rounds", [(16, 1), (512, 2), (5000, 3)])
+def test_shuffle_indices_matches_its_definition(n, rounds):
+    """Each round sorts (random high bits | current position): a NumPy
+    replay of the rounds gives the same permutation. Ties in a round's
+    random bits thus keep the previous round's random order."""
+    b = max(1, math.ceil(math.log2(n)))
+    low = np.uint32((1 << b) - 1)
+    key = jax.random.PRNGKey(7)
+    order = np.arange(n)
+    for k in jax.random.split(key, rounds):
+        bits = np.asarray(jax.random.bits(k, (n,), jnp.uint32))
+        packed = (bits & ~low) | np.arange(n, dtype=np.uint32)
+        order = order[np.argsort(packed)]
+    np.testing.assert_array_equal(np.asarray(shuffle_indices(key, n)), order)
+
+
+def test_shuffle_indices_large_n_falls_back():
+    n = (1 << 20) + 3
+    p = np.asarray(jax.jit(lambda k: shuffle_indices(k, n))(
+        jax.random.PRNGKey(0)))
+    np.testing.assert_array_equal(np.sort(p), np.arange(n))

@@ -29,6 +29,9 @@ def _no_persistent_cache(monkeypatch):
     # The CLI turns on JAX's persistent compilation cache in ~/.cache;
     # keep the test process's global config untouched.
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")
+    # JAX's backends exist before any in-process CLI call, so ``--devices``
+    # leaves this process's XLA_FLAGS alone (the subprocess test covers it).
+    jax.devices()
 
 
 def _cli(argv, capsys):
@@ -47,7 +50,7 @@ def test_help_lists_every_option_and_task(capsys):
     assert code == 0
     for option in ("--task", "--algo", "--seeds", "--seed", "--steps", "--set",
                    "--sweep", "--out", "--config", "--chunks",
-                   "--no-progress", "--no-plot"):
+                   "--devices", "--no-progress", "--no-plot"):
         assert option in text
     for task in experiments.TASKS:
         assert task in text
@@ -76,6 +79,9 @@ def test_unknown_task_and_algo_name_the_valid_ones(capsys, tmp_path):
     assert code == 2 and "NAME=VALUE" in text
     code, text = _cli(["train", "--task", "cartpole"], capsys)
     assert code == 2 and "--algo" in text
+    code, text = _cli(["train", "--task", "cartpole", "--algo", "ppo",
+                       "--devices", "two", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "--devices must be 'auto' or an int >= 1" in text
 
 
 def test_tasks_command_lists_defaults(capsys):
@@ -168,6 +174,27 @@ def test_cli_cartpole_writes_every_file(tmp_path, capsys):
     assert all(np.all(np.isfinite(x)) for x in leaves)
 
 
+def test_cli_spreads_seeds_over_host_devices(tmp_path):
+    """In a fresh process ``--devices 2`` splits the CPU into two XLA
+    devices and the runner puts one seed on each."""
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR="", JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = " ".join(
+        f for f in env.get("XLA_FLAGS", "").split()
+        if "force_host_platform_device_count" not in f)
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "artifex_fn.experiments.cli", "train",
+         "--task", "cartpole", "--algo", "ppo", "--seeds", "2",
+         "--steps", "1024", "--chunks", "1", "--set", "eval_envs=4",
+         "--no-progress", "--no-plot", "--devices", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "over 2 devices" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["devices"] == 2
+    assert all(math.isfinite(x) for x in summary["points"][0]["after_per_seed"])
+
+
 def test_console_script_entry_point():
     proc = subprocess.run([sys.executable, "-m", "artifex_fn.experiments.cli",
                            "train", "--help"], capture_output=True, text=True,
@@ -248,6 +275,67 @@ def test_ppo_rollout_bootstraps_at_truncation_only():
                                terminated=jnp.array([[False, True, False]]))
     np.testing.assert_allclose(adv_t, [[1 + 0.5 * 6.0, 1 + 5.0, 1.0]])
     np.testing.assert_allclose(adv_d, [[1 + 0.5 * 1.0, 1.0, 1.0]])
+
+
+def test_auto_reset_step_equals_gymnax_step():
+    """The rollout's step (reset drawn in advance) is gymnax's ``env.step``
+    given the reset that ``env.step`` would draw: mid-episode, at a
+    termination and at the time limit."""
+    import gymnax
+    env, params = gymnax.make("CartPole-v1")
+    step = jax.jit(cartpole._auto_reset_step(env, params))
+    key = jax.random.PRNGKey(0)
+    _, state = env.reset(key, params)
+    states = [state,
+              state.replace(theta=jnp.float32(0.25)),          # terminates
+              state.replace(time=params.max_steps_in_episode - 1)]  # truncates
+    outcomes = set()
+    for i, s in enumerate(states):
+        k = jax.random.fold_in(key, i)
+        want = env.step(k, s, 1, params)
+        k_step, k_reset = jax.random.split(k)
+        reset_obs, reset_state = env.reset_env(k_reset, params)
+        batch = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None],
+                                       (k_step, s, jnp.int32(1), reset_obs,
+                                        reset_state))
+        got = jax.tree_util.tree_map(lambda x: x[0], step(*batch))
+        obs, new_state, reward, terminated, truncated, final_obs = got
+        np.testing.assert_allclose(obs, want[0])
+        for a, b in zip(jax.tree_util.tree_leaves(new_state),
+                        jax.tree_util.tree_leaves(want[1])):
+            np.testing.assert_allclose(a, b)
+        np.testing.assert_allclose(reward, want[2])
+        assert bool(terminated) == bool(want[3])
+        assert bool(truncated) == bool(want[4])
+        np.testing.assert_allclose(final_obs, want[5]["final_observation"])
+        outcomes.add((bool(terminated), bool(truncated)))
+    assert outcomes == {(False, False), (True, False), (False, True)}
+
+
+def test_single_run_equals_plain_steps(small_ppo):
+    """One seed and no sweep runs the program unbatched; the metrics and
+    parameters keep the [1, 1] grid axes and equal plain jitted steps."""
+    res = runner.run(small_ppo, hparams=cartpole.PPO_HPARAMS, num_seeds=1,
+                     chunks=3, progress=False)
+    assert res.metrics["loss"].shape == (1, 1, 3)
+    assert res.after["eval_return"].shape == (1, 1)
+    assert res.devices == 1
+    hp = {k: jnp.float32(v) for k, v in cartpole.PPO_HPARAMS.items()}
+    carry = small_ppo.init(jax.random.split(jax.random.PRNGKey(0), 1)[0], hp)
+    step = jax.jit(small_ppo.step)
+    losses = []
+    for _ in range(small_ppo.num_iterations):
+        carry, m = step(carry, hp)
+        losses.append(float(m["loss"]))
+    np.testing.assert_allclose(res.metrics["loss"][0, 0], losses, rtol=2e-4,
+                               atol=2e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(res.params),
+                    jax.tree_util.tree_leaves(small_ppo.params(carry))):
+        assert a.shape == (1, 1) + b.shape
+        np.testing.assert_allclose(a[0, 0], b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="shard_seeds"):
+        runner.run(small_ppo, hparams=cartpole.PPO_HPARAMS, num_seeds=1,
+                   shard_seeds="yes", progress=False)
 
 
 def test_ppo_cartpole_learns_quickly():

@@ -111,6 +111,16 @@ def test_trainer_shard_equals_plain(device_results, trainer):
 
 
 @DEVICES_GROUP
+def test_runner_splits_seeds_over_devices(device_results):
+    """``runner.run`` puts 4 seeds on 4 devices (one each) and trains them
+    as on one device: rounding differs (per-device vmaps of one seed), so
+    the tolerance is looser than for a single update."""
+    row = device_results[("runner", "4dev")]
+    assert row["params"] <= 1e-4 and row["metrics"] <= 1e-4, row
+    assert "episode_return" in row["metric_names"]
+
+
+@DEVICES_GROUP
 def test_device_results_cover_the_metrics(device_results):
     """The comparison included every metric, e.g. GRPO's group statistics."""
     names = device_results[("grpo-grpo", "8dev")]["metric_names"]

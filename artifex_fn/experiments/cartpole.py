@@ -99,6 +99,55 @@ def _env():
     return env, env_params
 
 
+def _rollout_randomness(env, env_params, key, num_steps: int,
+                        num_envs: int, num_actions: int = 2):
+    """Every random number a rollout of ``num_steps`` x ``num_envs`` needs.
+
+    Drawn before the rollout's ``lax.scan`` in a few batched calls: JAX
+    lowers each threefry call on CPU to a small loop, and a rollout of tiny
+    per-step calls (a key split, the action sample, the reset inside
+    gymnax's ``step``) spends about a third of a CartPole PPO iteration in
+    them. Returns ``[T, E, ...]`` arrays: Gumbel noise for the actions
+    (``argmax(logits + gumbel)`` samples the softmax policy, as
+    ``jax.random.categorical`` does), the keys for ``env.step_env`` and a
+    freshly reset ``(obs, state)`` per slot for the auto-reset.
+    """
+    k_act, k_step, k_reset = jax.random.split(key, 3)
+    gumbel = jax.random.gumbel(k_act, (num_steps, num_envs, num_actions))
+    step_keys = jax.random.split(k_step, num_steps * num_envs)
+    reset_obs, reset_state = jax.vmap(env.reset_env, (0, None))(
+        jax.random.split(k_reset, num_steps * num_envs), env_params)
+
+    def grid(x):
+        return jnp.reshape(x, (num_steps, num_envs) + x.shape[1:])
+
+    return jax.tree_util.tree_map(
+        grid, (gumbel.reshape(-1, num_actions), step_keys, reset_obs,
+               reset_state))
+
+
+def _auto_reset_step(env, env_params):
+    """gymnax's ``env.step`` with the reset drawn in advance.
+
+    ``(key, state, action, reset_obs, reset_state) -> (obs, state, reward,
+    terminated, truncated, final_obs)`` for one environment: step, check the
+    time limit, and where the episode ended continue from the given reset
+    (``final_obs`` is the observation before it).
+    """
+
+    def step(key, state, action, reset_obs, reset_state):
+        obs, state, reward, terminated, _ = env.step_env(
+            key, state, action, env_params)
+        truncated = env.is_truncated(state, env_params)
+        done = jnp.logical_or(terminated, truncated)
+        next_state = jax.tree_util.tree_map(
+            lambda r, s: jax.lax.select(done, r, s), reset_state, state)
+        next_obs = jax.lax.select(done, reset_obs, obs)
+        return next_obs, next_state, reward, terminated, truncated, obs
+
+    return jax.vmap(step)
+
+
 class ActorCritic(nnx.Module):
     """Separate tanh MLPs for the policy logits and the value.
 
@@ -197,6 +246,7 @@ def ppo_program(settings: dict | None = None) -> Program:
     init_params, apply = _model_fns(s["hidden"])
     optimizer = _optimizer()
     evaluate_params = _evaluate(env, env_params, apply, s["eval_envs"])
+    env_step_fn = _auto_reset_step(env, env_params)
 
     def config(hp):
         return ppo.PPOConfig(
@@ -224,17 +274,16 @@ def ppo_program(settings: dict | None = None) -> Program:
         params = train.params
         key, rollout_key = jax.random.split(carry["key"])
 
-        def env_step(c, k):
+        def env_step(c, noise):
             obs, env_state, ep_return, done_sum, done_count = c
-            k_act, k_env = jax.random.split(k)
+            gumbel, step_keys, reset_obs, reset_state = noise
             logits, value = apply(params, obs)
-            action = jax.random.categorical(k_act, logits)
+            action = jnp.argmax(logits + gumbel, axis=-1)
             log_prob = jnp.take_along_axis(
                 jax.nn.log_softmax(logits), action[:, None], -1)[:, 0]
-            next_obs, env_state, reward, terminated, truncated, info = jax.vmap(
-                env.step, (0, 0, 0, None))(
-                    jax.random.split(k_env, num_envs), env_state, action,
-                    env_params)
+            next_obs, env_state, reward, terminated, truncated, final_obs = (
+                env_step_fn(step_keys, env_state, action, reset_obs,
+                            reset_state))
             done = jnp.logical_or(terminated, truncated)
             ep_return = ep_return + reward
             done_sum = done_sum + jnp.sum(jnp.where(done, ep_return, 0.0))
@@ -243,13 +292,14 @@ def ppo_program(settings: dict | None = None) -> Program:
             transition = dict(obs=obs, action=action, log_prob=log_prob,
                               value=value, reward=reward,
                               terminated=terminated, truncated=truncated,
-                              final_obs=info["final_observation"])
+                              final_obs=final_obs)
             return (next_obs, env_state, ep_return, done_sum, done_count), transition
 
         c0 = (carry["obs"], carry["env_state"], carry["ep_return"],
               jnp.zeros(()), jnp.zeros((), jnp.int32))
         (obs, env_state, ep_return, done_sum, done_count), traj = jax.lax.scan(
-            env_step, c0, jax.random.split(rollout_key, num_steps))
+            env_step, c0, _rollout_randomness(env, env_params, rollout_key,
+                                              num_steps, num_envs))
         # [T, E] -> [E, T]; the value after every step is V(final_obs): the
         # next observation of the same episode (before any reset).
         traj = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1), traj)
@@ -321,22 +371,25 @@ def reinforce_program(settings: dict | None = None) -> Program:
         obs, env_state = jax.vmap(env.reset, (0, None))(
             jax.random.split(reset_key, num_envs), env_params)
 
-        def env_step(c, k):
+        def env_step(c, noise):
             obs, env_state, alive = c
-            k_act, k_env = jax.random.split(k)
+            gumbel, step_keys = noise
             logits = policy(params, obs)
-            action = jax.random.categorical(k_act, logits)
+            action = jnp.argmax(logits + gumbel, axis=-1)
             next_obs, env_state, reward, terminated, _ = jax.vmap(
                 env.step_env, (0, 0, 0, None))(
-                    jax.random.split(k_env, num_envs), env_state, action,
-                    env_params)
+                    step_keys, env_state, action, env_params)
             transition = dict(obs=obs, action=action, reward=reward * alive,
                               terminated=terminated, mask=alive)
             alive = alive * (1.0 - terminated.astype(jnp.float32))
             return (next_obs, env_state, alive), transition
 
+        k_act, k_step = jax.random.split(rollout_key)
+        noise = (jax.random.gumbel(k_act, (max_steps, num_envs, 2)),
+                 jax.random.split(k_step, max_steps * num_envs).reshape(
+                     max_steps, num_envs, -1))
         _, traj = jax.lax.scan(env_step, (obs, env_state, jnp.ones(num_envs)),
-                               jax.random.split(rollout_key, max_steps))
+                               noise)
         traj = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1), traj)
         batch_ = dict(observations=traj["obs"], actions=traj["action"],
                       rewards=traj["reward"], dones=traj["terminated"],

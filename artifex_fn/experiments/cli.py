@@ -26,6 +26,38 @@ def _compilation_cache() -> None:
         jax.config.update("jax_compilation_cache_dir", path)
 
 
+def _host_devices(requested: str, parser) -> None:
+    """Splits the CPU into ``requested`` XLA host devices, before JAX starts.
+
+    The runner then spreads the seeds over them (one core each): the
+    seeds of a small network like CartPole's keep a core busy each, and one
+    program's operations are too small to use two cores. No effect on GPUs
+    and TPUs, when ``XLA_FLAGS`` already sets a device count, or when JAX's
+    backends already exist in this process.
+    """
+    if requested == "auto":
+        n = min(os.cpu_count() or 1, 8)
+    else:
+        try:
+            n = int(requested)
+        except ValueError:
+            n = 0
+        if n < 1:
+            parser.error(f"--devices must be 'auto' or an int >= 1, got "
+                         f"{requested!r}.")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if n <= 1 or "xla_force_host_platform_device_count" in flags:
+        return
+    try:
+        from jax._src import xla_bridge
+        if xla_bridge.backends_are_initialized():
+            return
+    except (ImportError, AttributeError):  # pragma: no cover - jax internals
+        pass
+    os.environ["XLA_FLAGS"] = (
+        flags + f" --xla_force_host_platform_device_count={n}").strip()
+
+
 def _parse_assignment(text: str, flag: str, parser):
     if "=" not in text:
         parser.error(f"{flag} expects NAME=VALUE, got {text!r}.")
@@ -130,6 +162,11 @@ examples:
                     help="split the iterations into about this many compiled "
                          "chunks; metrics and the progress bar update after "
                          "each (default 20; 1 = one call for the whole run)")
+    tr.add_argument("--devices", default="auto", metavar="N",
+                    help="CPU: split the host into this many XLA devices "
+                         "and spread the seeds over them, one core each "
+                         "(default auto: the number of cores, at most 8; "
+                         "1 keeps one device)")
     tr.add_argument("--no-progress", action="store_true",
                     help="no progress bar")
     tr.add_argument("--no-plot", action="store_true",
@@ -146,6 +183,8 @@ examples:
                       help="output directory (default runs/demo)")
     demo.add_argument("--quick", action="store_true",
                       help="tiny budgets (a smoke test, not a result)")
+    demo.add_argument("--devices", default="auto", metavar="N",
+                      help="as for train")
     demo.add_argument("--no-progress", action="store_true",
                       help="no progress bars")
 
@@ -222,6 +261,7 @@ def main(argv=None) -> int:
         return 2
     if args.command == "tasks":
         return _print_tasks()
+    _host_devices(args.devices, parser)
     _compilation_cache()
     if args.command == "train":
         return _train_from_args(args, parser)

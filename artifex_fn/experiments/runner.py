@@ -9,10 +9,14 @@ Every run is laid out on a grid ``[S seeds, V sweep values]``:
   carry donated between chunks; only the chunk's scalar metrics come back
   to the host (for the progress bar and ``metrics.jsonl``).
 
-With ``shard_seeds=True`` and several devices the seed axis is split across
-them (``jax.jit`` over a one-axis ``seed`` mesh). Off by default: a CPU
-split into host devices (``--xla_force_host_platform_device_count``) gains
-nothing from it.
+With several devices (GPUs, or a CPU split into one XLA host device per
+core with ``--xla_force_host_platform_device_count``, as ``artifex-fn``
+does) the seed axis is split across them: ``jax.jit`` over a one-axis
+``seed`` mesh, each device running its seeds' share of the same vmapped
+program with no communication. On a 2-core CPU that halves the wall time of
+8 CartPole PPO seeds (``benchmarks/bench_cartpole.py``). Results are those
+of the unsplit program up to floating-point reassociation (a vmapped dot
+over 4 seeds may round differently from one over 8).
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class RunResult:
       compile_seconds, run_seconds: wall time of the first chunk's
         compilation and of the training loop (compilation excluded).
       samples: environment steps or samples of the whole grid.
+      num_seeds: ``S``.
+      devices: how many devices the seed axis was split over (1: none).
     """
     hparams: dict[str, np.ndarray]
     sweep: list[dict[str, float]]
@@ -57,6 +63,7 @@ class RunResult:
     run_seconds: float
     samples: int
     num_seeds: int
+    devices: int = 1
 
     @property
     def samples_per_second(self) -> float:
@@ -132,7 +139,7 @@ def run(program: Program, *, hparams: Mapping[str, float],
         sweep: Mapping[str, Sequence[float]] | None = None,
         num_seeds: int = 1, seed: int = 0, chunks: int = 20,
         progress: bool = True, on_chunk: Callable | None = None,
-        shard_seeds: bool = False) -> RunResult:
+        shard_seeds: bool | str = "auto") -> RunResult:
     """Trains ``num_seeds`` x (sweep points) runs of ``program`` at once.
 
     Args:
@@ -147,8 +154,10 @@ def run(program: Program, *, hparams: Mapping[str, float],
       progress: show a tqdm bar.
       on_chunk: optional ``(first_iteration, metrics {name: [S, V, L]})``
         called after each chunk.
-      shard_seeds: split the seed axis across the devices when there are
-        several (see the module docstring).
+      shard_seeds: ``"auto"`` (default) splits the seed axis across the
+        devices when there are several and ``gcd(num_seeds, devices) >
+        1``; ``False`` keeps every seed on the default device; ``True``
+        is the same as ``"auto"`` (see the module docstring).
 
     Returns:
       a :class:`RunResult`.
@@ -163,13 +172,39 @@ def run(program: Program, *, hparams: Mapping[str, float],
     n = program.num_iterations
     length = _chunk_length(n, chunks)
 
+    def one(c, h):
+        return jax.lax.scan(lambda c, _: program.step(c, h), c, None,
+                            length=length)
+
     def chunk(carry, hp):
-        def one(c, h):
-            return jax.lax.scan(lambda c, _: program.step(c, h), c, None,
-                                length=length)
         return jax.vmap(jax.vmap(one), in_axes=(0, None))(carry, hp)
 
-    sharding = _seed_sharding(num_seeds) if shard_seeds else None
+    single = num_seeds == 1 and len(points) == 1
+    if single:
+        # One run: the program unbatched (a vmap over axes of size 1 costs
+        # XLA's CPU backend up to a quarter of the step time), its outputs
+        # given the [1, 1] grid axes.
+        def grid_axes(tree):
+            return jax.tree_util.tree_map(lambda x: x[None, None], tree)
+
+        def first(hp):
+            return {k: v[0] for k, v in hp.items()}
+
+        def init_fn(keys, hp):
+            return program.init(keys[0], first(hp))
+
+        def evaluate_fn(carry, key, hp):
+            return grid_axes(program.evaluate(carry, key, first(hp)))
+
+        def chunk(carry, hp):
+            carry, metrics = one(carry, first(hp))
+            return carry, grid_axes(metrics)
+
+    if shard_seeds not in (True, False, "auto"):
+        raise ValueError(f"`shard_seeds` must be True, False or 'auto', got "
+                         f"{shard_seeds!r}.")
+    sharding = (_seed_sharding(num_seeds)
+                if shard_seeds and not single else None)
     if sharding is None:
         init_j = jax.jit(init_fn)
         eval_j = jax.jit(evaluate_fn)
@@ -221,7 +256,10 @@ def run(program: Program, *, hparams: Mapping[str, float],
             bar.close()
     run_seconds = time.perf_counter() - t0
     after = jax.device_get(eval_j(carry, eval_key, hp))
-    params = jax.device_get(program.params(carry))
+    params = program.params(carry)
+    if single:
+        params = jax.tree_util.tree_map(lambda x: x[None, None], params)
+    params = jax.device_get(params)
     return RunResult(
         hparams=grid, sweep=points,
         metrics={k: np.concatenate(v, axis=-1) for k, v in history.items()},
@@ -230,4 +268,5 @@ def run(program: Program, *, hparams: Mapping[str, float],
         params=params, compile_seconds=compile_seconds,
         run_seconds=run_seconds,
         samples=num_seeds * len(points) * n * program.samples_per_iteration,
-        num_seeds=num_seeds)
+        num_seeds=num_seeds,
+        devices=1 if sharding is None else len(sharding.device_set))

@@ -132,6 +132,7 @@ def train(task: str, algo: str, *, seeds: int = 1, seed: int = 0,
         run_seconds=result.run_seconds,
         samples=result.samples,
         samples_per_second=result.samples_per_second,
+        devices=result.devices,
         final_metrics={k: v[..., -1].tolist()
                        for k, v in result.metrics.items()},
         files=files, out=out)
@@ -142,7 +143,9 @@ def train(task: str, algo: str, *, seeds: int = 1, seed: int = 0,
                 f"{p['before']:.3f} -> {p['after']:.3f} "
                 f"(mean of {seeds} seed{'s' * (seeds > 1)}; worst seed "
                 f"{p['after_min']:.3f})")
+        spread = (f" over {result.devices} devices"
+                  if result.devices > 1 else "")
         log(f"compile {result.compile_seconds:.1f} s, train "
-            f"{result.run_seconds:.1f} s, {result.samples_per_second:,.0f} "
-            f"samples/s; files in {out}")
+            f"{result.run_seconds:.1f} s{spread}, "
+            f"{result.samples_per_second:,.0f} samples/s; files in {out}")
     return summary

@@ -289,7 +289,7 @@ def update(state: common.TrainState, batch):
         return (params, opt_state), dict(metrics, grad_norm=grad_norm)
 
     def epoch(carry, epoch_key):
-        perm = jax.random.permutation(epoch_key, n)
+        perm = common.shuffle_indices(epoch_key, n)
         minibatches = jax.tree_util.tree_map(
             lambda x: jnp.reshape(x[perm], (k, n // k) + x.shape[1:]),
             samples)
