@@ -60,7 +60,10 @@ def _env(devices=None):
 DEVICES_GROUP = pytest.mark.xdist_group("distributed-8-devices")
 
 
-@pytest.fixture(scope="module")
+# Session scope: under xdist the group's tests can be interleaved with other
+# modules' tests on their worker, and a module-scoped fixture would then run
+# the 5-minute subprocess again.
+@pytest.fixture(scope="session")
 def device_results():
     proc = subprocess.run(
         [sys.executable, str(WORKER), "devices"], env=_env(8),
