@@ -106,19 +106,25 @@ def test_truncation_changes_gae_as_the_reference_says():
     got = np.asarray(samples["advantages"]).reshape(B, T)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert np.abs(expected - untruncated).max() > 1e-2
+    # Value targets on valid steps; padded samples hold zero.
     np.testing.assert_allclose(np.asarray(samples["returns"]).reshape(B, T),
-                               expected + values[:, :T], rtol=1e-5,
-                               atol=1e-5)
+                               np.where(mask > 0, expected + values[:, :T],
+                                        0.0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(stats["advantage_mean"],
                                expected[mask > 0].mean(), rtol=1e-4,
                                atol=1e-5)
 
 
 def test_bootstrap_value_layout_matches_values_plus_one():
-    """values [B, T] + bootstrap_value gives the same GAE as [B, T + 1]."""
+    """values [B, T] + bootstrap_value gives the same GAE as [B, T + 1]:
+    with right padding, the bootstrap value is V(s_L), the value after each
+    row's last valid step."""
     cfg, _, batch = ppo_problem(3)
     values = batch["values"]
-    split = dict(batch, values=values[:, :T], bootstrap_value=values[:, T])
+    lengths = np.asarray(batch["mask"]).sum(-1).astype(int)
+    assert lengths.min() < T       # some rows are padded
+    split = dict(batch, values=values[:, :T],
+                 bootstrap_value=jnp.asarray(values)[np.arange(B), lengths])
     a, _ = _prepare(batch, cfg)
     b, _ = _prepare(split, cfg)
     np.testing.assert_allclose(a["advantages"], b["advantages"], rtol=1e-5,

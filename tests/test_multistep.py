@@ -423,7 +423,8 @@ def test_returns_are_linear_in_rewards(traj, seed, a, b):
 def test_masked_equals_sliced(traj, seed, per_step):
     """A right-padded row equals the sliced row; padding gives exact zeros.
 
-    Padded rewards, values after ``V(s_L)`` and padded next values are NaN.
+    Padded rewards, values after ``V(s_L)`` and padded next values are NaN;
+    ``bootstrap_value`` is ``V(s_L)``, the value after the last valid step.
     """
     t = _canonical(traj, seed, per_step=per_step)
     lengths = [max(n for n in LENGTHS if n <= k) for k in t["mask"].sum(1)]
@@ -434,7 +435,9 @@ def test_masked_equals_sliced(traj, seed, per_step):
     t["next_values"] = np.where(t["mask"], t["next_values"], np.nan).astype(
         np.float32)
     for i, n in enumerate(lengths):
+        boot = t["values"][i, n]          # V(s_L), after the last valid step
         t["values"][i, n + 1:] = np.nan
+        t["values"][i, -1] = boot         # the "bootstrap" layouts' value
     out = _outputs(t)
     for i, n in enumerate(lengths):
         row = {k: np.repeat(t[k][i:i + 1, :n], BATCH, axis=0)
@@ -443,9 +446,6 @@ def test_masked_equals_sliced(traj, seed, per_step):
         row["values"] = np.repeat(t["values"][i:i + 1, :n + 1], BATCH, axis=0)
         sliced = _outputs(row)
         for key, got in out.items():
-            if key[1:] == ("returns", "bootstrap"):
-                # bootstrap_value belongs to step T - 1, not to step L - 1.
-                continue
             assert np.all(got[i, n:] == 0.0), key
             np.testing.assert_allclose(got[i, :n], sliced[key][0], rtol=1e-5,
                                        atol=1e-4, err_msg=str(key))

@@ -152,7 +152,8 @@ def test_clipped_surrogate_extreme_log_ratios_are_finite():
 
 
 def test_sequence_ratio_is_exp_of_masked_mean_log_ratio():
-    """GSPO ratio: exp(masked mean log-ratio), constant along a sequence."""
+    """GSPO ratio: exp(masked mean log-ratio), constant along the valid
+    tokens of a sequence; padded tokens get 1."""
     lp = jnp.array([[-1.0, -2.0, -3.0, -50.0], [-0.5, -0.5, -0.5, -0.5]])
     old = jnp.array([[-1.5, -1.0, -3.3, 0.0], [-1.0, -0.2, -0.5, -0.9]])
     mask = jnp.array([[1, 1, 1, 0], [1, 1, 1, 1]])
@@ -160,18 +161,21 @@ def test_sequence_ratio_is_exp_of_masked_mean_log_ratio():
     lr = np.asarray(lp - old)
     s0 = math.exp((lr[0, 0] + lr[0, 1] + lr[0, 2]) / 3.0)
     s1 = math.exp(lr[1].mean())
-    np.testing.assert_allclose(ratio, [[s0] * 4, [s1] * 4], rtol=1e-6)
+    np.testing.assert_allclose(ratio, [[s0] * 3 + [1.0], [s1] * 4],
+                               rtol=1e-6)
     no_mask = _importance_ratio(lp[1:], old[1:], level="sequence")
     np.testing.assert_allclose(no_mask, [[s1] * 4], rtol=1e-6)
     # Padded tokens get no gradient through the sequence ratio.
     grad = jax.jit(jax.grad(lambda x: jnp.sum(_importance_ratio(
         x, old, level="sequence", mask=mask))))(lp)
     assert grad[0, 3] == 0.0
-    np.testing.assert_allclose(grad[0, :3], [4 * s0 / 3] * 3, rtol=1e-5)
+    # d/dlp_t of 3 * exp(mean of 3 log-ratios) is s0 for each valid token.
+    np.testing.assert_allclose(grad[0, :3], [s0] * 3, rtol=1e-5)
 
 
 def test_sequence_level_clipped_surrogate():
-    """level='sequence' clips the sequence ratio for every token."""
+    """level='sequence' clips the sequence ratio for every valid token;
+    padded tokens give zero."""
     lp = jnp.array([[0.3, 0.3, -9.0], [0.05, -0.05, 0.0]])
     old = jnp.zeros((2, 3))
     mask = jnp.array([[1, 1, 0], [1, 1, 1]])
@@ -179,14 +183,20 @@ def test_sequence_level_clipped_surrogate():
     out = _clipped_surrogate_loss(lp, old, adv, level="sequence",
                                   mask=mask)
     # Sequence 0: ratio e^0.3 ~ 1.35 -> clipped to 1.2; sequence 1: ratio 1.
-    np.testing.assert_allclose(out, [[-1.2] * 3, [2.0] * 3], rtol=1e-6)
+    np.testing.assert_allclose(out, [[-1.2, -1.2, 0.0], [2.0] * 3],
+                               rtol=1e-6)
 
 
-def test_token_level_ratio_ignores_mask():
-    """The token ratio is exp(log pi - log pi_old) elementwise."""
+def test_token_level_ratio_is_elementwise():
+    """The token ratio is exp(log pi - log pi_old) elementwise; a mask
+    sets padded tokens to 1 and leaves the others as they are."""
     lp = jnp.array([[0.1, -0.2], [0.0, 0.5]])
     ratio = _importance_ratio(lp, jnp.zeros((2, 2)))
     np.testing.assert_allclose(ratio, np.exp(np.asarray(lp)), rtol=1e-6)
+    masked = _importance_ratio(lp, jnp.zeros((2, 2)),
+                               mask=jnp.array([[1, 0], [0, 1]]))
+    np.testing.assert_allclose(masked, [[np.exp(0.1), 1.0], [1.0, np.exp(0.5)]],
+                               rtol=1e-6)
 
 
 def test_per_sequence_advantages_broadcast_over_tokens():

@@ -10,6 +10,7 @@ leave-one-out baseline is that of Kool et al. 2019 / Ahmadian et al. 2024
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, NamedTuple
 
 import jax
@@ -24,15 +25,129 @@ def _safe_div(num, den):
     return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
 
 
-def _safe_std_plus_eps(var, constant, eps):
-    """``sqrt(var) + eps``, replaced by 1 where the slice is constant.
+def _divide_by_scale(x, a):
+    """``x / a`` for a positive normal ``a`` of any magnitude.
 
-    Constant slices are zeroed by the caller; substituting 1 there keeps
-    both the unused quotient and the gradient of ``sqrt`` at zero variance
-    finite (``0 * inf`` would otherwise make the gradient NaN).
+    XLA may rewrite a division by a broadcast value as a product with its
+    reciprocal, which is subnormal (flushed to zero) for ``a`` above
+    ``2^126``. Here ``a = f 2^e`` with ``f`` in ``[0.5, 1)``, and ``x`` is
+    multiplied by two normal powers of two (exact) before dividing by
+    ``f``.
     """
-    safe_var = jnp.where(constant, 1.0, var)
-    return jnp.where(constant, 1.0, jnp.sqrt(safe_var) + eps)
+    f, e = jnp.frexp(a)
+    half = e // 2
+    return x * _power_of_two(-half, x.dtype) * _power_of_two(half - e,
+                                                             x.dtype) / f
+
+
+def _power_of_two(k, dtype):
+    """Exactly ``2^k`` (``k`` within the normal exponent range), built from
+    its bits: ``exp2`` goes through ``exp`` and is not exact."""
+    info = jnp.finfo(dtype)
+    int_type = jnp.int32 if info.bits == 32 else jnp.int64
+    bias = info.maxexp - 1
+    return jax.lax.bitcast_convert_type(
+        (k.astype(int_type) + bias) << info.nmant, dtype)
+
+
+def _standardize_parts(x, m, eps, axes, ddof):
+    """Scaled statistics of :func:`_standardize` (primal values only).
+
+    With ``a = max |x|``, ``y = x / a``, ``c = y - mean(y)`` and
+    ``s = max |c|``, the centred values are ``x - mean = t u`` with
+    ``t = a s`` (the spread) and ``u = c / s`` (``|u| <= 1``, one of them
+    is ``+-1``), and the standard deviation is ``sigma = t r`` with ``r =
+    rms(u)`` (``>= 1 / sqrt(n)``). No square of anything outside ``[0, 1]``
+    is taken, so nothing overflows or underflows.
+    """
+    valid = m > 0
+    count = jnp.sum(m, axis=axes, keepdims=True)
+    n_eff = jnp.maximum(count - ddof, 1.0)
+    hi = jnp.max(jnp.where(valid, x, -jnp.inf), axis=axes, keepdims=True)
+    lo = jnp.min(jnp.where(valid, x, jnp.inf), axis=axes, keepdims=True)
+    a = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
+    tiny = jnp.finfo(x.dtype).tiny
+    a_ok = a >= tiny
+    safe_a = jnp.where(a_ok, a, 1.0)
+    y = _divide_by_scale(x, safe_a)
+    c = jnp.where(valid, y - _safe_div(jnp.sum(y, axis=axes, keepdims=True),
+                                       count), 0.0)
+    s = jnp.max(jnp.abs(c), axis=axes, keepdims=True)
+    safe_s = jnp.where(s > 0, s, 1.0)
+    u = c / safe_s
+    root = jnp.sqrt(jnp.sum(jnp.square(u), axis=axes, keepdims=True)
+                    / n_eff)
+    t = safe_a * safe_s
+    sigma = t * root
+    ok = (hi > lo) & a_ok & (s > 0) & (sigma >= tiny)
+    root = jnp.where(ok, root, 1.0)
+    # q = t / (sigma + eps) = 1 / (r + eps / t); eps / t may be inf.
+    q = jnp.where(ok, 1.0 / (root + eps / jnp.where(ok, t, 1.0)), 0.0)
+    inv_d = jnp.where(ok, 1.0 / jnp.where(ok, sigma + eps, 1.0), 0.0)
+    return dict(u=jnp.where(ok & valid, u, 0.0), q=q, inv_d=inv_d, root=root,
+                valid=valid, count=count, n_eff=n_eff, constant=~ok)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _standardized(x, m, eps, axes, ddof):
+    p = _standardize_parts(x, m, eps, axes, ddof)
+    return p["u"] * p["q"]
+
+
+@_standardized.defjvp
+def _standardized_jvp(axes, ddof, primals, tangents):
+    """``d out = (dx - mean dx) / D - u q / D (d sigma + d eps)`` with
+    ``D = sigma + eps`` and ``d sigma = sum(u dx) / (n r)``: the derivative
+    of ``(x - mean) / (sigma + eps)``, in the scaled quantities, so that it
+    is finite wherever the value is (gradients of at most about ``1 /
+    tiny``)."""
+    x, m, eps = primals
+    dx, _, deps = tangents
+    p = _standardize_parts(x, m, eps, axes, ddof)
+    p = jax.tree_util.tree_map(jax.lax.stop_gradient, p)
+    u, q, inv_d, valid = p["u"], p["q"], p["inv_d"], p["valid"]
+    dx = jnp.where(valid, dx, 0.0)
+    mean_dx = _safe_div(jnp.sum(dx, axis=axes, keepdims=True), p["count"])
+    dsigma = (jnp.sum(u * dx, axis=axes, keepdims=True)
+              / (p["n_eff"] * p["root"]))
+    d_out = ((jnp.where(valid, dx - mean_dx, 0.0) - u * q * (dsigma + deps))
+             * inv_d)
+    return u * q, d_out
+
+
+def _standardize(x, m, axes, *, eps, ddof):
+    """``(x - mean) / (std + eps)`` over the valid entries, at any scale.
+
+    ``x`` must already hold zero at invalid entries (``m == 0``). Values and
+    derivatives come from rescaled quantities (:func:`_standardize_parts`),
+    the derivative from its closed form, so that neither overflows nor
+    meets ``0 * inf`` where the textbook formula squares a spread of
+    ``1e20`` (inf in float32) or ``1e-20`` (zero).
+
+    Returns ``(out, constant)``: ``constant`` (``keepdims`` over ``axes``)
+    is true where the valid entries are all equal, where their magnitudes
+    are all below the smallest normal number of the dtype (``1.2e-38`` in
+    float32), where their spread is lost to rounding against their
+    magnitude, or where their standard deviation is below that smallest
+    normal number; ``out`` is exactly zero there and at invalid entries,
+    with zero gradient.
+    """
+    eps = jnp.asarray(eps, x.dtype)
+    constant = jax.lax.stop_gradient(
+        _standardize_parts(x, m, eps, axes, ddof)["constant"])
+    return _standardized(x, m, eps, axes, ddof), constant
+
+
+def _centre(x, axes):
+    """``x - mean(x)`` over ``axes`` (all entries valid). Where the plain
+    sum overflows, the mean is taken of ``x / max|x|`` instead."""
+    mean = jnp.mean(x, axis=axes, keepdims=True)
+    # The scale is a constant: mean(x / a) * a has the gradient of mean(x).
+    a = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=axes, keepdims=True))
+    a = jnp.where(a >= jnp.finfo(x.dtype).tiny, a, 1.0)
+    scaled_mean = jnp.mean(_divide_by_scale(x, a), axis=axes,
+                           keepdims=True) * a
+    return x - jnp.where(jnp.isfinite(mean), mean, scaled_mean)
 
 
 def normalize_advantages(
@@ -50,8 +165,14 @@ def normalize_advantages(
     with the (masked) mean and standard deviation taken over ``axis``: all
     elements when ``axis`` is None (global), ``axis=-1`` for per-row
     statistics. A slice whose valid entries are all equal gives exactly zero
-    (no ``eps``-amplified rounding noise); padded entries give zero; an
-    all-masked slice gives zeros.
+    (no ``eps``-amplified rounding noise); padded entries give zero, with
+    zero gradient, whatever they hold (NaN, inf); an all-masked slice gives
+    zeros. The statistics are computed on rescaled values, so the result
+    is right and its gradient finite at any spread that the dtype holds
+    (``1e-30`` or ``1e30`` in float32); a slice whose values are all below
+    the dtype's smallest normal number (``1.2e-38`` in float32), or whose
+    spread is lost to rounding against their magnitude, counts as
+    constant.
 
     Args:
       advantages: array of any shape.
@@ -84,17 +205,9 @@ def normalize_advantages(
         axes = tuple(checks.normalize_axis(a, x.ndim, "axis") for a in axes)
     else:
         axes = None
-    count = jnp.sum(m, axis=axes, keepdims=True)
-    xm = jnp.where(m > 0, x, 0.0)
-    mean = _safe_div(jnp.sum(xm, axis=axes, keepdims=True), count)
-    centred = jnp.where(m > 0, x - mean, 0.0)
-    var = (jnp.sum(centred ** 2, axis=axes, keepdims=True)
-           / jnp.maximum(count - ddof, 1.0))
-    hi = jnp.max(jnp.where(m > 0, x, -jnp.inf), axis=axes, keepdims=True)
-    lo = jnp.min(jnp.where(m > 0, x, jnp.inf), axis=axes, keepdims=True)
-    constant = hi <= lo
-    out = jnp.where(constant, 0.0,
-                    centred / _safe_std_plus_eps(var, constant, eps))
+    m = jnp.where(m > 0, m, 0.0)
+    x = jnp.where(m > 0, x, 0.0)   # padding out before any arithmetic
+    out, _ = _standardize(x, m, axes, eps=eps, ddof=ddof)
     return out.astype(out_dtype)
 
 
@@ -104,7 +217,10 @@ class GroupAdvantages(NamedTuple):
     Attributes:
       advantages: ``[..., N]`` advantages, same shape as the rewards.
       zero_std: ``[..., N // group_size]`` booleans, true for groups whose
-        rewards are all equal (those get exactly zero advantage).
+        rewards are all equal (those get exactly zero advantage), and for
+        the numerically equivalent cases of :func:`normalize_advantages`
+        (all magnitudes below the dtype's smallest normal number, or a
+        spread lost to rounding against the rewards' magnitude).
     """
     advantages: jax.Array
     zero_std: jax.Array
@@ -182,24 +298,26 @@ def group_advantages(
     out_dtype, dt = checks.float_dtypes(rewards)
     grouped = rewards.astype(dt).reshape(
         rewards.shape[:-1] + (n // group_size, group_size))
-    mean = jnp.mean(grouped, axis=-1, keepdims=True)
-    zero_std = jnp.max(grouped, axis=-1) <= jnp.min(grouped, axis=-1)
-    centred = grouped - mean
-    if baseline == "rloo":
-        centred = centred * (group_size / (group_size - 1))
+    ones = jnp.ones_like(grouped)
+    # `standardized` is (r - mean) / (std + eps) per group, computed at any
+    # scale; `zero_std` also flags spreads lost to rounding (see
+    # `_standardize`).
+    standardized, constant = _standardize(grouped, ones, -1, eps=eps,
+                                          ddof=ddof if scale == "group" else 0)
+    zero_std = constant[..., 0]
+    k = group_size / (group_size - 1) if baseline == "rloo" else 1.0
     if scale == "group":
-        var = (jnp.sum((grouped - mean) ** 2, axis=-1, keepdims=True)
-               / (group_size - ddof))
-        adv = centred / _safe_std_plus_eps(var, zero_std[..., None], eps)
-    elif scale == "batch":
-        flat = centred.reshape(rewards.shape)
-        batch_mean = jnp.mean(flat, axis=-1, keepdims=True)
-        var = (jnp.sum((flat - batch_mean) ** 2, axis=-1, keepdims=True)
-               / (n - ddof))
-        all_constant = jnp.all(zero_std, axis=-1, keepdims=True)
-        adv = centred / _safe_std_plus_eps(var, all_constant, eps)[..., None]
+        adv = k * standardized
     else:
-        adv = centred
+        centred = k * _centre(grouped, -1)
+        if scale == "batch":
+            centred = jnp.where(zero_std[..., None], 0.0, centred)
+            flat = centred.reshape(rewards.shape)
+            adv, _ = _standardize(flat, jnp.ones_like(flat), -1, eps=eps,
+                                  ddof=ddof)
+            adv = adv.reshape(grouped.shape)
+        else:
+            adv = centred
     adv = jnp.where(zero_std[..., None], 0.0, adv)
     return GroupAdvantages(adv.reshape(rewards.shape).astype(out_dtype),
                            zero_std)

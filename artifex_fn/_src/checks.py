@@ -81,3 +81,34 @@ def float_dtypes(*arrays) -> tuple[jnp.dtype, jnp.dtype]:
     if not jnp.issubdtype(out, jnp.floating):
         out = jnp.dtype(jnp.float32)
     return jnp.dtype(out), jnp.dtype(jnp.promote_types(out, jnp.float32))
+
+
+def valid_mask(mask, shape: Sequence[int], name: str = "mask"):
+    """``mask`` broadcast to ``shape`` as booleans (``mask > 0``), or None.
+
+    Raises naming ``name`` when ``mask`` does not broadcast to ``shape``.
+    """
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    check_broadcastable(mask, shape, name)
+    return jnp.broadcast_to(mask, tuple(shape)) > 0
+
+
+def keep_valid(valid, x, fill=0):
+    """``x`` where ``valid``, else ``fill``: padding replaced before maths.
+
+    Selecting before the arithmetic (not after it) keeps NaN or inf held
+    by padded entries out of the result *and* out of its gradient: the
+    gradient of ``where`` sends nothing to the unselected branch, while
+    ``0 * nan`` after the fact would still be NaN. The result keeps the
+    dtype of ``x``. ``valid`` None returns ``x`` unchanged.
+    """
+    if valid is None:
+        return x
+    x = jnp.asarray(x)
+    if x.ndim < valid.ndim:
+        x = jnp.broadcast_to(x, valid.shape)
+    while valid.ndim < x.ndim:
+        valid = valid[..., None]
+    return jnp.where(valid, x, jnp.asarray(fill, x.dtype))

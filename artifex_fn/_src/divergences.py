@@ -10,6 +10,10 @@ KL divergence": with :math:`\\log r = \\log\\pi_{ref}(a) - \\log\\pi(a)`,
   penalty of Shao et al. 2024, eq. 4).
 
 All maths here runs in at least float32 and is cast back to the input dtype.
+Every function takes an optional ``mask`` over its result's shape (zero
+marks padding): padded entries are replaced before any arithmetic, so they
+may hold anything (NaN, inf, all ``-inf`` logits) and give exactly zero,
+with zero gradient.
 """
 
 from __future__ import annotations
@@ -34,14 +38,26 @@ def _plogp_terms(log_p, other):
     return jnp.where(live, p * jnp.where(live, other, 0.0), 0.0)
 
 
-def entropy_from_log_probs(log_probs: jax.Array, *, axis: int = -1
-                           ) -> jax.Array:
+def _padded_rows(mask, x, axis, name):
+    """Boolean ``[...]`` mask of valid rows (``x`` without ``axis``)."""
+    if mask is None:
+        return None, None
+    axis = checks.normalize_axis(axis, x.ndim, "axis")
+    row_shape = x.shape[:axis] + x.shape[axis + 1:]
+    valid = checks.valid_mask(mask, row_shape, name)
+    return valid, jnp.expand_dims(valid, axis)
+
+
+def entropy_from_log_probs(log_probs: jax.Array, *, axis: int = -1,
+                           mask: jax.Array | None = None) -> jax.Array:
     r"""Entropy :math:`H = -\sum_a p(a) \log p(a)` from normalised log-probs.
 
     Args:
       log_probs: ``[..., A]`` normalised log-probabilities (``-inf`` allowed
         for impossible actions).
       axis: the action axis.
+      mask: optional ``[...]`` mask of the rows (the shape of the result);
+        padded rows give zero.
 
     Returns:
       ``[...]`` entropies in the input dtype.
@@ -55,13 +71,16 @@ def entropy_from_log_probs(log_probs: jax.Array, *, axis: int = -1
     log_probs = jnp.asarray(log_probs)
     checks.check_min_rank(log_probs, 1, "log_probs")
     out_dtype, dt = checks.float_dtypes(log_probs)
-    lp = log_probs.astype(dt)
-    return (-jnp.sum(_plogp_terms(lp, lp), axis=axis)).astype(out_dtype)
+    rows, cells = _padded_rows(mask, log_probs, axis, "mask")
+    lp = checks.keep_valid(cells, log_probs.astype(dt))
+    out = -jnp.sum(_plogp_terms(lp, lp), axis=axis)
+    return checks.keep_valid(rows, out).astype(out_dtype)
 
 
-def entropy_from_logits(logits: jax.Array, *, axis: int = -1) -> jax.Array:
+def entropy_from_logits(logits: jax.Array, *, axis: int = -1,
+                        mask: jax.Array | None = None) -> jax.Array:
     """Entropy of ``softmax(logits)`` along ``axis``; see
-    :func:`entropy_from_log_probs`.
+    :func:`entropy_from_log_probs` (``mask`` as there).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -72,18 +91,23 @@ def entropy_from_logits(logits: jax.Array, *, axis: int = -1) -> jax.Array:
     logits = jnp.asarray(logits)
     checks.check_min_rank(logits, 1, "logits")
     out_dtype, dt = checks.float_dtypes(logits)
-    lp = jax.nn.log_softmax(logits.astype(dt), axis=axis)
-    return (-jnp.sum(_plogp_terms(lp, lp), axis=axis)).astype(out_dtype)
+    rows, cells = _padded_rows(mask, logits, axis, "mask")
+    z = checks.keep_valid(cells, logits.astype(dt))
+    lp = jax.nn.log_softmax(z, axis=axis)
+    out = -jnp.sum(_plogp_terms(lp, lp), axis=axis)
+    return checks.keep_valid(rows, out).astype(out_dtype)
 
 
 def kl_from_log_probs(p_log_probs: jax.Array, q_log_probs: jax.Array, *,
-                      axis: int = -1) -> jax.Array:
+                      axis: int = -1,
+                      mask: jax.Array | None = None) -> jax.Array:
     r"""Exact :math:`\mathrm{KL}(p \| q) = \sum_a p(a)(\log p(a) - \log q(a))`.
 
     Args:
       p_log_probs: ``[..., A]`` normalised log-probabilities of ``p``.
       q_log_probs: ``[..., A]`` normalised log-probabilities of ``q``.
       axis: the action axis.
+      mask: optional ``[...]`` mask of the rows; padded rows give zero.
 
     Returns:
       ``[...]`` divergences in the inputs' dtype.
@@ -102,13 +126,18 @@ def kl_from_log_probs(p_log_probs: jax.Array, q_log_probs: jax.Array, *,
     checks.check_same_shape(q_log_probs, "q_log_probs", p_log_probs,
                             "p_log_probs")
     out_dtype, dt = checks.float_dtypes(p_log_probs, q_log_probs)
-    lp, lq = p_log_probs.astype(dt), q_log_probs.astype(dt)
-    return jnp.sum(_plogp_terms(lp, lp - lq), axis=axis).astype(out_dtype)
+    rows, cells = _padded_rows(mask, p_log_probs, axis, "mask")
+    lp = checks.keep_valid(cells, p_log_probs.astype(dt))
+    lq = checks.keep_valid(cells, q_log_probs.astype(dt))
+    out = jnp.sum(_plogp_terms(lp, lp - lq), axis=axis)
+    return checks.keep_valid(rows, out).astype(out_dtype)
 
 
 def kl_from_logits(p_logits: jax.Array, q_logits: jax.Array, *,
-                   axis: int = -1) -> jax.Array:
-    """Exact ``KL(softmax(p_logits) || softmax(q_logits))`` along ``axis``.
+                   axis: int = -1,
+                   mask: jax.Array | None = None) -> jax.Array:
+    """Exact ``KL(softmax(p_logits) || softmax(q_logits))`` along ``axis``
+    (``mask`` as in :func:`kl_from_log_probs`).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -121,9 +150,13 @@ def kl_from_logits(p_logits: jax.Array, q_logits: jax.Array, *,
     checks.check_min_rank(p_logits, 1, "p_logits")
     checks.check_same_shape(q_logits, "q_logits", p_logits, "p_logits")
     out_dtype, dt = checks.float_dtypes(p_logits, q_logits)
-    lp = jax.nn.log_softmax(p_logits.astype(dt), axis=axis)
-    lq = jax.nn.log_softmax(q_logits.astype(dt), axis=axis)
-    return jnp.sum(_plogp_terms(lp, lp - lq), axis=axis).astype(out_dtype)
+    rows, cells = _padded_rows(mask, p_logits, axis, "mask")
+    lp = jax.nn.log_softmax(checks.keep_valid(cells, p_logits.astype(dt)),
+                            axis=axis)
+    lq = jax.nn.log_softmax(checks.keep_valid(cells, q_logits.astype(dt)),
+                            axis=axis)
+    out = jnp.sum(_plogp_terms(lp, lp - lq), axis=axis)
+    return checks.keep_valid(rows, out).astype(out_dtype)
 
 
 def kl_estimate(
@@ -133,6 +166,7 @@ def kl_estimate(
     estimator: Literal["k1", "k2", "k3"] = "k3",
     clamp: float | None = None,
     max_log_ratio: float = MAX_LOG_RATIO,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     r"""Per-sample estimate of :math:`\mathrm{KL}(\pi \| \pi_{ref})`.
 
@@ -150,6 +184,8 @@ def kl_estimate(
       estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
       clamp: if given, the estimate is clipped to ``[-clamp, clamp]``.
       max_log_ratio: bound on ``|log r|`` applied before ``exp``.
+      mask: optional mask broadcastable to ``log_probs``; padded entries
+        give zero with zero gradient, whatever they hold.
 
     Returns:
       ``[...]`` per-sample estimates.
@@ -166,7 +202,9 @@ def kl_estimate(
     checks.check_same_shape(ref_log_probs, "ref_log_probs", log_probs,
                             "log_probs")
     out_dtype, dt = checks.float_dtypes(log_probs, ref_log_probs)
-    log_r = ref_log_probs.astype(dt) - log_probs.astype(dt)
+    valid = checks.valid_mask(mask, log_probs.shape)
+    log_r = (checks.keep_valid(valid, ref_log_probs).astype(dt)
+             - checks.keep_valid(valid, log_probs).astype(dt))
     log_r = jnp.clip(log_r, -max_log_ratio, max_log_ratio)
     if estimator == "k1":
         kl = -log_r

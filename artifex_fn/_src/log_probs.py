@@ -19,20 +19,42 @@ from jax import lax
 from artifex_fn._src import checks
 
 
-def _selective_log_softmax(logits, tokens, dt):
+def _selective_log_softmax(logits, tokens, dt, valid=None,
+                           temperature=None):
+    """``log_softmax(logits / temperature)[tokens]``; rows where ``valid``
+    is False give 0.
+
+    Padded rows are replaced inside each reduction (no cleaned copy of the
+    ``[..., V]`` logits is made), before any arithmetic, so their contents
+    (NaN, all ``-inf``, ids out of range) reach neither the result nor
+    the gradient.
+    """
+    if valid is not None:
+        tokens = jnp.where(valid, tokens, 0)
+
+    def prep(x, row_valid):
+        if valid is not None:
+            x = jnp.where(row_valid, x, 0)
+        return x if temperature is None else x / temperature
+
     picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
-    top = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    cells = None if valid is None else valid[..., None]
+    top = lax.stop_gradient(jnp.max(prep(logits, cells), axis=-1,
+                                    keepdims=True))
     # Keep the gather out of the fusion that reads the logits for the
     # log-sum-exp: fused together, XLA:CPU materialises the float32
     # conversion of a half-precision [..., V] input.
     picked, logits = lax.optimization_barrier((picked, logits))
-    sum_exp = jnp.sum(jnp.exp((logits - top).astype(dt)), axis=-1)
+    picked = prep(picked, valid)
+    sum_exp = jnp.sum(jnp.exp((prep(logits, cells) - top).astype(dt)),
+                      axis=-1)
     # Subtract the max before adding anything: the result keeps the
     # precision of log_softmax whatever the logits' magnitude.
-    return (picked - top[..., 0]).astype(dt) - jnp.log(sum_exp)
+    out = (picked - top[..., 0]).astype(dt) - jnp.log(sum_exp)
+    return out if valid is None else jnp.where(valid, out, 0.0)
 
 
-def _chunked(logits, tokens, dt, chunk_size):
+def _chunked(logits, tokens, dt, chunk_size, valid=None, temperature=None):
     """Selective log-softmax over ``[rows, V]``, ``chunk_size`` rows a step.
 
     Chunks are read with ``dynamic_slice`` from the input itself (no padded
@@ -42,15 +64,18 @@ def _chunked(logits, tokens, dt, chunk_size):
     """
     rows, vocab = logits.shape
     if chunk_size >= rows:
-        return _selective_log_softmax(logits, tokens, dt)
+        return _selective_log_softmax(logits, tokens, dt, valid, temperature)
     n_chunks = -(-rows // chunk_size)
 
     def body(i, out):
         start = jnp.minimum(i * chunk_size, rows - chunk_size)
         block = lax.dynamic_slice(logits, (start, 0), (chunk_size, vocab))
         toks = lax.dynamic_slice(tokens, (start,), (chunk_size,))
+        ok = (None if valid is None else
+              lax.dynamic_slice(valid, (start,), (chunk_size,)))
         return lax.dynamic_update_slice(
-            out, _selective_log_softmax(block, toks, dt), (start,))
+            out, _selective_log_softmax(block, toks, dt, ok, temperature),
+            (start,))
 
     return lax.fori_loop(0, n_chunks, body, jnp.zeros((rows,), dt))
 
@@ -61,6 +86,7 @@ def token_log_probs(
     *,
     temperature: float | jax.Array | None = None,
     chunk_size: int | None = None,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     r"""Log-probability of each chosen token, :math:`\log p(y_t | \cdot)`.
 
@@ -71,6 +97,9 @@ def token_log_probs(
       temperature: optional sampling temperature; logits are divided by it.
       chunk_size: if given, rows (all leading axes flattened) are processed
         ``chunk_size`` at a time with ``lax.map`` to bound peak memory.
+      mask: optional mask broadcastable to ``tokens``; padded positions
+        give zero with zero gradient, whatever their logits and token ids
+        hold (NaN, a row of ``-inf``, a padding id such as ``-1``).
 
     Returns:
       ``[...]`` log-probabilities in at least float32 (half-precision logits
@@ -92,17 +121,19 @@ def token_log_probs(
         raise ValueError(
             f"`tokens` must be integers, got dtype {tokens.dtype}.")
     _, dt = checks.float_dtypes(logits)
+    valid = checks.valid_mask(mask, tokens.shape)
     if temperature is not None:
-        logits = logits / jnp.asarray(temperature, logits.dtype)
+        temperature = jnp.asarray(temperature, logits.dtype)
     if chunk_size is None:
-        return _selective_log_softmax(logits, tokens, dt)
+        return _selective_log_softmax(logits, tokens, dt, valid, temperature)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(
             f"`chunk_size` must be a positive int, got {chunk_size!r}.")
     lead = logits.shape[:-1]
     rows = math.prod(lead)
     out = _chunked(logits.reshape(rows, logits.shape[-1]),
-                   tokens.reshape(rows), dt, chunk_size)
+                   tokens.reshape(rows), dt, chunk_size,
+                   None if valid is None else valid.reshape(rows), temperature)
     return out.reshape(lead)
 
 
@@ -161,7 +192,8 @@ def sequence_log_probs(
     x = jnp.asarray(token_log_probs)
     checks.check_min_rank(x, 1, "token_log_probs")
     m = _mask_like(mask, x)
-    total = jnp.sum(jnp.where(m > 0, x, 0.0) * m, axis=axis)
+    m = jnp.where(m > 0, m, 0)
+    total = jnp.sum(jnp.where(m > 0, x, 0) * m, axis=axis)
     if not normalize:
         return total
     count = jnp.sum(m, axis=axis)

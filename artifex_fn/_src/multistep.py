@@ -15,9 +15,16 @@ Conventions (shared by every function here):
   environments, whose ``values[..., t + 1]`` belongs to the next episode),
   else ``values[..., t + 1]``, else ``bootstrap_value`` (zero when absent) for
   the last step.
-* ``mask[..., t] == 0`` marks padding. Padded steps give zero and the step
-  before a padded one is treated as truncated, so a right-padded batch gives
-  on its valid prefix exactly what the sliced trajectories give.
+* ``mask[..., t] == 0`` marks padding. Padded steps give zero, none of their
+  inputs is read (they may hold NaN or inf: they are replaced before any
+  arithmetic, so neither the result nor its gradient sees them), and the
+  recursion stops after the last valid step before padding. There it
+  bootstraps from ``next_values[..., t]`` when given, from
+  ``values[..., t + 1]`` when ``values`` holds ``T + 1`` entries, and
+  otherwise from ``bootstrap_value`` (zero when absent), exactly as the
+  call on the sliced trajectory ``rewards[..., :L]`` with ``values[...,
+  :L]`` or ``values[..., :L + 1]`` does: a right-padded batch gives on its
+  valid prefix what the sliced trajectories give.
 
 All three quantities solve one reverse linear recurrence
 ``x_t = a_t + b_t x_{t+1}``. ``method="scan"`` runs a sequential
@@ -278,6 +285,79 @@ def _scan_path(kind, rewards, values, *, gamma, lambda_, terminated,
     return jnp.moveaxis(out, 0, axis).astype(out_dtype)
 
 
+def _clean_padding(kind, rewards, values, *, axis, gamma, lambda_,
+                   terminated, truncated, next_values, bootstrap_value, mask,
+                   time_axis):
+    """Inputs with every padded entry replaced by zero, before any maths.
+
+    Returns ``(rewards, values, kwargs)`` in which ``values`` (if any) has
+    ``T`` entries and ``next_values`` holds the value bootstrapped after
+    every step: ``values[..., t + 1]`` inside a valid run; after the last
+    valid step before padding (or the last step), ``values[..., t + 1]`` for
+    ``T + 1`` values and ``bootstrap_value`` (or zero) for ``T`` values and
+    for discounted returns. Selecting with ``where`` first keeps NaN or
+    inf in the padding out of the values *and* of the gradients (``0 *
+    nan`` would be NaN). Each input keeps its dtype.
+    """
+    shape = tuple(rewards.shape)
+    length = shape[axis]
+    batch_shape = shape[:axis] + shape[axis + 1:]
+    valid = jnp.broadcast_to(jnp.asarray(mask), shape) > 0
+
+    def clean(x):
+        if x is None:
+            return None
+        x = jnp.broadcast_to(jnp.asarray(x), shape)
+        return jnp.where(valid, x, False if x.dtype == bool else 0)
+
+    def shift_in(x, last):
+        """``x[t + 1]`` along time, ``last`` after the final step."""
+        head = lax.slice_in_dim(x, 1, length, axis=axis)
+        return jnp.concatenate([head, jnp.expand_dims(last, axis)],
+                               axis=axis)
+
+    # True where step t + 1 exists and is valid.
+    next_valid = shift_in(valid, jnp.zeros(batch_shape, bool))
+    if bootstrap_value is None:
+        boot = None
+    else:
+        boot = jnp.asarray(bootstrap_value)
+        boot = jnp.broadcast_to(jnp.expand_dims(
+            jnp.broadcast_to(boot, batch_shape), axis), shape)
+    v = None
+    if next_values is not None:
+        nv = clean(next_values)
+        if values is not None:
+            v = clean(lax.slice_in_dim(jnp.asarray(values), 0, length,
+                                       axis=axis))
+    elif values is None:  # discounted returns: bootstrap at the cut only
+        nv = (None if boot is None else
+              jnp.where(valid & ~next_valid, boot, 0))
+    else:
+        values = jnp.asarray(values)
+        v = clean(lax.slice_in_dim(values, 0, length, axis=axis))
+        if values.shape[axis] == length + 1:
+            nv = clean(lax.slice_in_dim(values, 1, length + 1, axis=axis))
+        else:
+            last = (jnp.zeros(batch_shape, values.dtype) if boot is None
+                    else jnp.zeros(batch_shape, jnp.result_type(
+                        values, boot)))
+            after = shift_in(values, last)
+            after = jnp.where(next_valid, after, 0 if boot is None else boot)
+            nv = clean(after)
+    if nv is None:
+        nv = jnp.zeros(shape, rewards.dtype)
+
+    def clean_param(x):
+        return x if jnp.ndim(x) == 0 else clean(x)
+
+    kwargs = dict(gamma=clean_param(gamma), lambda_=clean_param(lambda_),
+                  terminated=clean(terminated), truncated=clean(truncated),
+                  next_values=nv, bootstrap_value=None, mask=mask,
+                  time_axis=time_axis)
+    return clean(rewards), v, kwargs
+
+
 def _solve(kind, rewards, values, *, method, stop_target_gradients,
            **kwargs):
     """Dispatches to the in-step scan or to the (a, b) form.
@@ -292,6 +372,10 @@ def _solve(kind, rewards, values, *, method, stop_target_gradients,
     axis = checks.normalize_axis(kwargs["time_axis"], rewards.ndim,
                                  "time_axis")
     method = resolve_method(method, rewards.shape[axis])
+    if kwargs["mask"] is not None:
+        _check_inputs(rewards, values, **kwargs)
+        rewards, values, kwargs = _clean_padding(kind, rewards, values,
+                                                 axis=axis, **kwargs)
     if method == "scan" and kind != "gae":
         x = _scan_path(kind, rewards, values, **kwargs)
         return lax.stop_gradient(x) if stop_target_gradients else x

@@ -10,6 +10,11 @@ treated as constants (``stop_gradient``).
 * Sequence-level importance ratios (Zheng et al. 2025, GSPO).
 * Value loss with optional clipping around the old values (as in the PPO
   baselines) and optional Huber loss.
+
+Every function takes an optional ``mask`` (zero marks padding). Padded
+entries are replaced before any arithmetic, so they may hold anything (NaN,
+inf) and contribute exactly zero to the result and to its gradient; losses
+are zero there and ratios one.
 """
 
 from __future__ import annotations
@@ -56,7 +61,8 @@ def importance_ratio(
         log-probabilities.
       old_log_probs: same shape, log-probabilities of the behaviour policy.
       level: ``"token"`` or ``"sequence"``.
-      mask: optional mask over tokens (sequence level only).
+      mask: optional mask broadcastable to ``log_probs``; padded tokens
+        get a ratio of one and are left out of the sequence ratio.
       max_log_ratio: clamp bound on the log-ratio.
 
     Returns:
@@ -74,33 +80,37 @@ def importance_ratio(
     checks.check_same_shape(old_log_probs, "old_log_probs", log_probs,
                             "log_probs")
     out_dtype, dt = checks.float_dtypes(log_probs, old_log_probs)
-    log_ratio = log_probs.astype(dt) - lax.stop_gradient(
-        old_log_probs.astype(dt))
+    valid = checks.valid_mask(mask, log_probs.shape)
+    log_ratio = (checks.keep_valid(valid, log_probs).astype(dt)
+                 - lax.stop_gradient(
+                     checks.keep_valid(valid, old_log_probs).astype(dt)))
     if level == "sequence":
         checks.check_min_rank(log_probs, 1, "log_probs")
-        if mask is None:
+        if valid is None:
             m = jnp.ones_like(log_ratio)
         else:
-            mask = jnp.asarray(mask)
-            checks.check_broadcastable(mask, log_ratio.shape, "mask")
-            m = jnp.broadcast_to(mask, log_ratio.shape).astype(dt)
+            m = jnp.broadcast_to(jnp.asarray(mask), log_ratio.shape).astype(dt)
+            m = jnp.where(valid, m, 0.0)
         count = jnp.sum(m, axis=-1, keepdims=True)
-        total = jnp.sum(jnp.where(m > 0, log_ratio, 0.0) * m, axis=-1,
-                        keepdims=True)
-        seq = jnp.where(count > 0, total / jnp.maximum(count, 1e-12), 0.0)
+        total = jnp.sum(log_ratio * m, axis=-1, keepdims=True)
+        seq = jnp.where(count > 0, total / jnp.where(count > 0, count, 1.0),
+                        0.0)
         log_ratio = jnp.broadcast_to(seq, log_ratio.shape)
+        log_ratio = checks.keep_valid(valid, log_ratio)
     log_ratio = jnp.clip(log_ratio, -max_log_ratio, max_log_ratio)
     return jnp.exp(log_ratio).astype(out_dtype)
 
 
-def policy_gradient_loss(log_probs: jax.Array, advantages: jax.Array
-                         ) -> jax.Array:
+def policy_gradient_loss(log_probs: jax.Array, advantages: jax.Array, *,
+                         mask: jax.Array | None = None) -> jax.Array:
     r"""REINFORCE loss :math:`-\mathrm{sg}(A) \log\pi(a|s)` (Williams 1992).
 
     Args:
       log_probs: ``[...]`` log-probabilities of the taken actions.
       advantages: advantages (or returns) of the same shape, or with one
         axis fewer (per-sequence advantages broadcast over tokens).
+      mask: optional mask broadcastable to ``log_probs``; padded entries
+        give zero loss and zero gradient whatever they hold.
 
     Returns:
       Per-element losses, shape of ``log_probs``.
@@ -114,7 +124,9 @@ def policy_gradient_loss(log_probs: jax.Array, advantages: jax.Array
     log_probs = jnp.asarray(log_probs)
     adv = lax.stop_gradient(_broadcast_advantages(advantages, log_probs))
     out_dtype, _ = checks.float_dtypes(log_probs, adv)
-    return (-adv * log_probs).astype(out_dtype)
+    valid = checks.valid_mask(mask, log_probs.shape)
+    loss = -checks.keep_valid(valid, adv) * checks.keep_valid(valid, log_probs)
+    return loss.astype(out_dtype)
 
 
 def clipped_surrogate_loss(
@@ -149,7 +161,9 @@ def clipped_surrogate_loss(
       epsilon_high: upper clip range (default ``epsilon_low``).
       dual_clip: optional dual-clip constant ``c > 1``.
       level: ``"token"`` or ``"sequence"`` importance ratios.
-      mask: token mask, used by the sequence ratio.
+      mask: optional token mask broadcastable to ``log_probs``: padded
+        tokens give zero loss and zero gradient whatever they hold, and are
+        left out of the sequence ratio.
       max_log_ratio: clamp bound on the log-ratio before ``exp``.
 
     Returns:
@@ -167,6 +181,8 @@ def clipped_surrogate_loss(
                              max_log_ratio=max_log_ratio)
     adv = lax.stop_gradient(_broadcast_advantages(advantages, log_probs))
     out_dtype, dt = checks.float_dtypes(log_probs, adv)
+    valid = checks.valid_mask(mask, log_probs.shape)
+    adv = checks.keep_valid(valid, adv)
     ratio, adv = ratio.astype(dt), adv.astype(dt)
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
     clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + eps_high)
@@ -181,6 +197,7 @@ def clip_fraction(
     *,
     epsilon_low: float | jax.Array = 0.2,
     epsilon_high: float | jax.Array | None = None,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """Per-token indicator that ``ratio`` lies outside the clip range.
 
@@ -191,6 +208,7 @@ def clip_fraction(
       ratio: importance ratios from :func:`importance_ratio`.
       epsilon_low: lower clip range.
       epsilon_high: upper clip range (default ``epsilon_low``).
+      mask: optional mask broadcastable to ``ratio``; padded entries give 0.
 
     Returns:
       Float array of 0/1 with the shape of ``ratio``.
@@ -205,6 +223,9 @@ def clip_fraction(
     out_dtype, _ = checks.float_dtypes(ratio)
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
     outside = (ratio < 1.0 - epsilon_low) | (ratio > 1.0 + eps_high)
+    valid = checks.valid_mask(mask, ratio.shape)
+    if valid is not None:
+        outside = outside & valid
     return outside.astype(out_dtype)
 
 
@@ -215,6 +236,7 @@ def value_loss(
     old_values: jax.Array | None = None,
     clip_epsilon: float | jax.Array | None = None,
     huber_delta: float | None = None,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     r"""Value-function regression loss per element.
 
@@ -231,6 +253,8 @@ def value_loss(
       old_values: optional values predicted when the data was collected.
       clip_epsilon: clip range around ``old_values``.
       huber_delta: optional Huber threshold.
+      mask: optional mask broadcastable to ``values``; padded entries give
+        zero loss and zero gradient whatever they hold.
 
     Returns:
       Per-element losses with the shape of ``values``.
@@ -245,7 +269,9 @@ def value_loss(
     targets = lax.stop_gradient(jnp.asarray(targets))
     checks.check_same_shape(targets, "targets", values, "values")
     out_dtype, dt = checks.float_dtypes(values, targets)
-    v, t = values.astype(dt), targets.astype(dt)
+    valid = checks.valid_mask(mask, values.shape)
+    v = checks.keep_valid(valid, values).astype(dt)
+    t = checks.keep_valid(valid, targets).astype(dt)
 
     def err(x):
         d = x - t
@@ -261,7 +287,7 @@ def value_loss(
             raise ValueError("`clip_epsilon` needs `old_values`.")
         old = lax.stop_gradient(jnp.asarray(old_values))
         checks.check_same_shape(old, "old_values", values, "values")
-        old = old.astype(dt)
+        old = checks.keep_valid(valid, old).astype(dt)
         v_clipped = old + jnp.clip(v - old, -clip_epsilon, clip_epsilon)
         loss = jnp.maximum(loss, err(v_clipped))
     return loss.astype(out_dtype)

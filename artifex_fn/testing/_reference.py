@@ -62,7 +62,9 @@ def np_discounted_returns(rewards, gamma, terminated=None, truncated=None,
             if nv is not None:
                 boot_t = nv[i, t]
             else:
-                boot_t = boot[i] if t == length - 1 else 0.0
+                # bootstrap_value follows the last valid step.
+                last = t == length - 1 or (m is not None and not m[i, t + 1])
+                boot_t = boot[i] if last else 0.0
             if term is not None and term[i, t]:
                 ret = r[i, t]
             elif _cut_after(t, length, trunc, m, i):
@@ -73,7 +75,12 @@ def np_discounted_returns(rewards, gamma, terminated=None, truncated=None,
     return out.reshape(shape)
 
 
-def _values_rows(values, shape, bootstrap_value, next_values):
+def _values_rows(values, shape, bootstrap_value, next_values, m=None):
+    """``(V(s_t), value bootstrapped after step t)`` rows.
+
+    With ``T`` values, the value after the last valid step (before padding
+    or at the end) is ``bootstrap_value`` (zero when absent).
+    """
     v = np.asarray(values, np.float64)
     n, length = math.prod(shape[:-1]), shape[-1]
     if v.shape[-1] == length + 1:
@@ -86,6 +93,10 @@ def _values_rows(values, shape, bootstrap_value, next_values):
                 np.broadcast_to(np.asarray(bootstrap_value, np.float64),
                                 shape[:-1]).reshape(n))
         nxt = np.concatenate([v[:, 1:], boot[:, None]], axis=1)
+        if m is not None:
+            before_pad = np.concatenate(
+                [~(m[:, 1:] > 0), np.ones((n, 1), bool)], axis=1)
+            nxt = np.where(before_pad, boot[:, None], nxt)
     if next_values is not None:
         nxt = np.broadcast_to(np.asarray(next_values, np.float64),
                               shape).reshape(n, length)
@@ -103,7 +114,7 @@ def np_gae_advantages(rewards, values, gamma, lambda_, terminated=None,
         rewards, gamma, terminated, truncated, None, mask)
     lam = np.broadcast_to(np.asarray(lambda_, np.float64), shape).reshape(
         r.shape)
-    v, nxt = _values_rows(values, shape, bootstrap_value, next_values)
+    v, nxt = _values_rows(values, shape, bootstrap_value, next_values, m)
     n, length = r.shape
     out = np.zeros_like(r)
     for i in range(n):
@@ -130,7 +141,7 @@ def np_lambda_returns(rewards, values, gamma, lambda_, terminated=None,
         rewards, gamma, terminated, truncated, None, mask)
     lam = np.broadcast_to(np.asarray(lambda_, np.float64), shape).reshape(
         r.shape)
-    _, nxt = _values_rows(values, shape, bootstrap_value, next_values)
+    _, nxt = _values_rows(values, shape, bootstrap_value, next_values, m)
     n, length = r.shape
     out = np.zeros_like(r)
     for i in range(n):

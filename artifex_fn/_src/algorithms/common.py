@@ -256,14 +256,43 @@ def batch_array(batch, key: str, *, required=True):
 
 
 def masked_mean_std(x, mask=None):
-    """Mean and population std of ``x`` over entries where ``mask`` is set."""
+    """Mean and population std of ``x`` over entries where ``mask`` is set
+    (padded entries may hold anything)."""
     x = jnp.asarray(x, jnp.float32)
-    m = jnp.ones_like(x) if mask is None else jnp.broadcast_to(
-        jnp.asarray(mask, jnp.float32), x.shape)
-    n = jnp.maximum(jnp.sum(m), 1.0)
-    mean = jnp.sum(jnp.where(m > 0, x, 0.0)) / n
-    var = jnp.sum(jnp.where(m > 0, (x - mean) ** 2, 0.0)) / n
+    valid = (jnp.ones(x.shape, bool) if mask is None else
+             jnp.broadcast_to(jnp.asarray(mask), x.shape) > 0)
+    x = jnp.where(valid, x, 0.0)
+    n = jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
+    mean = jnp.sum(x) / n
+    var = jnp.sum(jnp.where(valid, (x - mean) ** 2, 0.0)) / n
     return mean, jnp.sqrt(var)
+
+
+def clean_padding(tree, mask):
+    """Every leaf of ``tree`` whose leading axes have the shape of ``mask``,
+    with its padded entries (``mask == 0``) replaced by zero (False for
+    booleans).
+
+    Observations and actions of padded steps or tokens may hold anything;
+    replacing them before the policy sees them keeps a NaN there out of
+    the policy's outputs and so out of the gradient (a NaN input row gives
+    a NaN weight gradient even when its loss is masked). Leaves of other
+    shapes pass unchanged.
+    """
+    if mask is None:
+        return tree
+    valid = jnp.asarray(mask) > 0
+    lead = valid.shape
+
+    def clean(x):
+        if not hasattr(x, "shape") or tuple(jnp.shape(x)[:len(lead)]) != lead:
+            return x
+        x = jnp.asarray(x)
+        v = valid.reshape(lead + (1,) * (x.ndim - len(lead)))
+        fill = False if x.dtype == bool else 0
+        return jnp.where(v, x, jnp.asarray(fill, x.dtype))
+
+    return jax.tree_util.tree_map(clean, tree)
 
 
 

@@ -93,10 +93,13 @@ def score(policy, params, side, *, normalize: bool):
     policy's log-probs of ``actions`` are ``[B, L]`` per token (or ``[B]``
     for one-step samples).
     """
-    dist = common.as_distribution(
-        policy(params, common.batch_array(side, "observations")))
-    log_prob = jnp.asarray(dist.log_prob(common.batch_array(side, "actions")))
     mask = side.get("mask")
+    # Padded tokens may hold anything: replaced before the policy sees them.
+    observations = common.clean_padding(
+        common.batch_array(side, "observations"), mask)
+    actions = common.clean_padding(common.batch_array(side, "actions"), mask)
+    dist = common.as_distribution(policy(params, observations))
+    log_prob = jnp.asarray(dist.log_prob(actions))
     if mask is None and log_prob.ndim == 1:
         return log_prob, jnp.ones(log_prob.shape, jnp.float32)
     if mask is not None:

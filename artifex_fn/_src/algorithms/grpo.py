@@ -191,13 +191,20 @@ def prepare(batch, config: GRPOConfig):
                 actions=common.batch_array(batch, "actions"),
                 log_probs=old, advantages=group.advantages)
     mask = batch.get("mask")
+    ref = batch.get("ref_log_probs")
+    if ref is not None:
+        rows["ref_log_probs"] = jnp.asarray(ref).reshape(old.shape)
     if mask is not None:
         mask = jnp.asarray(mask)
         checks.check_broadcastable(mask, old.shape, "batch['mask']")
         rows["mask"] = jnp.broadcast_to(mask, old.shape)
-    ref = batch.get("ref_log_probs")
-    if ref is not None:
-        rows["ref_log_probs"] = jnp.asarray(ref).reshape(old.shape)
+        # Padded tokens may hold anything: replaced before any maths.
+        valid = rows["mask"] > 0
+        for key in ("log_probs", "ref_log_probs"):
+            if key in rows:
+                rows[key] = checks.keep_valid(valid, rows[key])
+        for key in ("observations", "actions"):
+            rows[key] = common.clean_padding(rows[key], rows["mask"])
     tokens = jnp.zeros(old.shape if old.ndim == 2 else old.shape + (1,),
                        jnp.float32)
     m2 = _token_mask(rows.get("mask"), old.ndim)
@@ -244,6 +251,10 @@ def rows_loss(params, rows, config: GRPOConfig, totals):
         ref = None if ref is None else ref[:, None]
     adv = rows["advantages"]
     eps_high = config.epsilon_high
+    if mask is not None:  # the policy's own outputs at padded tokens too
+        valid = jnp.asarray(mask) > 0
+        log_prob = checks.keep_valid(valid, log_prob)
+        entropy = checks.keep_valid(valid, entropy)
     per_token = clipped_surrogate_loss(
         log_prob, old, adv, epsilon_low=config.clip_param,
         epsilon_high=eps_high, level=config.ratio_level, mask=mask)
@@ -257,7 +268,7 @@ def rows_loss(params, rows, config: GRPOConfig, totals):
     total_tokens = per_token - config.entropy_coeff * entropy
     if ref is not None:
         kl_tok = kl_estimate(log_prob, lax.stop_gradient(ref),
-                             estimator=config.kl_estimator)
+                             estimator=config.kl_estimator, mask=mask)
         total_tokens = total_tokens + config.beta * kl_tok
         kl = token_mean(kl_tok)
     else:
@@ -268,9 +279,10 @@ def rows_loss(params, rows, config: GRPOConfig, totals):
     metrics = dict(
         loss=total, policy_loss=policy_loss, kl=kl,
         kl_penalty=config.beta * kl,
-        approx_kl=token_mean(kl_estimate(old, log_prob)),
+        approx_kl=token_mean(kl_estimate(old, log_prob, mask=mask)),
         clip_fraction=token_mean(clip_fraction(
-            ratio, epsilon_low=config.clip_param, epsilon_high=eps_high)),
+            ratio, epsilon_low=config.clip_param, epsilon_high=eps_high,
+            mask=mask)),
         entropy=token_mean(entropy))
     return total, metrics
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from artifex_fn._src import checks
 from artifex_fn._src.advantages import normalize_advantages
 from artifex_fn._src.aggregation import aggregate_loss
 from artifex_fn._src.algorithms import common
@@ -139,12 +140,16 @@ def rows_loss(params, minibatch, config: PPOConfig, totals):
     old = minibatch["log_probs"]
     adv = minibatch["advantages"]
     eps_high = config.epsilon_high
+    valid = mask > 0   # the policy's own outputs at padded samples too
+    log_prob = checks.keep_valid(valid, log_prob)
+    entropy = checks.keep_valid(valid, entropy)
+    value = checks.keep_valid(valid, value)
     pg = clipped_surrogate_loss(log_prob, old, adv,
                                 epsilon_low=config.clip_param,
-                                epsilon_high=eps_high)
+                                epsilon_high=eps_high, mask=mask)
     vl = value_loss(value, minibatch["returns"],
                     old_values=minibatch["values"],
-                    clip_epsilon=config.value_clip_param)
+                    clip_epsilon=config.value_clip_param, mask=mask)
     # One sample per "sequence": token_mean over [n, 1] is the masked mean.
     m = mask[:, None]
     mean = lambda x: aggregate_loss(x[:, None], m,
@@ -153,13 +158,14 @@ def rows_loss(params, minibatch, config: PPOConfig, totals):
     v_loss = mean(vl)
     ent = mean(entropy)
     total = policy_loss + config.vf_coeff * v_loss - config.entropy_coeff * ent
-    ratio = importance_ratio(log_prob, old)
+    ratio = importance_ratio(log_prob, old, mask=mask)
     metrics = dict(
         loss=total, policy_loss=policy_loss, value_loss=v_loss, entropy=ent,
-        approx_kl=mean(kl_estimate(old, log_prob)),
-        kl_divergence=mean(kl_estimate(old, log_prob, estimator="k1")),
+        approx_kl=mean(kl_estimate(old, log_prob, mask=mask)),
+        kl_divergence=mean(kl_estimate(old, log_prob, estimator="k1",
+                                       mask=mask)),
         clip_fraction=mean(clip_fraction(ratio, epsilon_low=config.clip_param,
-                                         epsilon_high=eps_high)))
+                                         epsilon_high=eps_high, mask=mask)))
     return total, metrics
 
 
@@ -209,17 +215,27 @@ def prepare(batch, config: PPOConfig):
         terminated=as_2d("dones"), truncated=as_2d("truncated"),
         next_values=as_2d("next_values"),
         bootstrap_value=batch.get("bootstrap_value"), mask=mask)
-    v = values[..., :r2.shape[-1]]
-    returns = adv + v
     n = r2.size
     m = jnp.ones(r2.shape, jnp.float32) if mask is None else (
-        mask.astype(jnp.float32))
+        jnp.broadcast_to(mask, r2.shape).astype(jnp.float32))
+    # Padded samples may hold anything: replaced before any arithmetic.
+    valid = None if mask is None else m > 0
+    v = checks.keep_valid(valid, values[..., :r2.shape[-1]])
+    returns = adv + v
     log_probs = jnp.asarray(common.batch_array(batch, "log_probs"))
     common.reduce_to_rank(log_probs, lead, "stored log_probs")
+    log_probs = checks.keep_valid(valid, jnp.reshape(log_probs, r2.shape))
+    observations = common.batch_array(batch, "observations")
+    actions = common.batch_array(batch, "actions")
+    if lead == 1:
+        flat_mask = None if mask is None else m[:, 0]
+    else:
+        flat_mask = None if mask is None else m
+    observations = common.clean_padding(observations, flat_mask)
+    actions = common.clean_padding(actions, flat_mask)
     samples = dict(
-        observations=_flatten(common.batch_array(batch, "observations"),
-                              lead, n),
-        actions=_flatten(common.batch_array(batch, "actions"), lead, n),
+        observations=_flatten(observations, lead, n),
+        actions=_flatten(actions, lead, n),
         log_probs=jnp.reshape(log_probs, (n,)),
         advantages=adv.reshape(n), returns=returns.reshape(n),
         values=v.reshape(n), mask=m.reshape(n))

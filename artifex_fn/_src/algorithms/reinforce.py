@@ -17,6 +17,7 @@ from typing import Any, Callable, Literal
 import jax.numpy as jnp
 import optax
 
+from artifex_fn._src import checks
 from artifex_fn._src.advantages import normalize_advantages
 from artifex_fn._src.aggregation import aggregate_loss
 from artifex_fn._src.aggregation import aggregate_loss_parts
@@ -88,22 +89,29 @@ def prepare(batch, config: REINFORCEConfig):
             f"`batch['rewards']` must be [B] or [B, T], got shape "
             f"{tuple(rewards.shape)}.")
     mask = batch.get("mask")
+    valid = None
     if mask is not None:
         mask = jnp.asarray(mask)
+        checks.check_broadcastable(mask, rewards.shape, "batch['mask']")
+        mask = jnp.broadcast_to(mask, rewards.shape)
+        valid = mask > 0
     if rewards.ndim == 1:
-        returns = rewards
+        returns = checks.keep_valid(valid, rewards)
     else:
         returns = discounted_returns(rewards, gamma=config.gamma,
                                      terminated=batch.get("dones"), mask=mask)
     weights = returns
     if config.baseline == "mean":
-        weights = weights - _masked_time_mean(weights, mask)
+        weights = checks.keep_valid(
+            valid, weights - _masked_time_mean(weights, mask))
     if config.normalize_returns:
         weights = normalize_advantages(weights, mask=mask)
-    rows = dict(observations=common.batch_array(batch, "observations"),
-                actions=common.batch_array(batch, "actions"), weights=weights)
+    observations = common.batch_array(batch, "observations")
+    actions = common.batch_array(batch, "actions")
+    rows = dict(observations=common.clean_padding(observations, mask),
+                actions=common.clean_padding(actions, mask), weights=weights)
     if mask is not None:
-        rows["mask"] = jnp.broadcast_to(mask, weights.shape)
+        rows["mask"] = mask
     _, steps = aggregate_loss_parts(jnp.zeros(weights.shape, jnp.float32),
                                     rows.get("mask"))
     mean_reward, reward_std = common.masked_mean_std(rewards, mask)
@@ -124,8 +132,11 @@ def rows_loss(params, rows, config: REINFORCEConfig, totals):
     dist = common.as_distribution(policy(params, rows["observations"]))
     log_prob, entropy = common.log_prob_and_entropy(dist, rows["actions"],
                                                     weights.ndim)
-    per_step = policy_gradient_loss(log_prob, weights)
     mask = rows.get("mask")
+    if mask is not None:  # the policy's own outputs at padded steps too
+        log_prob = checks.keep_valid(mask > 0, log_prob)
+        entropy = checks.keep_valid(mask > 0, entropy)
+    per_step = policy_gradient_loss(log_prob, weights, mask=mask)
     if weights.ndim == 1:  # B one-step episodes, not one sequence of B steps
         per_step, entropy = per_step[:, None], entropy[:, None]
         mask = None if mask is None else mask[:, None]
