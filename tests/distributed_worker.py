@@ -71,10 +71,50 @@ def _params(seed=0):
             "v": jnp.asarray(0.5 * rng.standard_normal(D), jnp.float32)}
 
 
+def _reference(params, seed):
+    """A reference model that really differs from ``params``.
+
+    (Adding a constant to every logit of a row, as ``params + c`` does for
+    this linear policy, leaves its log-probs unchanged: KL and implicit
+    rewards would all be rounding noise.)
+    """
+    rng = _rng(seed)
+    return jax.tree_util.tree_map(
+        lambda x: x + jnp.asarray(0.3 * rng.standard_normal(x.shape),
+                                  x.dtype), params)
+
+
+def _token_log_probs(params, obs, actions, mask=None):
+    """``[B, L]`` float64 log-probs of ``actions`` under ``token_policy``."""
+    logits = (np.asarray(obs, np.float64) @ np.asarray(params["w"], np.float64)
+              + np.asarray(params["b"], np.float64))
+    logits = logits - logits.max(-1, keepdims=True)
+    log_sm = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    out = np.take_along_axis(log_sm, np.asarray(actions)[..., None], -1)[..., 0]
+    return out if mask is None else np.where(np.asarray(mask) > 0, out, 0.0)
+
+
+def _clip_margin(log_ratio, valid, clip):
+    """Smallest distance of a valid log-ratio from ``log(1 -+ clip)``."""
+    bounds = np.log([1.0 - clip, 1.0 + clip])
+    lr = np.asarray(log_ratio)[np.asarray(valid) > 0]
+    return float(np.min(np.abs(lr[:, None] - bounds[None, :])))
+
+
+def grpo_margin(state, batch):
+    """How far the discrete ``clip_fraction`` is from a tie: the smallest
+    distance of a token's log-ratio (at ``state.params``, where the update
+    evaluates its metrics) from the clip bounds."""
+    lp = _token_log_probs(state.params, batch["observations"],
+                          batch["actions"])
+    return _clip_margin(lp - np.asarray(batch["log_probs"], np.float64),
+                        batch["mask"], state.config.clip_param)
+
+
 def grpo_problem(aggregation, seed=1):
     rng = _rng(seed)
     params = _params()
-    ref = jax.tree_util.tree_map(lambda x: x + 0.1, params)
+    ref = _reference(params, seed=11)
     rewards = rng.integers(0, 3, B).astype(np.float32)
     rewards[:G] = 1.0        # one group with zero reward variance
     batch = dict(
@@ -141,9 +181,74 @@ def dpo_problem(reference_free, seed=4):
     batch = dict(chosen=side(), rejected=side())
     config = afn.dpo.DPOConfig(reference_free=reference_free,
                                policy=token_policy, optimizer=SGD)
-    ref = jax.tree_util.tree_map(lambda x: x - 0.1, _params())
+    ref = _reference(_params(), seed=12)
     return afn.dpo.update, afn.dpo.init(_params(), config,
                                         ref_params=ref), batch
+
+
+def dpo_margin(state, batch):
+    """How far ``reward_accuracy`` (the fraction of pairs with margin > 0)
+    is from a tie: the smallest |chosen - rejected implicit reward| at
+    ``state.params`` over pairs with any valid token (pairs with none
+    have a margin of exactly 0 on every machine)."""
+    cfg = state.config
+
+    def seq(params, side, mean):
+        lp = _token_log_probs(params, side["observations"], side["actions"],
+                              side["mask"])
+        n = np.asarray(side["mask"]).sum(-1)
+        return lp.sum(-1) / np.maximum(n, 1.0) if mean else lp.sum(-1), n
+
+    (pc, nc), (pr, nr) = (seq(state.params, batch[k], cfg.reference_free)
+                          for k in ("chosen", "rejected"))
+    if cfg.reference_free:
+        margin = cfg.beta * (pc - pr)
+    else:
+        rc, _ = seq(state.ref_params, batch["chosen"], False)
+        rr, _ = seq(state.ref_params, batch["rejected"], False)
+        margin = cfg.beta * ((pc - rc) - (pr - rr))
+    live = (nc + nr) > 0
+    return float(np.min(np.abs(margin[live])))
+
+
+def ppo_margin(state, batch):
+    """How far PPO's ``clip_fraction`` is from a tie at every minibatch
+    step: the update is replayed step by step in NumPy float64 (shuffle,
+    minibatch loss, clipping, SGD) from the public pieces; the replay's
+    final parameters are returned to check it against the real update."""
+    from artifex_fn._src.algorithms.common import shuffle_indices
+
+    cfg = state.config
+    samples, _ = afn.ppo.prepare(batch, cfg)
+    n = samples["mask"].shape[0]
+    k = cfg.num_minibatches
+    _, *epoch_keys = jax.random.split(state.key, cfg.num_epochs + 1)
+    params = state.params
+    grad_fn = jax.jit(jax.grad(afn.ppo.minibatch_loss, has_aux=True),
+                      static_argnums=2)
+    worst = np.inf
+    for epoch_key in epoch_keys:
+        perm = np.asarray(shuffle_indices(epoch_key, n))
+        for j in range(k):
+            idx = perm[j * (n // k):(j + 1) * (n // k)]
+            mb = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[idx],
+                                        samples)
+            logits = (np.asarray(mb["observations"], np.float64)
+                      @ np.asarray(params["w"], np.float64)
+                      + np.asarray(params["b"], np.float64))
+            logits -= logits.max(-1, keepdims=True)
+            log_sm = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            lp = np.take_along_axis(log_sm, np.asarray(mb["actions"])[:, None],
+                                    -1)[:, 0]
+            worst = min(worst, _clip_margin(
+                lp - np.asarray(mb["log_probs"], np.float64), mb["mask"],
+                cfg.clip_param))
+            grads, _ = grad_fn(params, mb, cfg)
+            norm = float(optax.global_norm(grads))
+            scale = min(1.0, cfg.max_grad_norm / max(norm, 1e-30))
+            params = jax.tree_util.tree_map(
+                lambda p, g: p - 0.5 * scale * g, params, grads)  # SGD(0.5)
+    return worst, params
 
 
 CASES = {
@@ -155,6 +260,11 @@ CASES = {
     "dpo": lambda: dpo_problem(False),
     "simpo": lambda: dpo_problem(True),
 }
+# Tie margin of each case's discrete metrics (clip_fraction,
+# reward_accuracy) where its update evaluates them.
+MARGINS = {"grpo-grpo": grpo_margin, "grpo-dapo": grpo_margin,
+           "grpo-dr_grpo": grpo_margin, "dpo": dpo_margin,
+           "simpo": dpo_margin}
 
 
 def _with_micro_batches(state, k):
@@ -188,9 +298,11 @@ def _result(state, metrics):
     return dict(params=_host(state.params), metrics=_host(metrics))
 
 
-# Every case on 1, 2, 4 and 8 devices and micro-batched; FSDP and
-# devices-with-micro-batches for one case per algorithm family.
-VARIANTS = [(f"{n}dev", dict(data=n), 1) for n in (1, 2, 4, 8)]
+# Every case on 2 devices (GRPO's groups of 4 aligned with the 12 rows of
+# a device) and 8 devices (3 rows a device: groups straddle devices), and
+# micro-batched; FSDP and devices-with-micro-batches for one case per
+# algorithm family.
+VARIANTS = [(f"{n}dev", dict(data=n), 1) for n in (2, 8)]
 VARIANTS += [("micro3", None, 3)]
 EXTRA = [("fsdp4x2", dict(data=4, fsdp=2), 1), ("8dev-micro3", dict(data=8), 3)]
 EXTRA_CASES = ("grpo-grpo", "ppo", "dpo")
@@ -205,7 +317,7 @@ def run_aggregation():
         fn = jax.jit(lambda x, m, mode=mode: jax.value_and_grad(
             lambda y: afn.aggregate_loss(y, m, mode=mode))(x))
         reference = _host(fn(loss, mask))
-        for n in (1, 2, 4, 8):
+        for n in (2, 8):
             mesh = afn.distributed.make_mesh(data=n)
             placed = afn.distributed.shard_batch(dict(x=loss, m=mask), mesh)
             got = _host(fn(placed["x"], placed["m"]))
@@ -222,6 +334,14 @@ def run_devices():
     for name, make in CASES.items():
         update, state, batch = make()
         reference = _result(*jax.jit(update)(state, batch))
+        margin = None
+        if name == "ppo":
+            margin, replayed = ppo_margin(state, batch)
+            # The replay took the update's steps (else its margin means
+            # nothing).
+            assert _rel_diff(replayed, reference["params"]) < 1e-5
+        elif name in MARGINS:
+            margin = MARGINS[name](state, batch)
         variants = VARIANTS + (EXTRA if name in EXTRA_CASES else [])
         for label, mesh_shape, k in variants:
             if name == "ppo" and k == 3:
@@ -240,10 +360,13 @@ def run_devices():
                     assert "fsdp" in tuple(spec), spec
             got = _result(*out)
             print(json.dumps(dict(
-                case=name, variant=label,
+                case=name, variant=label, margin=margin,
                 params=_rel_diff(got["params"], reference["params"]),
                 metrics=_rel_diff(got["metrics"], reference["metrics"]),
                 metric_names=sorted(got["metrics"]))), flush=True)
+
+
+DISCRETE = ("clip_fraction", "reward_accuracy", "d_accuracy")
 
 
 def _trainer_cases():
@@ -385,6 +508,12 @@ def run_trainers():
         for label, trainer in runs.items():
             for _ in range(2):
                 metrics[label] = _host(step(trainer, batch))
+        # Trainers' discrete metrics (clip_fraction, reward_accuracy,
+        # d_accuracy) depend on inputs whose distance from a tie is not
+        # computed here; the updates' discrete metrics are checked above
+        # with their margins. Continuous metrics are all compared.
+        metrics = {label: {k: v for k, v in m.items() if k not in DISCRETE}
+                   for label, m in metrics.items()}
         want = _trainer_params(runs["plain"])
         for label in meshes:  # the state stayed on the whole mesh
             from flax import nnx
@@ -398,20 +527,51 @@ def run_trainers():
                 metric_names=sorted(metrics[label]))), flush=True)
 
 
+def _runner_program():
+    """A small program with the runner's whole contract (keys split every
+    step, traced hyper-parameters, a pytree carry): noisy gradient descent
+    on a random quadratic. It compiles in about a second; CartPole's
+    program over host devices is run by ``tests/test_cli.py``."""
+    from artifex_fn.experiments import Program
+
+    def init(key, hp):
+        k_a, k_w, k_run = jax.random.split(key, 3)
+        a = jax.random.normal(k_a, (8, 4))
+        return dict(a=a.T @ a / 8 + jnp.eye(4), w=jax.random.normal(k_w, (4,)),
+                    key=k_run)
+
+    def loss(carry):
+        w = carry["w"]
+        return 0.5 * w @ carry["a"] @ w
+
+    def step(carry, hp):
+        key, k_noise = jax.random.split(carry["key"])
+        grad = carry["a"] @ carry["w"] + hp["noise"] * jax.random.normal(
+            k_noise, (4,))
+        carry = dict(carry, w=carry["w"] - hp["lr"] * grad, key=key)
+        return carry, dict(loss=loss(carry))
+
+    return Program(init=init, step=step,
+                   evaluate=lambda c, key, hp: dict(loss=loss(c)),
+                   params=lambda c: dict(w=c["w"]), num_iterations=12,
+                   samples_per_iteration=1, curve="loss", score="loss")
+
+
 def run_runner():
-    """The experiment runner: 4 CartPole PPO seeds split over 4 of the 8
-    devices against the same seeds on one device."""
-    from artifex_fn.experiments import cartpole, runner
-    program = cartpole.ppo_program(dict(num_steps=16, total_timesteps=192,
-                                        eval_envs=4))
+    """The experiment runner: 4 seeds split over 4 of the 8 devices
+    against the same seeds on one device."""
+    from artifex_fn.experiments import runner
+    program = _runner_program()
     results = {}
     for label, shard in (("plain", False), ("4dev", "auto")):
-        results[label] = runner.run(program, hparams=cartpole.PPO_HPARAMS,
+        results[label] = runner.run(program, hparams=dict(lr=0.1, noise=0.5),
                                     num_seeds=4, chunks=3, progress=False,
                                     shard_seeds=shard)
     plain, split = results["plain"], results["4dev"]
     assert plain.devices == 1 and split.devices == 4, (plain.devices,
                                                       split.devices)
+    # Seeds differ from each other (the split kept each seed's key).
+    assert np.ptp(plain.after["loss"]) > 1e-3
     print(json.dumps(dict(
         case="runner", variant="4dev",
         params=_rel_diff(split.params, plain.params),
@@ -427,13 +587,15 @@ def _two_process_problem():
 
 def run_single(out):
     update, state, batch = _two_process_problem()
+    margin = np.inf
     for _ in range(2):
+        margin = min(margin, grpo_margin(state, batch))
         state, metrics = jax.jit(update)(state, batch)
+    result = {k: np.asarray(v).tolist()
+              for k, v in dict(_result(state, metrics)["params"],
+                               **_result(state, metrics)["metrics"]).items()}
     with open(out, "w") as f:
-        json.dump({k: np.asarray(v).tolist()
-                   for k, v in dict(_result(state, metrics)["params"],
-                                    **_result(state, metrics)["metrics"]
-                                    ).items()}, f)
+        json.dump(dict(result, tie_margin=margin), f)
 
 
 def run_host(rank, out):

@@ -2,8 +2,8 @@
 
 Device counts are fixed when a JAX process starts, so the multi-device
 checks run ``tests/distributed_worker.py`` in subprocesses: one with 8
-forced host devices (every algorithm, every GRPO aggregation mode, on 1, 2,
-4 and 8 devices, a 4 x 2 FSDP mesh, and micro-batched), and a pair of
+forced host devices (every algorithm, every GRPO aggregation mode, on 2
+and 8 devices, a 4 x 2 FSDP mesh, and micro-batched), and a pair of
 processes joined by ``jax.distributed`` on localhost. The in-process tests
 cover micro-batching against the one-batch step, the (sum, count) form of
 the math layer, trainers and the error messages.
@@ -35,7 +35,11 @@ WORKER = HERE / "distributed_worker.py"
 TOL = 1e-5
 CASES = ("grpo-grpo", "grpo-dapo", "grpo-dr_grpo", "ppo", "reinforce", "dpo",
          "simpo")
-VARIANTS = ("1dev", "2dev", "4dev", "8dev", "micro3")
+VARIANTS = ("2dev", "8dev", "micro3")
+# The smallest distance from a tie that the discrete metrics
+# (clip_fraction, reward_accuracy) must keep for an exact comparison to
+# mean the same on every machine (float32 rounding is ~1e-7).
+TIE_MARGIN = 1e-4
 EXTRA_CASES = ("grpo-grpo", "ppo", "dpo")
 EXTRA = ("fsdp4x2", "8dev-micro3")
 
@@ -77,11 +81,14 @@ def device_results():
 @DEVICES_GROUP
 @pytest.mark.parametrize("case", CASES)
 def test_update_equals_single_device(device_results, case):
-    """1, 2, 4, 8 devices and micro-batches (FSDP and micro-batches on 8
-    devices for one case per algorithm family): all within 1e-5."""
+    """2 and 8 devices and micro-batches (FSDP and micro-batches on 8
+    devices for one case per algorithm family): all within 1e-5, the
+    discrete metrics too, whose inputs are kept away from their ties."""
     variants = VARIANTS + (EXTRA if case in EXTRA_CASES else ())
     for variant in variants:
         row = device_results[(case, variant)]
+        if case != "reinforce":   # REINFORCE reports no discrete metric
+            assert row["margin"] > TIE_MARGIN, (variant, row)
         assert row["params"] <= TOL, (variant, row)
         assert row["metrics"] <= TOL, (variant, row)
 
@@ -92,7 +99,7 @@ def test_update_equals_single_device(device_results, case):
                                   "seq_mean_token_sum_norm"])
 def test_aggregation_modes_equal_single_device(device_results, mode):
     """Value and gradient of every mode with rows split over 1-8 devices."""
-    for n in (1, 2, 4, 8):
+    for n in (2, 8):
         row = device_results[(f"aggregate-{mode}", f"{n}dev")]
         assert row["params"] <= TOL and row["metrics"] <= TOL, row
 
@@ -116,11 +123,11 @@ def test_trainer_shard_equals_plain(device_results, trainer):
 @DEVICES_GROUP
 def test_runner_splits_seeds_over_devices(device_results):
     """``runner.run`` puts 4 seeds on 4 devices (one each) and trains them
-    as on one device: rounding differs (per-device vmaps of one seed), so
-    the tolerance is looser than for a single update."""
+    as on one device (a small noisy-descent program: the runner's contract
+    without CartPole's compile time)."""
     row = device_results[("runner", "4dev")]
-    assert row["params"] <= 1e-4 and row["metrics"] <= 1e-4, row
-    assert "episode_return" in row["metric_names"]
+    assert row["params"] <= TOL and row["metrics"] <= TOL, row
+    assert "loss" in row["metric_names"]
 
 
 @DEVICES_GROUP
@@ -158,6 +165,8 @@ def test_two_processes_equal_one(tmp_path):
         assert p.returncode == 0, stderr[-4000:]
         assert "2 global devices, 1 local" in stdout
     want, got = json.loads(single.read_text()), json.loads(out.read_text())
+    # clip_fraction is compared exactly: no ratio near the clip bounds.
+    assert want.pop("tie_margin") > TIE_MARGIN
     assert set(want) == set(got)
     for key in want:
         np.testing.assert_allclose(got[key], want[key], rtol=TOL, atol=TOL,
