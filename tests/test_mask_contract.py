@@ -503,6 +503,21 @@ def test_update_ignores_what_the_padding_holds(algo, lengths, seed, poison):
 # --------------------------------------------------------------------------
 
 
+@jax.jit
+def _normalisers(x, eps):
+    """Values and gradients of the three normalisers (groups of 4)."""
+    fns = dict(
+        global_=lambda v: afn.normalize_advantages(v, eps=eps),
+        group=lambda v: afn.group_advantages(v, group_size=4,
+                                             eps=eps).advantages,
+        batch=lambda v: afn.group_advantages(v, group_size=4, eps=eps,
+                                             scale="batch").advantages)
+    values = {k.rstrip("_"): f(x) for k, f in fns.items()}
+    grads = {k.rstrip("_"): jax.grad(lambda v, f=f: jnp.sum(
+        f(v) * _weights(x.shape)))(x) for k, f in fns.items()}
+    return values, grads
+
+
 def _np_standardize(x, eps=0.0):
     x = np.asarray(x, np.float64)
     return (x - x.mean()) / (x.std() + eps)
@@ -519,23 +534,16 @@ def test_normalisers_are_right_at_any_scale(exponent, seed, eps):
     rng = np.random.default_rng(seed)
     base = rng.normal(size=8)
     x = (base * 10.0 ** exponent).astype(np.float32)
-    expected = _np_standardize(x, eps)
-    got = afn.normalize_advantages(jnp.asarray(x), eps=eps)
-    np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-5)
-    group = afn.group_advantages(jnp.asarray(x), group_size=4, eps=eps)
+    values, grads = _normalisers(jnp.asarray(x), jnp.float32(eps))
+    np.testing.assert_allclose(values["global"], _np_standardize(x, eps),
+                               rtol=2e-4, atol=2e-5)
     for g in range(2):
         part = x[4 * g:4 * g + 4]
-        np.testing.assert_allclose(group.advantages[4 * g:4 * g + 4],
+        np.testing.assert_allclose(values["group"][4 * g:4 * g + 4],
                                    _np_standardize(part, eps), rtol=2e-4,
                                    atol=2e-5)
-    for fn in (lambda v: afn.normalize_advantages(v, eps=eps),
-               lambda v: afn.group_advantages(v, group_size=4,
-                                              eps=eps).advantages,
-               lambda v: afn.group_advantages(v, group_size=4, eps=eps,
-                                              scale="batch").advantages):
-        grad = jax.grad(lambda v: jnp.sum(fn(v) * _weights((8,))))(
-            jnp.asarray(x))
-        assert np.all(np.isfinite(grad)), exponent
+    for name, grad in grads.items():
+        assert np.all(np.isfinite(grad)), (name, exponent)
 
 
 @pytest.mark.parametrize("x, what", [
@@ -549,14 +557,13 @@ def test_normalisers_at_the_edges_of_float32_are_finite(x, what):
     """Spreads at the ends of the float32 range: a finite answer (the
     formula's where it is representable, zeros where the documented
     rule treats the values as equal) and finite gradients."""
-    for fn in (lambda v: afn.normalize_advantages(v),
-               lambda v: afn.group_advantages(v, group_size=4).advantages):
-        out = np.asarray(fn(jnp.asarray(x)))
-        assert np.all(np.isfinite(out)), what
-        grad = jax.grad(lambda v: jnp.sum(fn(v) * _weights((4,))))(
-            jnp.asarray(x))
-        assert np.all(np.isfinite(grad)), what
-    out = np.asarray(afn.normalize_advantages(jnp.asarray(x), eps=0.0))
+    for eps in (0.0, 1e-6):
+        values, grads = _normalisers(jnp.asarray(x), jnp.float32(eps))
+        for name in values:
+            assert np.all(np.isfinite(values[name])), (what, name, eps)
+            assert np.all(np.isfinite(grads[name])), (what, name, eps)
+    out = np.asarray(_normalisers(jnp.asarray(x),
+                                  jnp.float32(0.0))[0]["global"])
     if what in ("near the smallest", "near the largest"):
         np.testing.assert_allclose(out, _np_standardize(
             x.astype(np.float64)), rtol=1e-5, atol=1e-6)
