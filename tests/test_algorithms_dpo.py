@@ -60,6 +60,9 @@ def test_flat_metrics_by_hand():
     c, r, rc, rr = _np_args(batch)
     margin = 0.3 * ((c - rc) - (r - rr))
     assert 0 < np.mean(margin > 0) < 1
+    # No margin within float32 rounding of 0, where the sign (and so the
+    # accuracy) could depend on the machine.
+    assert np.min(np.abs(margin)) > 1e-4
     _, m = _loss(None, batch, afn.dpo.DPOConfig(beta=0.3))
     np.testing.assert_allclose(m["reward_accuracy"], np.mean(margin > 0),
                                atol=1e-7)
@@ -100,6 +103,8 @@ def test_reference_free_is_simpo_with_lengths():
     lc = np.asarray(batch["chosen_lengths"])
     lr = np.asarray(batch["rejected_lengths"])
     expected, r_w, r_l = aft.np_simpo_loss(c, r, lc, lr, beta=2.0, gamma=0.5)
+    # Reward margins clear of 0: reward_accuracy is exact on any machine.
+    assert np.min(np.abs(r_w - r_l)) > 1e-4
     np.testing.assert_allclose(loss, expected.mean(), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(m["chosen_reward"], r_w.mean(), rtol=RTOL)
     np.testing.assert_allclose(m["rejected_reward"], r_l.mean(), rtol=RTOL)

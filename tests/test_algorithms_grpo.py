@@ -75,6 +75,9 @@ def test_one_step_loss_matches_clipped_surrogate_of_group_advantages():
     adv, zero_std = aft.np_group_advantages(rewards, 4)
     pg = aft.np_clipped_surrogate_loss(logp, old, adv, epsilon_low=0.2)
     ratio = np.exp(logp - old)
+    # Every ratio clear of the clip bounds 0.8 and 1.2 (relative 1e-4), so
+    # that the clip fraction cannot depend on float32 rounding.
+    assert np.min(np.abs(ratio[:, None] / [0.8, 1.2] - 1.0)) > 1e-4
     np.testing.assert_allclose(m["policy_loss"], pg.mean(), rtol=RTOL,
                                atol=ATOL)
     np.testing.assert_allclose(loss, pg.mean() - 0.05 * entropy.mean(),
@@ -129,6 +132,9 @@ def test_aggregations_differ_on_ragged_masks():
     mask = _np(batch["mask"])
     values = {mode: _aggregate(pg, mask, mode)
               for mode in ("grpo", "dapo", "dr_grpo")}
+    # Far apart, not just different after rounding to 6 decimals (where a
+    # value next to a rounding boundary could go either way).
+    assert np.min(np.diff(np.sort(list(values.values())))) > 1e-4
     assert len({round(v, 6) for v in values.values()}) == 3
 
 

@@ -72,6 +72,9 @@ def test_loss_matches_hand_computation():
                                rtol=1e-4)
     np.testing.assert_allclose(m["mean_reward"], rewards[valid].mean(),
                                rtol=1e-5, atol=1e-6)
+    # Every valid ratio clear of the clip bounds 0.85 and 1.15 (relative
+    # 1e-4), so that the clip fraction cannot depend on float32 rounding.
+    assert np.min(np.abs(ratio[:, None] / [0.85, 1.15] - 1.0)) > 1e-4
     clip_frac = np.mean(np.abs(ratio - 1.0) > 0.15)
     assert 0.0 < clip_frac < 1.0
     np.testing.assert_allclose(m["clip_fraction"], clip_frac, atol=1e-6)

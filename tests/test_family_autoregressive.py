@@ -28,6 +28,12 @@ def _table(seed=0):
     return dict(table=jax.random.normal(jax.random.key(seed), (V, V)))
 
 
+def top_gaps(logits, k=1):
+    """Gap between the k-th and (k+1)-th largest value of each row."""
+    s = np.sort(np.asarray(logits, np.float64), -1)
+    return s[..., -k] - s[..., -k - 1]
+
+
 def log_softmax(x):
     x = np.asarray(x, np.float64)
     return x - np.log(np.sum(np.exp(x - x.max()))) - x.max()
@@ -51,6 +57,8 @@ def test_cross_entropy_with_padding_matches_hand_computation():
     np.testing.assert_allclose(m["perplexity"], np.exp(np.mean(nll)),
                                rtol=1e-5)
     assert float(m["num_tokens"]) == 3.0
+    # No near-tie under the argmax: the accuracy is exact on any machine.
+    assert top_gaps(table[[1, 2, 4]]).min() > 1e-4
     correct = [table[1].argmax() == 2, table[2].argmax() == 3,
                table[4].argmax() == 4]
     np.testing.assert_allclose(m["accuracy"], np.mean(correct))
@@ -165,6 +173,10 @@ def test_top_k_never_leaves_the_top_k():
         apply, model, prompts, k, max_new_tokens=5, temperature=3.0,
         top_k=3))(jax.random.key(0))
     table = np.asarray(model.logits[...])
+    # The top 3 (and the top 1) of each row are clear of the next logit, so
+    # which tokens they are cannot depend on rounding.
+    assert top_gaps(table[1:6], k=3).min() > 1e-4
+    assert top_gaps(table).min() > 1e-4
     for i in range(5):
         top = set(np.argsort(table[1 + i])[-3:])
         seen = set(np.unique(np.asarray(comp[:, i])))
@@ -179,7 +191,11 @@ def test_top_k_never_leaves_the_top_k():
 def test_zero_temperature_is_greedy():
     model, apply = _logits_model(seed=1)
     prompts = jnp.zeros((4, 1), jnp.int32)
-    expected = np.asarray(model.logits[...]).argmax(-1)[:6]
+    logits = np.asarray(model.logits[...])[:6]
+    # Clear top-1 gaps: no tie under the argmax, and at temperature 1e-4
+    # any other token has probability below exp(-100).
+    assert top_gaps(logits).min() > 1e-2
+    expected = logits.argmax(-1)
     for temperature in (0.0, 1e-4):
         comp, _ = ar.generate(apply, model, prompts, jax.random.key(3),
                               max_new_tokens=6, temperature=temperature)

@@ -17,6 +17,7 @@ from flax import nnx
 from artifex_fn.families import gan
 from artifex_fn.toy_data import gaussian_mixture_2d
 from artifex_fn.toy_data import mixture_coverage
+from artifex_fn.toy_data import mixture_means
 from artifex_fn.training.trainers.gan import GANConfig
 from artifex_fn.training.trainers.gan import GANTrainer
 
@@ -256,7 +257,24 @@ def test_trainer_equals_pure_update_and_resumes(ring):
     state = gan.init(dict(generator=_pure(g), discriminator=_pure(d)),
                      config, key=trainer.key)
     update = jax.jit(gan.update)
+
+    @jax.jit
+    def d_logits(state, x):
+        """The logits of the update's discriminator step (d_steps = 1; the
+        update's own key splits), which decide d_accuracy."""
+        _, d_key, _ = jax.random.split(state.key, 3)
+        z = gan.noise(jax.random.split(d_key, 1)[0], x.shape[0],
+                      config.latent_dim)
+        p = state.params
+        fake = config.generator(p["generator"], z)
+        return jnp.concatenate([config.discriminator(p["discriminator"], x),
+                                config.discriminator(p["discriminator"],
+                                                     fake)])
+
+    assert config.d_steps == 1
     for i in range(2):
+        # d_accuracy counts logit signs: none may be within rounding of 0.
+        assert np.min(np.abs(np.asarray(d_logits(state, ring[i])))) > 1e-4
         state, ref = update(state, ring[i])
         got = trainer.train_step(ring[i])
         for k in ref:
@@ -290,7 +308,14 @@ def test_trainer_equals_pure_update_and_resumes(ring):
 
 def test_trainer_learns_the_mixture(ring):
     _, _, trainer = make(seed=1)
-    untrained = mixture_coverage(trainer.sample(2000, key=0))
+    before = trainer.sample(2000, key=0)
+    untrained = mixture_coverage(before)
+    # The untrained count sits at its bound (<= 2): every mode's nearest
+    # sample is clear of the coverage radius 3 * std = 0.3, so rounding
+    # cannot change which modes count as covered.
+    d = np.linalg.norm(np.asarray(before, np.float64)[:, None]
+                       - np.asarray(mixture_means(), np.float64), axis=-1)
+    assert np.min(np.abs(d.min(0) - 0.3)) > 1e-4
     trainer.fit(ring, num_steps=700)
     trained = mixture_coverage(trainer.generate(2000, key=0))
     assert int(untrained["modes_covered"]) <= 2

@@ -100,6 +100,33 @@ CASES = {
 }
 
 
+def _assert_discrete_metrics_clear_of_ties(algo, update, state, batch):
+    """The discrete metrics of ``update(state, batch)`` cannot depend on
+    float32 rounding: no DPO reward margin within 1e-4 of 0 (for
+    reward_accuracy), no policy ratio within 1.2e-4 of a clip bound
+    ``1 -/+ clip_param`` (for clip_fraction).
+
+    PPO's ratios come from epochs of shuffled minibatches, so rather than
+    recomputing them the clip bounds are moved by 1.2e-4 either way: the
+    clip fraction stays the same only if no ratio lies that close.
+    """
+    config = state.config
+    if algo == "dpo":
+        def log_probs(side):
+            logits = config.policy(state.params, side["observations"])
+            return jnp.take_along_axis(jax.nn.log_softmax(logits),
+                                       side["actions"][:, None], -1)[:, 0]
+
+        margin = config.beta * (log_probs(batch["chosen"])
+                                - log_probs(batch["rejected"]))
+        assert np.min(np.abs(np.asarray(margin, np.float64))) > 1e-4
+    elif algo in ("ppo", "grpo"):
+        fractions = {float(update(state.replace(config=dataclasses.replace(
+            config, clip_param=config.clip_param + d)), batch)[1][
+                "clip_fraction"]) for d in (-1.2e-4, 0.0, 1.2e-4)}
+        assert len(fractions) == 1, fractions
+
+
 @pytest.mark.parametrize("algo", sorted(CASES))
 def test_trainer_equals_pure_update_and_compiles_once(algo):
     trainer_cls, config, module, kind = CASES[algo]
@@ -114,7 +141,9 @@ def test_trainer_equals_pure_update_and_compiles_once(algo):
     batches = _batches(algo, 4)
     for batch in batches:
         metrics = trainer.train_step(batch)
+        last = state  # the state of the last step, whose metrics we compare
         state, pure_metrics = update(state, batch)
+    _assert_discrete_metrics_clear_of_ties(algo, update, last, batch)
     got = nnx.as_pure(nnx.state(model, nnx.Param))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(state.params)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -198,6 +227,14 @@ def test_hyperparameters_are_traced_no_recompile():
 
 def test_grpo_reference_model_equals_reference_log_probs_in_batch():
     batch = _batches("grpo", 1)[0]
+    # The initial policy's ratios are clear of the clip bounds 0.8 and 1.2
+    # (relative 1e-4): clip_fraction, compared below, cannot differ between
+    # the two compiled programs by rounding.
+    logp = Policy(nnx.Rngs(0), "dist")(batch["observations"]).log_prob(
+        batch["actions"])
+    ratio = np.exp(np.asarray(logp, np.float64)
+                   - np.asarray(batch["log_probs"], np.float64))
+    assert np.min(np.abs(ratio[:, None] / [0.8, 1.2] - 1.0)) > 1e-4
     ref = Policy(nnx.Rngs(7), "dist")
     ref_before = nnx.as_pure(nnx.state(ref))
     _, _, with_model = _make(GRPOTrainer, GRPOConfig(beta=0.1), "dist",
