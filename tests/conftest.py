@@ -35,6 +35,16 @@ if (os.environ.get("ARTIFEX_FN_TEST_XLA_OPT", "0") != "default"
         [os.environ.get("XLA_FLAGS", ""), f"{_FLAG}=0"]).strip()
 
 import jax  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Under CI (``.ci/run`` sets CI) every property test draws the same
+# examples on every run and machine, so a run is reproducible; locally the
+# examples are random, which keeps looking for new counterexamples. Test
+# modules build their settings on top of this profile (loaded before they
+# are imported).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+    settings.load_profile("ci")
 
 _CACHE_DIR = tempfile.mkdtemp(prefix="artifex-fn-test-jax-cache-")
 _CACHE_ENV = {
