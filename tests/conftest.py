@@ -25,8 +25,10 @@ import tempfile
 # and most of that is LLVM optimising the generated code. The suite
 # compiles with XLA's backend optimisation level 0 (set before JAX creates
 # its CPU backend; subprocesses inherit it), which cuts compile times about
-# 2.5x. It changes how fast the compiled code runs, not what it computes
-# (no fast-math at any level). ``ARTIFEX_FN_TEST_XLA_OPT=default`` keeps
+# 2.5x. It changes how fast the compiled code runs; what it computes agrees
+# up to rounding (no fast-math at any level, but LLVM contracts some
+# multiply-adds into FMAs only when optimising), so no test may depend on
+# the last bits of a result. ``ARTIFEX_FN_TEST_XLA_OPT=default`` keeps
 # XLA's default level, e.g. to check that nothing depends on it.
 _FLAG = "--xla_backend_optimization_level"
 if (os.environ.get("ARTIFEX_FN_TEST_XLA_OPT", "0") != "default"
