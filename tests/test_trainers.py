@@ -208,7 +208,7 @@ def test_ppo_value_head_with_distribution_output():
         model, _, trainer = _make(PPOTrainer, PPOConfig(num_epochs=1), kind)
         out.append(trainer.train_step(batch)["value_loss"])
     np.testing.assert_allclose(out[0], out[1], rtol=1e-6)
-    with pytest.raises(ValueError, match=r"\(distribution_or_logits, value\)"):
+    with pytest.raises(ValueError, match=r"\(distribution or logits, value\)"):
         _make(PPOTrainer, PPOConfig(), "logits")[2].train_step(batch)
 
 

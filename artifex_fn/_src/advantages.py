@@ -15,6 +15,7 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from artifex_fn._src import checks
 
@@ -138,6 +139,12 @@ def _standardize(x, m, axes, *, eps, ddof):
     return _standardized(x, m, eps, axes, ddof), constant
 
 
+def _check_ddof(ddof):
+    if not isinstance(ddof, (int, np.integer)) or isinstance(ddof, bool) or (
+            ddof < 0):
+        raise ValueError(f"`ddof` must be an int >= 0, got {ddof!r}.")
+
+
 def _centre(x, axes):
     """``x - mean(x)`` over ``axes`` (all entries valid). Where the plain
     sum overflows, the mean is taken of ``x / max|x|`` instead."""
@@ -179,8 +186,9 @@ def normalize_advantages(
       mask: optional array broadcastable to ``advantages``; zero or False
         entries are left out of the statistics and set to zero.
       axis: axis or axes to reduce over; None for all.
-      eps: added to the standard deviation.
-      ddof: delta degrees of freedom of the variance (0: population).
+      eps: added to the standard deviation, ``>= 0``.
+      ddof: delta degrees of freedom of the variance (0: population), an
+        int ``>= 0``.
 
     Returns:
       Normalised advantages, same shape and dtype as ``advantages``.
@@ -192,6 +200,8 @@ def normalize_advantages(
       Array([-1.2247449,  0.       ,  1.2247449], dtype=float32)
     """
     advantages = jnp.asarray(advantages)
+    _check_ddof(ddof)
+    ok = checks.check_hparam(eps, "eps", lo=0.0)
     out_dtype, dt = checks.float_dtypes(advantages)
     x = advantages.astype(dt)
     if mask is None:
@@ -208,7 +218,7 @@ def normalize_advantages(
     m = jnp.where(m > 0, m, 0.0)
     x = jnp.where(m > 0, x, 0.0)   # padding out before any arithmetic
     out, _ = _standardize(x, m, axes, eps=eps, ddof=ddof)
-    return out.astype(out_dtype)
+    return checks.nan_unless(ok, out.astype(out_dtype))
 
 
 class GroupAdvantages(NamedTuple):
@@ -259,8 +269,8 @@ def group_advantages(
       group_size: samples per group ``G`` (a Python int).
       baseline: ``"mean"`` or ``"rloo"`` (needs ``group_size >= 2``).
       scale: ``"group"``, ``"batch"`` or ``"none"``.
-      ddof: delta degrees of freedom of the standard deviations.
-      eps: added to the standard deviation before dividing.
+      ddof: delta degrees of freedom of the standard deviations, ``>= 0``.
+      eps: added to the standard deviation before dividing, ``>= 0``.
 
     Returns:
       A :class:`GroupAdvantages` ``(advantages, zero_std)``.
@@ -289,6 +299,8 @@ def group_advantages(
             f"({group_size}).")
     if baseline == "rloo" and group_size < 2:
         raise ValueError("`baseline='rloo'` needs `group_size` >= 2.")
+    _check_ddof(ddof)
+    ok = checks.check_hparam(eps, "eps", lo=0.0)
     if scale == "group" and group_size - ddof <= 0:
         raise ValueError(
             f"`ddof`={ddof} must be smaller than `group_size`={group_size}.")
@@ -319,5 +331,6 @@ def group_advantages(
         else:
             adv = centred
     adv = jnp.where(zero_std[..., None], 0.0, adv)
-    return GroupAdvantages(adv.reshape(rewards.shape).astype(out_dtype),
+    return GroupAdvantages(checks.nan_unless(
+        ok, adv.reshape(rewards.shape).astype(out_dtype)),
                            zero_std)

@@ -137,9 +137,10 @@ def aggregate_loss(
     """
     num, den = aggregate_loss_parts(loss, mask, mode=mode,
                                     normalizer=normalizer)
+    ok = checks.check_hparam(normalizer, "normalizer", lo=0.0, lo_open=True)
     if denominator is not None:
         den = jnp.asarray(denominator, num.dtype)
     out_dtype, _ = checks.float_dtypes(jnp.asarray(loss))
-    ok = den > 0
-    value = jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
-    return value.astype(out_dtype)
+    positive = den > 0
+    value = jnp.where(positive, num / jnp.where(positive, den, 1.0), 0.0)
+    return checks.nan_unless(ok, value.astype(out_dtype))

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_min_rank(x: jax.Array, rank: int, name: str) -> None:
@@ -112,3 +113,80 @@ def keep_valid(valid, x, fill=0):
     while valid.ndim < x.ndim:
         valid = valid[..., None]
     return jnp.where(valid, x, jnp.asarray(fill, x.dtype))
+
+
+def _is_traced(x) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer)
+               for leaf in jax.tree_util.tree_leaves(x))
+
+
+def _range_text(lo, hi, lo_open, hi_open) -> str:
+    """``"in [0, 1]"``, ``"> 0"``, ``">= 1"`` and the like."""
+    inf = float("inf")
+    if hi == inf and lo == -inf:
+        return "finite"
+    if hi == inf:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    if lo == -inf:
+        return f"{'<' if hi_open else '<='} {hi:g}"
+    left = "(" if lo_open else "["
+    right = ")" if hi_open else "]"
+    return f"in {left}{lo:g}, {hi:g}{right}"
+
+
+def check_hparam(value, name: str, *, lo: float = -float("inf"),
+                 hi: float = float("inf"), lo_open: bool = False,
+                 hi_open: bool = False):
+    """Validates a hyper-parameter (a number or an array of numbers).
+
+    A concrete value (Python number, NumPy or concrete JAX array) outside
+    the range, or NaN, raises ``ValueError`` naming ``name`` and the range.
+    A traced value cannot be inspected: the returned boolean scalar is
+    False when any element is out of range, and callers turn their result
+    into NaN with :func:`nan_unless` (never a clipped or otherwise plausible
+    number). Returns None for concrete (hence valid) values.
+    """
+    if value is None:
+        return None
+    traced = _is_traced(value)
+    x = value if traced else np.asarray(value)
+    above = x > lo if lo_open else x >= lo
+    below = x < hi if hi_open else x <= hi
+    ok = above & below   # False for NaN
+    if traced:
+        return jnp.all(ok)
+    if not np.all(ok):
+        bad = np.asarray(x)[~np.asarray(ok)].ravel()[0] if np.ndim(x) else x
+        raise ValueError(
+            f"`{name}` must be {_range_text(lo, hi, lo_open, hi_open)}, "
+            f"got {float(bad)!r}.")
+    return None
+
+
+def all_ok(*oks):
+    """The conjunction of :func:`check_hparam` results (None: all valid)."""
+    oks = [ok for ok in oks if ok is not None]
+    if not oks:
+        return None
+    out = oks[0]
+    for ok in oks[1:]:
+        out = out & ok
+    return out
+
+
+def nan_unless(ok, x):
+    """``x`` where ``ok`` (a traced validity flag), NaN elsewhere.
+
+    ``ok`` None (every hyper-parameter was concrete and valid) returns
+    ``x`` unchanged. Integer results are returned unchanged.
+    """
+    if ok is None:
+        return x
+
+    def poison(a):
+        a = jnp.asarray(a)
+        if not jnp.issubdtype(a.dtype, jnp.inexact):
+            return a
+        return jnp.where(ok, a, jnp.asarray(jnp.nan, a.dtype))
+
+    return jax.tree_util.tree_map(poison, x)

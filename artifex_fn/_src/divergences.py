@@ -182,8 +182,9 @@ def kl_estimate(
         the current policy.
       ref_log_probs: ``[...]`` log-probabilities under the reference.
       estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
-      clamp: if given, the estimate is clipped to ``[-clamp, clamp]``.
-      max_log_ratio: bound on ``|log r|`` applied before ``exp``.
+      clamp: if given (``> 0``), the estimate is clipped to ``[-clamp,
+        clamp]``.
+      max_log_ratio: bound ``> 0`` on ``|log r|`` applied before ``exp``.
       mask: optional mask broadcastable to ``log_probs``; padded entries
         give zero with zero gradient, whatever they hold.
 
@@ -201,6 +202,10 @@ def kl_estimate(
     ref_log_probs = jnp.asarray(ref_log_probs)
     checks.check_same_shape(ref_log_probs, "ref_log_probs", log_probs,
                             "log_probs")
+    ok = checks.all_ok(
+        checks.check_hparam(clamp, "clamp", lo=0.0, lo_open=True),
+        checks.check_hparam(max_log_ratio, "max_log_ratio", lo=0.0,
+                            lo_open=True))
     out_dtype, dt = checks.float_dtypes(log_probs, ref_log_probs)
     valid = checks.valid_mask(mask, log_probs.shape)
     log_r = (checks.keep_valid(valid, ref_log_probs).astype(dt)
@@ -214,4 +219,4 @@ def kl_estimate(
         kl = jnp.expm1(log_r) - log_r
     if clamp is not None:
         kl = jnp.clip(kl, -clamp, clamp)
-    return kl.astype(out_dtype)
+    return checks.nan_unless(ok, kl.astype(out_dtype))

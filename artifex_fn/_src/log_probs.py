@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from artifex_fn._src import checks
@@ -94,7 +95,8 @@ def token_log_probs(
       logits: ``[..., V]`` unnormalised logits (any float dtype).
       tokens: ``[...]`` integer token ids, the shape of ``logits`` without
         its last axis.
-      temperature: optional sampling temperature; logits are divided by it.
+      temperature: optional sampling temperature ``> 0``; logits are
+        divided by it.
       chunk_size: if given, rows (all leading axes flattened) are processed
         ``chunk_size`` at a time with ``lax.map`` to bound peak memory.
       mask: optional mask broadcastable to ``tokens``; padded positions
@@ -105,6 +107,11 @@ def token_log_probs(
       ``[...]`` log-probabilities in at least float32 (half-precision logits
       give float32: log-prob differences feed importance ratios, where
       bfloat16 rounding would dominate).
+
+    Raises:
+      ValueError: for concrete token ids outside ``[0, V)`` at unmasked
+        positions, or a concrete ``temperature <= 0``. Traced ones (inside
+        the caller's ``jit``) give NaN there instead.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -122,19 +129,50 @@ def token_log_probs(
             f"`tokens` must be integers, got dtype {tokens.dtype}.")
     _, dt = checks.float_dtypes(logits)
     valid = checks.valid_mask(mask, tokens.shape)
+    ok = checks.check_hparam(temperature, "temperature", lo=0.0,
+                             lo_open=True)
+    in_vocab = _check_token_ids(tokens, logits.shape[-1], valid)
     if temperature is not None:
         temperature = jnp.asarray(temperature, logits.dtype)
-    if chunk_size is None:
-        return _selective_log_softmax(logits, tokens, dt, valid, temperature)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if chunk_size is not None and (not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
         raise ValueError(
             f"`chunk_size` must be a positive int, got {chunk_size!r}.")
-    lead = logits.shape[:-1]
-    rows = math.prod(lead)
-    out = _chunked(logits.reshape(rows, logits.shape[-1]),
-                   tokens.reshape(rows), dt, chunk_size,
-                   None if valid is None else valid.reshape(rows), temperature)
-    return out.reshape(lead)
+    if chunk_size is None:
+        out = _selective_log_softmax(logits, tokens, dt, valid, temperature)
+    else:
+        lead = logits.shape[:-1]
+        rows = math.prod(lead)
+        out = _chunked(logits.reshape(rows, logits.shape[-1]),
+                       tokens.reshape(rows), dt, chunk_size,
+                       None if valid is None else valid.reshape(rows),
+                       temperature).reshape(lead)
+    if in_vocab is not None:  # traced ids out of range: NaN, not a wrap
+        out = jnp.where(in_vocab, out, jnp.nan)
+    return checks.nan_unless(ok, out)
+
+
+def _check_token_ids(tokens, vocab, valid):
+    """Checks ``0 <= tokens < vocab`` where ``valid`` (all when None).
+
+    Concrete ids out of range raise ``ValueError`` (a gather would wrap
+    ``-1`` to the last token, or read garbage); traced ones cannot, so the
+    returned boolean array marks them and the caller makes their
+    log-probabilities NaN. Returns None for concrete ids.
+    """
+    inside = (tokens >= 0) & (tokens < vocab)
+    if valid is not None:
+        inside = inside | ~valid
+    if checks._is_traced(tokens) or checks._is_traced(valid):
+        return inside
+    inside = np.asarray(inside)
+    if not inside.all():
+        where = tuple(int(i) for i in np.argwhere(~inside)[0])
+        raise ValueError(
+            f"`tokens` must be ids in [0, {vocab}) (the last axis of "
+            f"`logits`) wherever `mask` is set; got "
+            f"{int(np.asarray(tokens)[where])} at index {where}.")
+    return None
 
 
 def _mask_like(mask, x, name="mask"):

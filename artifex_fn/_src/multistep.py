@@ -15,6 +15,9 @@ Conventions (shared by every function here):
   environments, whose ``values[..., t + 1]`` belongs to the next episode),
   else ``values[..., t + 1]``, else ``bootstrap_value`` (zero when absent) for
   the last step.
+* ``gamma`` and ``lambda_`` must lie in ``[0, 1]``: a concrete value
+  outside raises ``ValueError``; a traced one (inside the caller's
+  ``jit``/``vmap``) cannot raise and makes the whole result NaN.
 * ``mask[..., t] == 0`` marks padding. Padded steps give zero, none of their
   inputs is read (they may hold NaN or inf: they are replaced before any
   arithmetic, so neither the result nor its gradient sees them), and the
@@ -376,8 +379,13 @@ def _solve(kind, rewards, values, *, method, stop_target_gradients,
         _check_inputs(rewards, values, **kwargs)
         rewards, values, kwargs = _clean_padding(kind, rewards, values,
                                                  axis=axis, **kwargs)
+    # Out-of-range discounts raise when concrete; traced ones give NaN.
+    # (Checked after the padding is replaced: padded steps hold anything.)
+    ok = checks.all_ok(
+        checks.check_hparam(kwargs["gamma"], "gamma", lo=0.0, hi=1.0),
+        checks.check_hparam(kwargs["lambda_"], "lambda_", lo=0.0, hi=1.0))
     if method == "scan" and kind != "gae":
-        x = _scan_path(kind, rewards, values, **kwargs)
+        x = checks.nan_unless(ok, _scan_path(kind, rewards, values, **kwargs))
         return lax.stop_gradient(x) if stop_target_gradients else x
     _check_inputs(rewards, values, **kwargs)
     terms = _recurrence_terms(rewards, values, **kwargs)
@@ -396,6 +404,7 @@ def _solve(kind, rewards, values, *, method, stop_target_gradients,
     b = jnp.moveaxis(jnp.broadcast_to(b, rewards.shape), axis, 0)
     x = reverse_linear_recurrence(a, b, method=method)
     x = jnp.moveaxis(x, 0, axis).astype(terms["out_dtype"])
+    x = checks.nan_unless(ok, x)
     return lax.stop_gradient(x) if stop_target_gradients else x
 
 

@@ -15,6 +15,10 @@ Every function takes an optional ``mask`` (zero marks padding). Padded
 entries are replaced before any arithmetic, so they may hold anything (NaN,
 inf) and contribute exactly zero to the result and to its gradient; losses
 are zero there and ratios one.
+
+Hyper-parameters are checked: a concrete value out of range raises
+``ValueError`` naming it; a traced one (inside the caller's ``jit`` or
+``vmap``) cannot raise and makes the result NaN.
 """
 
 from __future__ import annotations
@@ -79,6 +83,8 @@ def importance_ratio(
     old_log_probs = jnp.asarray(old_log_probs)
     checks.check_same_shape(old_log_probs, "old_log_probs", log_probs,
                             "log_probs")
+    ok = checks.check_hparam(max_log_ratio, "max_log_ratio", lo=0.0,
+                             lo_open=True)
     out_dtype, dt = checks.float_dtypes(log_probs, old_log_probs)
     valid = checks.valid_mask(mask, log_probs.shape)
     log_ratio = (checks.keep_valid(valid, log_probs).astype(dt)
@@ -98,7 +104,14 @@ def importance_ratio(
         log_ratio = jnp.broadcast_to(seq, log_ratio.shape)
         log_ratio = checks.keep_valid(valid, log_ratio)
     log_ratio = jnp.clip(log_ratio, -max_log_ratio, max_log_ratio)
-    return jnp.exp(log_ratio).astype(out_dtype)
+    return checks.nan_unless(ok, jnp.exp(log_ratio).astype(out_dtype))
+
+
+def _clip_range_ok(epsilon_low, epsilon_high):
+    """Checks ``epsilon_low`` in ``[0, 1]`` and ``epsilon_high >= 0``."""
+    return checks.all_ok(
+        checks.check_hparam(epsilon_low, "epsilon_low", lo=0.0, hi=1.0),
+        checks.check_hparam(epsilon_high, "epsilon_high", lo=0.0))
 
 
 def policy_gradient_loss(log_probs: jax.Array, advantages: jax.Array, *,
@@ -147,7 +160,7 @@ def clipped_surrogate_loss(
         \ell = -\min\big(r A,\ \mathrm{clip}(r, 1-\epsilon_{low},
         1+\epsilon_{high}) A\big)
 
-    With ``dual_clip = c > 1`` (Ye et al. 2020) the loss of negative
+    With ``dual_clip = c >= 1`` (Ye et al. 2020) the loss of negative
     advantages is also bounded: :math:`\ell = \min(\ell, -cA)` where
     :math:`A < 0`. ``epsilon_high`` defaults to ``epsilon_low``; a larger
     value is DAPO's clip-higher (Yu et al. 2025). ``level="sequence"``
@@ -157,9 +170,12 @@ def clipped_surrogate_loss(
       log_probs: ``[..., L]`` current log-probabilities of the taken tokens.
       old_log_probs: same shape, under the behaviour policy.
       advantages: same shape, or ``[...]`` per sequence.
-      epsilon_low: lower clip range, ratio floor ``1 - epsilon_low``.
-      epsilon_high: upper clip range (default ``epsilon_low``).
-      dual_clip: optional dual-clip constant ``c > 1``.
+      epsilon_low: lower clip range in ``[0, 1]``, ratio floor
+        ``1 - epsilon_low``.
+      epsilon_high: upper clip range ``>= 0`` (default ``epsilon_low``).
+      dual_clip: optional dual-clip constant ``c >= 1`` (Ye et al. use
+        ``c > 1``; ``c = 1`` bounds the loss of a negative advantage by
+        ``|A|``).
       level: ``"token"`` or ``"sequence"`` importance ratios.
       mask: optional token mask broadcastable to ``log_probs``: padded
         tokens give zero loss and zero gradient whatever they hold, and are
@@ -177,6 +193,10 @@ def clipped_surrogate_loss(
       Array([-1.2,  0.8], dtype=float32)
     """
     log_probs = jnp.asarray(log_probs)
+    ok = _clip_range_ok(epsilon_low, epsilon_high)
+    if dual_clip is not None:
+        ok = checks.all_ok(ok, checks.check_hparam(
+            dual_clip, "dual_clip", lo=1.0))
     ratio = importance_ratio(log_probs, old_log_probs, level=level, mask=mask,
                              max_log_ratio=max_log_ratio)
     adv = lax.stop_gradient(_broadcast_advantages(advantages, log_probs))
@@ -189,7 +209,7 @@ def clipped_surrogate_loss(
     loss = -jnp.minimum(ratio * adv, clipped * adv)
     if dual_clip is not None:
         loss = jnp.where(adv < 0, jnp.minimum(loss, -dual_clip * adv), loss)
-    return loss.astype(out_dtype)
+    return checks.nan_unless(ok, loss.astype(out_dtype))
 
 
 def clip_fraction(
@@ -220,13 +240,14 @@ def clip_fraction(
       Array([1., 0., 1.], dtype=float32)
     """
     ratio = jnp.asarray(ratio)
+    ok = _clip_range_ok(epsilon_low, epsilon_high)
     out_dtype, _ = checks.float_dtypes(ratio)
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
     outside = (ratio < 1.0 - epsilon_low) | (ratio > 1.0 + eps_high)
     valid = checks.valid_mask(mask, ratio.shape)
     if valid is not None:
         outside = outside & valid
-    return outside.astype(out_dtype)
+    return checks.nan_unless(ok, outside.astype(out_dtype))
 
 
 def value_loss(
@@ -251,8 +272,8 @@ def value_loss(
       values: ``[...]`` predicted values.
       targets: ``[...]`` value targets (returns), same shape.
       old_values: optional values predicted when the data was collected.
-      clip_epsilon: clip range around ``old_values``.
-      huber_delta: optional Huber threshold.
+      clip_epsilon: clip range ``>= 0`` around ``old_values``.
+      huber_delta: optional Huber threshold ``> 0``.
       mask: optional mask broadcastable to ``values``; padded entries give
         zero loss and zero gradient whatever they hold.
 
@@ -268,6 +289,10 @@ def value_loss(
     values = jnp.asarray(values)
     targets = lax.stop_gradient(jnp.asarray(targets))
     checks.check_same_shape(targets, "targets", values, "values")
+    ok = checks.all_ok(
+        checks.check_hparam(clip_epsilon, "clip_epsilon", lo=0.0),
+        checks.check_hparam(huber_delta, "huber_delta", lo=0.0,
+                            lo_open=True))
     out_dtype, dt = checks.float_dtypes(values, targets)
     valid = checks.valid_mask(mask, values.shape)
     v = checks.keep_valid(valid, values).astype(dt)
@@ -290,4 +315,4 @@ def value_loss(
         old = checks.keep_valid(valid, old).astype(dt)
         v_clipped = old + jnp.clip(v - old, -clip_epsilon, clip_epsilon)
         loss = jnp.maximum(loss, err(v_clipped))
-    return loss.astype(out_dtype)
+    return checks.nan_unless(ok, loss.astype(out_dtype))

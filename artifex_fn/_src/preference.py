@@ -51,22 +51,6 @@ class PreferenceLoss(NamedTuple):
     rejected_rewards: jax.Array
 
 
-def _check_concrete(value, name, lo, hi, lo_open=False, hi_open=False):
-    """Range check for Python numbers; traced values pass through."""
-    if isinstance(value, jax.core.Tracer):
-        return
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return
-    bad = (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi)
-    if bad:
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
-        raise ValueError(f"`{name}` must be in {left}{lo}, {hi}{right}, "
-                         f"got {value!r}.")
-
-
 def _margin_loss(logits, *, loss_type, beta, label_smoothing, raw_margin):
     """Loss of the scaled margin ``logits = beta * raw_margin``."""
     if loss_type == "sigmoid":
@@ -122,12 +106,11 @@ def dpo_loss(
       Array([0.6931472, 0.6931472], dtype=float32)
     """
     checks.check_choice(loss_type, PREFERENCE_LOSS_TYPES, "loss_type")
-    _check_concrete(beta, "beta", 0.0, float("inf"), lo_open=True)
-    if loss_type == "robust":
-        _check_concrete(label_smoothing, "label_smoothing", 0.0, 0.5,
-                        hi_open=True)
-    else:
-        _check_concrete(label_smoothing, "label_smoothing", 0.0, 1.0)
+    ok = checks.all_ok(
+        checks.check_hparam(beta, "beta", lo=0.0, lo_open=True),
+        checks.check_hparam(label_smoothing, "label_smoothing", lo=0.0,
+                            hi=0.5 if loss_type == "robust" else 1.0,
+                            hi_open=loss_type == "robust"))
     pc, pr, rc, rr = _pair_arrays([
         ("chosen_log_probs", chosen_log_probs),
         ("rejected_log_probs", rejected_log_probs),
@@ -141,10 +124,10 @@ def dpo_loss(
     raw = rho_w - rho_l
     loss = _margin_loss(beta * raw, loss_type=loss_type, beta=beta,
                         label_smoothing=label_smoothing, raw_margin=raw)
-    return PreferenceLoss(
+    return checks.nan_unless(ok, PreferenceLoss(
         loss.astype(out_dtype),
         lax.stop_gradient(beta * rho_w).astype(out_dtype),
-        lax.stop_gradient(beta * rho_l).astype(out_dtype))
+        lax.stop_gradient(beta * rho_l).astype(out_dtype)))
 
 
 def simpo_loss(
@@ -188,8 +171,10 @@ def simpo_loss(
       (Array([-1.], dtype=float32), Array([-2.], dtype=float32))
     """
     checks.check_choice(loss_type, ("sigmoid", "hinge"), "loss_type")
-    _check_concrete(beta, "beta", 0.0, float("inf"), lo_open=True)
-    _check_concrete(label_smoothing, "label_smoothing", 0.0, 1.0)
+    ok = checks.all_ok(
+        checks.check_hparam(beta, "beta", lo=0.0, lo_open=True),
+        checks.check_hparam(label_smoothing, "label_smoothing", lo=0.0,
+                            hi=1.0))
     pc, pr = _pair_arrays([("chosen_log_probs", chosen_log_probs),
                            ("rejected_log_probs", rejected_log_probs)])
     lc, lr = _pair_arrays([("chosen_lengths", chosen_lengths),
@@ -203,6 +188,6 @@ def simpo_loss(
     logits = r_w - r_l - gamma
     loss = _margin_loss(logits, loss_type=loss_type, beta=beta,
                         label_smoothing=label_smoothing, raw_margin=logits)
-    return PreferenceLoss(loss.astype(out_dtype),
-                          lax.stop_gradient(r_w).astype(out_dtype),
-                          lax.stop_gradient(r_l).astype(out_dtype))
+    return checks.nan_unless(ok, PreferenceLoss(
+        loss.astype(out_dtype), lax.stop_gradient(r_w).astype(out_dtype),
+        lax.stop_gradient(r_l).astype(out_dtype)))

@@ -83,6 +83,10 @@ class ConstantReward:
 class CompositeReward:
     r"""Weighted sum :math:`\sum_i w_i R_i(x)` of reward functions.
 
+    Without ``weights`` the parts are averaged: equal weights ``1 / n``
+    that sum to one (so adding a part does not scale the reward). Given
+    weights are used as they are.
+
     Examples:
       >>> import jax.numpy as jnp
       >>> r = CompositeReward(reward_fns=[ConstantReward(1.0),
@@ -103,7 +107,7 @@ class CompositeReward:
             raise ValueError("`reward_fns` must hold at least one function.")
         w = self.weights
         if w is None:
-            object.__setattr__(self, "weights", (1.0,) * len(fns))
+            object.__setattr__(self, "weights", (1.0 / len(fns),) * len(fns))
         elif isinstance(w, (list, tuple)):
             if len(w) != len(fns):
                 raise ValueError(

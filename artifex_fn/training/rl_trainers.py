@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import warnings
 from typing import Any
 
@@ -76,6 +77,21 @@ def resolve_apply_fn(model, apply_fn=None):
         return apply_fn
     if callable(getattr(type(model), "policy_outputs", None)):
         return _call_policy_outputs
+    try:
+        inspect.signature(model.__call__).bind(None)
+    except TypeError:
+        raise TypeError(
+            f"the trainer gets the policy as `model(observations)`, but "
+            f"{type(model).__name__}.__call__ takes other arguments "
+            f"{inspect.signature(model.__call__)}. Give the model a method "
+            f"that returns the policy's distribution (or logits) from the "
+            f"observations alone, e.g.\n"
+            f"    def policy_outputs(self, observations):\n"
+            f"        return distrax.Normal(self.mean(observations), "
+            f"jnp.exp(self.log_std))\n"
+            f"or pass `apply_fn=lambda model, observations: ...`.") from None
+    except ValueError:  # no introspectable signature: try at the call
+        pass
     return _call
 
 
@@ -242,6 +258,25 @@ class PPOTrainer(_RLTrainer):
 
     def _num_updates(self, config) -> int:
         return config.num_epochs * config.num_minibatches
+
+    def _policy_apply_fn(self, apply_fn):
+        apply_fn = super()._policy_apply_fn(apply_fn)
+
+        def actor_critic(model, observations):
+            out = apply_fn(model, observations)
+            if not isinstance(out, (tuple, list)) or len(out) != 2:
+                raise ValueError(
+                    f"PPOTrainer needs the model to return (distribution or "
+                    f"logits, value) for the observations; "
+                    f"{type(model).__name__} returned "
+                    f"{_describe(out)}. Give it a method returning both, "
+                    f"e.g.\n"
+                    f"    def policy_outputs(self, observations):\n"
+                    f"        h = self.encoder(observations)\n"
+                    f"        return distrax.Normal(self.mean(h), "
+                    f"jnp.exp(self.log_std)), self.value_head(h)[..., 0]")
+            return out
+        return actor_critic
 
 
 class GRPOTrainer(_RLTrainer):
@@ -457,6 +492,12 @@ class DPOTrainer(_RLTrainer):
             self.step += 1
             return metrics
         return super().train_step(batch)
+
+
+def _describe(out) -> str:
+    if hasattr(out, "shape"):
+        return f"an array of shape {tuple(out.shape)}"
+    return type(out).__name__
 
 
 def _key_data(key):

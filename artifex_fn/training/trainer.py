@@ -14,6 +14,7 @@ inherit a compiled gradient step.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -38,6 +39,90 @@ def key_data(key) -> jax.Array:
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return jax.random.key_data(key)
     return jnp.asarray(key, jnp.uint32)
+
+
+def _describe_paths(tree) -> list[str]:
+    return sorted(jax.tree_util.keystr(p)
+                  for p, _ in jax.tree_util.tree_leaves_with_path(tree))
+
+
+def check_state_layout(state: dict[str, Any], reference: dict[str, Any]):
+    """Checks that ``state`` has the layout of ``reference`` (a trainer's
+    own ``state_dict()``): the same keys, and under each the same pytree
+    structure, leaf shapes and dtypes (``step`` only needs to be an
+    integer scalar). Raises ``ValueError`` naming the first difference."""
+    unknown = sorted(set(state) - set(reference))
+    if unknown:
+        raise ValueError(f"state has unknown entries {unknown}; this "
+                         f"trainer's state_dict() has {sorted(reference)}.")
+    for name, want in reference.items():
+        got = state.get(name)
+        if got is None:   # an optional entry left as it is
+            continue
+        if name == "step":
+            if np.ndim(got) != 0 or not np.issubdtype(np.asarray(got).dtype,
+                                                      np.integer):
+                raise ValueError(f"state['step'] must be an integer scalar, "
+                                 f"got {got!r}.")
+            continue
+        treedef = jax.tree_util.tree_structure(want)
+        try:
+            leaves = treedef.flatten_up_to(got)
+        except (ValueError, TypeError):
+            want_paths, got_paths = _describe_paths(want), _describe_paths(got)
+            missing = [p for p in want_paths if p not in got_paths][:4]
+            extra = [p for p in got_paths if p not in want_paths][:4]
+            raise ValueError(
+                f"state['{name}'] does not have the structure of this "
+                f"trainer's (a state of another model or optimiser?): "
+                f"missing {missing}, unexpected {extra}.") from None
+        for (path, ref), leaf in zip(
+                jax.tree_util.tree_leaves_with_path(want), leaves):
+            ref_shape, ref_dtype = np.shape(ref), np.asarray(ref).dtype if (
+                not hasattr(ref, "dtype")) else ref.dtype
+            shape = np.shape(leaf)
+            dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(
+                leaf).dtype
+            if shape != ref_shape or dtype != ref_dtype:
+                raise ValueError(
+                    f"state['{name}']{jax.tree_util.keystr(path)} has shape "
+                    f"{shape} and dtype {dtype}; this trainer's has "
+                    f"{ref_shape} and {ref_dtype} (a state of another model "
+                    f"or optimiser?).")
+
+
+def _function_fields(config) -> dict[str, Any]:
+    """The fields of a dataclass config that hold functions or optax
+    transformations (not numbers)."""
+    if not dataclasses.is_dataclass(config):
+        return {}
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if callable(value) or isinstance(value, optax.GradientTransformation):
+            out[f.name] = value
+    return out
+
+
+def _check_same_functions(before, after) -> None:
+    """A new config may change numbers, not the functions the trainer was
+    built around (they are baked into its compiled steps or replaced by the
+    model's own)."""
+    if type(after) is not type(before):
+        raise TypeError(
+            f"`trainer.config` must stay a {type(before).__name__}, got "
+            f"{type(after).__name__}: build a new trainer for another "
+            "algorithm.")
+    if not dataclasses.is_dataclass(before):
+        return
+    old, new = _function_fields(before), _function_fields(after)
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) is not new.get(name):
+            raise ValueError(
+                f"`trainer.config.{name}` cannot change after the trainer is "
+                f"built (it is part of the trainer: the model, the "
+                f"nnx.Optimizer and their functions); build a new trainer "
+                f"with the new {name} instead.")
 
 
 class Trainer:
@@ -88,6 +173,28 @@ class Trainer:
         self.stop_training = False
         self._generic_step = None
         self.mesh = None
+
+    # -- configuration ------------------------------------------------------
+    @property
+    def config(self):
+        """The trainer's configuration.
+
+        Assign a new one (``trainer.config = dataclasses.replace(
+        trainer.config, beta=0.05)``) to change numbers for the next steps.
+        Its functions (the optimiser, the policy or model functions) cannot
+        change: the trainer was built around them, and a config carrying
+        others raises ``ValueError`` saying to build a new trainer.
+        """
+        return self._config
+
+    @config.setter
+    def config(self, value):
+        first = "_config" not in vars(self)
+        if not first:
+            _check_same_functions(self._config_at_start, value)
+        else:
+            self._config_at_start = value
+        self._config = value
 
     # -- placement on a mesh ----------------------------------------------
     def shard(self, mesh, *, fsdp: bool = False, min_fsdp_size: int = 1024):
@@ -162,10 +269,20 @@ class Trainer:
                     key=self.key)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict` output into the model and optimizer."""
+        """Restores :meth:`state_dict` output into the model and optimizer.
+
+        Nothing is written unless every entry has the structure, shapes and
+        dtypes of this trainer's own :meth:`state_dict` (a state saved from
+        another model or optimiser raises ``ValueError`` naming the first
+        entry that differs).
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"`state` must be a dict (see state_dict()), got "
+                            f"{type(state).__name__}.")
         missing = {"params", "opt_state", "step", "key"} - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}.")
+        check_state_layout(state, self.state_dict())
         self._write(state["params"], state["opt_state"],
                     state.get("optimizer_step", self._opt_step.read()),
                     state.get("rest"))

@@ -26,8 +26,11 @@ with warnings.catch_warnings():
     import distrax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
+
+from artifex_fn._src import checks
 
 
 
@@ -52,12 +55,65 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """The valid range of a numeric config field (see :func:`check_bounds`).
+
+    Attributes:
+      lo, hi: the bounds; ``lo_open`` / ``hi_open`` exclude them.
+      optional: None is allowed (the feature is off).
+    """
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    optional: bool = False
+
+
+def check_bounds(config) -> None:
+    """Checks every field named in ``type(config).BOUNDS`` (``ValueError``
+    naming the field and its range). Concrete values are checked here, at
+    construction; traced ones by :func:`bounds_ok` inside the step."""
+    for name, b in type(config).BOUNDS.items():
+        check_range(name, getattr(config, name), b.lo, b.hi,
+                    lo_open=b.lo_open, hi_open=b.hi_open, optional=b.optional)
+
+
+def bounds_ok(config):
+    """A traced flag, False when a traced field of ``config`` is out of its
+    ``BOUNDS`` (None when every field is concrete: checked at construction).
+
+    A config rebuilt inside ``jax.jit`` or ``jax.vmap`` (e.g. a ``vmap``
+    over ``clip_param`` values) carries tracers that cannot raise; the
+    algorithms then return NaN parameters and metrics for such a value,
+    never a clipped or otherwise plausible result.
+    """
+    oks = []
+    for name, b in type(config).BOUNDS.items():
+        value = getattr(config, name)
+        if value is not None and checks._is_traced(value):
+            oks.append(checks.check_hparam(
+                value, name, lo=b.lo, hi=b.hi, lo_open=b.lo_open,
+                hi_open=b.hi_open))
+    return checks.all_ok(*oks)
+
+
+def nan_unless_valid(config, state, metrics):
+    """``(state, metrics)`` with NaN parameters and metrics when a traced
+    hyper-parameter of ``config`` is out of range (see :func:`bounds_ok`)."""
+    ok = bounds_ok(config)
+    if ok is None:
+        return state, metrics
+    return (state.replace(params=checks.nan_unless(ok, state.params)),
+            checks.nan_unless(ok, metrics))
+
+
 def check_range(name: str, value, lo=-math.inf, hi=math.inf, *,
                 lo_open=False, hi_open=False, optional=False) -> None:
-    """Validates a hyper-parameter if it is a Python number.
+    """Validates a hyper-parameter: a Python number or a concrete array.
 
-    Traced or array values (configs are rebuilt with those inside
-    transformations) are not checked.
+    Traced values (configs are rebuilt with those inside transformations)
+    are left to :func:`bounds_ok`.
     """
     if value is None:
         if optional:
@@ -66,6 +122,14 @@ def check_range(name: str, value, lo=-math.inf, hi=math.inf, *,
     if isinstance(value, (bool, str)):
         raise ValueError(f"`{name}` must be a number, got {value!r}.")
     if not _is_number(value):
+        # Concrete arrays are checked; tracers, and the placeholders that
+        # tree utilities unflatten configs with (ShapeDtypeStruct, None
+        # sentinels), are not.
+        if isinstance(value, (np.ndarray, np.generic)) or (
+                isinstance(value, jax.Array)
+                and not checks._is_traced(value)):
+            checks.check_hparam(np.asarray(value, np.float64), name, lo=lo,
+                                hi=hi, lo_open=lo_open, hi_open=hi_open)
         return
     if not math.isfinite(value):
         raise ValueError(f"`{name}` must be finite, got {value!r}.")
@@ -135,6 +199,28 @@ def as_distribution(out) -> distrax.Distribution:
     return distrax.Categorical(logits=jnp.asarray(out))
 
 
+def _check_categorical_actions(dist, actions) -> None:
+    """Actions of a categorical policy: ids with the logits' leading shape."""
+    leaves = jax.tree_util.tree_leaves(actions)
+    if len(leaves) != 1:
+        return
+    a = leaves[0]
+    logits_shape = tuple(dist.logits.shape)
+    continuous = jnp.issubdtype(jnp.result_type(a), jnp.floating)
+    if tuple(jnp.shape(a)) != logits_shape[:-1] or continuous:
+        hint = (" For continuous actions the policy must return a "
+                "distribution, e.g. distrax.MultivariateNormalDiag(mean, "
+                "scale) (a trainer's model: from a `policy_outputs("
+                "observations)` method when `__call__` returns samples)."
+                if continuous else "")
+        raise ValueError(
+            f"the policy returned an array of shape {logits_shape}, used as "
+            f"the logits of a categorical distribution over "
+            f"{logits_shape[-1]} choices, but the actions have shape "
+            f"{tuple(jnp.shape(a))} and dtype {jnp.result_type(a)}: they "
+            f"must be integer ids of shape {logits_shape[:-1]}.{hint}")
+
+
 def reduce_to_rank(x: jax.Array, rank: int, name: str) -> jax.Array:
     """Sums trailing event axes of per-dimension log-probs/entropies."""
     x = jnp.asarray(x)
@@ -153,6 +239,8 @@ def log_prob_and_entropy(dist, actions, rank: int):
     Distributions without a closed-form entropy fall back to the
     single-sample estimate ``-log p(a)`` at the taken actions.
     """
+    if isinstance(dist, distrax.Categorical):
+        _check_categorical_actions(dist, actions)
     log_prob = reduce_to_rank(dist.log_prob(actions), rank, "log_prob")
     try:
         entropy = reduce_to_rank(dist.entropy(), rank, "entropy")
@@ -245,6 +333,61 @@ def shuffle_indices(key, n: int) -> jax.Array:
         position = (lax.sort(packed) & low).astype(jnp.int32)
         order = position if order is None else order[position]
     return order
+
+
+EXTRAS = "extras"
+
+
+def check_batch(batch, *, required, optional, what: str) -> None:
+    """Checks that ``batch`` is a dict with the ``required`` keys and no key
+    outside ``required``, ``optional`` and ``"extras"``.
+
+    A misspelt key (``"ref_logprobs"``) would otherwise be ignored and its
+    term silently dropped. ``batch["extras"]`` may hold anything: the
+    algorithms never read it.
+    """
+    if not isinstance(batch, dict):
+        raise TypeError(f"the {what} batch must be a dict of arrays, got "
+                        f"{type(batch).__name__}.")
+    missing = [k for k in required if k not in batch]
+    unknown = sorted(map(str, set(batch) - set(required) - set(optional)
+                         - {EXTRAS}))
+    if missing or unknown:
+        problems = []
+        if missing:
+            problems.append(f"missing {missing}")
+        if unknown:
+            problems.append(f"unknown keys {unknown}")
+        raise ValueError(
+            f"the {what} batch has {' and '.join(problems)}; expected "
+            f"keys: {list(required)} and optionally {list(optional)} (put "
+            f"other data under '{EXTRAS}', which is never read).")
+
+
+def check_leading(tree, lead: tuple[int, ...], name: str, what: str) -> None:
+    """Checks that every array of ``tree`` starts with the axes ``lead``."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        shape = tuple(jnp.shape(leaf))
+        if shape[:len(lead)] != tuple(lead):
+            where = name + jax.tree_util.keystr(path)
+            raise ValueError(
+                f"`{where}` has shape {shape}; its leading axes must be "
+                f"{tuple(lead)} ({what}).")
+
+
+def check_shape_of(x, name: str, shape: tuple[int, ...], what: str,
+                   broadcast: bool = False):
+    """``x`` as an array, checked to have ``shape`` (or, with
+    ``broadcast``, to broadcast to it); the error names ``name``."""
+    if x is None:
+        return None
+    x = jnp.asarray(x)
+    if broadcast:
+        checks.check_broadcastable(x, shape, name)
+    elif tuple(x.shape) != tuple(shape):
+        raise ValueError(f"`{name}` must have shape {tuple(shape)} ({what}), "
+                         f"got {tuple(x.shape)}.")
+    return x
 
 
 def batch_array(batch, key: str, *, required=True):

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from artifex_fn._src import checks
 from artifex_fn._src.algorithms import common
 from artifex_fn._src.log_probs import sequence_lengths
 from artifex_fn._src.log_probs import sequence_log_probs
@@ -67,8 +68,12 @@ class DPOConfig:
     policy: Callable[..., Any] | None = None
     optimizer: optax.GradientTransformation | None = None
 
+    BOUNDS = dict(
+        beta=common.Bound(0.0, lo_open=True),
+        max_grad_norm=common.Bound(0.0, lo_open=True, optional=True))
+
     def __post_init__(self):
-        common.check_range("beta", self.beta, 0.0, lo_open=True)
+        common.check_bounds(self)
         common.check_int("num_micro_batches", self.num_micro_batches, 1)
         allowed = (("sigmoid", "hinge") if self.reference_free else
                    ("sigmoid", "ipo", "hinge", "robust"))
@@ -82,8 +87,7 @@ class DPOConfig:
         else:
             common.check_range("label_smoothing", self.label_smoothing, 0.0,
                                1.0)
-        common.check_range("max_grad_norm", self.max_grad_norm, 0.0,
-                           lo_open=True, optional=True)
+
 
 
 def score(policy, params, side, *, normalize: bool):
@@ -111,6 +115,70 @@ def score(policy, params, side, *, normalize: bool):
     return seq, sequence_lengths(mask)
 
 
+FLAT_KEYS = ("chosen_log_probs", "rejected_log_probs")
+FLAT_OPTIONAL = ("ref_chosen_log_probs", "ref_rejected_log_probs",
+                 "chosen_lengths", "rejected_lengths")
+SIDE_EXAMPLE = ("{'chosen': {'observations': prompt_and_response[:, :-1], "
+                "'actions': prompt_and_response[:, 1:], 'mask': "
+                "response_mask}, 'rejected': {...}}")
+
+
+def check_batch(batch) -> int:
+    """Validates either batch form (module docstring); returns ``B``."""
+    if not isinstance(batch, dict):
+        raise TypeError(f"the DPO batch must be a dict, got "
+                        f"{type(batch).__name__}: {SIDE_EXAMPLE}, or flat "
+                        f"log-probs {{'chosen_log_probs': [B], ...}}.")
+    if "chosen" in batch or "rejected" in batch:
+        common.check_batch(batch, required=("chosen", "rejected"),
+                           optional=_REF_KEYS, what="DPO")
+        sizes = []
+        for name in ("chosen", "rejected"):
+            side = batch[name]
+            if not isinstance(side, dict):
+                raise TypeError(
+                    f"batch['{name}'] must be a dict with 'observations' "
+                    f"(what the policy reads), 'actions' (the response "
+                    f"tokens it scores) and optionally 'mask', e.g. "
+                    f"{SIDE_EXAMPLE}; got "
+                    + (f"an array of shape {tuple(side.shape)}"
+                       if hasattr(side, "shape") else type(side).__name__)
+                    + ".")
+            common.check_batch(side, required=("observations", "actions"),
+                               optional=("mask",),
+                               what=f"DPO batch['{name}']")
+            actions = jax.tree_util.tree_leaves(side["actions"])
+            if not actions or jnp.ndim(actions[0]) < 1:
+                raise ValueError(f"batch['{name}']['actions'] must lead with "
+                                 "the pairs axis [B, ...].")
+            b = int(jnp.shape(actions[0])[0])
+            common.check_leading(side["observations"], (b,),
+                                 f"batch['{name}']['observations']",
+                                 "the pairs of its actions")
+            if "mask" in side:
+                common.check_shape_of(
+                    side["mask"], f"batch['{name}']['mask']",
+                    tuple(jnp.shape(actions[0])[:jnp.ndim(side["mask"])]),
+                    "the leading axes of its actions")
+            sizes.append(b)
+        if sizes[0] != sizes[1]:
+            raise ValueError(f"batch['chosen'] holds {sizes[0]} pairs but "
+                             f"batch['rejected'] {sizes[1]}.")
+        b = sizes[0]
+    else:
+        common.check_batch(batch, required=FLAT_KEYS, optional=FLAT_OPTIONAL,
+                           what="DPO (flat log-probs)")
+        b = int(jnp.shape(batch["chosen_log_probs"])[0]) if jnp.ndim(
+            batch["chosen_log_probs"]) else 0
+        common.check_shape_of(batch["chosen_log_probs"],
+                              "batch['chosen_log_probs']", (b,), "[B]")
+    for key in FLAT_KEYS + FLAT_OPTIONAL:
+        if key in batch:
+            common.check_shape_of(batch[key], f"batch['{key}']", (b,),
+                                  "one value per pair")
+    return b
+
+
 def _scored(params, batch, config):
     """Flat log-prob dict from either batch form."""
     if "chosen" not in batch:
@@ -126,15 +194,6 @@ def _scored(params, batch, config):
         out[f"{name}_log_probs"] = seq
         out[f"{name}_lengths"] = length
     return out
-
-
-def _num_pairs(batch) -> int:
-    if "chosen" in batch:
-        side = batch["chosen"]
-        leaves = jax.tree_util.tree_leaves(
-            common.batch_array(side, "actions"))
-        return int(jnp.shape(leaves[0])[0])
-    return int(jnp.shape(common.batch_array(batch, "chosen_log_probs"))[0])
 
 
 def rows_loss(params, batch, config: DPOConfig, totals):
@@ -189,8 +248,9 @@ def loss(params, batch, config: DPOConfig):
     rejected_log_probs`` (rewards are the implicit rewards, scaled by
     ``beta`` as in the papers).
     """
-    pairs = jnp.asarray(max(_num_pairs(batch), 1), jnp.float32)
-    return rows_loss(params, batch, config, dict(pairs=pairs))
+    pairs = jnp.asarray(max(check_batch(batch), 1), jnp.float32)
+    return checks.nan_unless(common.bounds_ok(config), rows_loss(
+        params, batch, config, dict(pairs=pairs)))
 
 
 def init(params, config: DPOConfig, *, key=None,
@@ -201,6 +261,7 @@ def init(params, config: DPOConfig, *, key=None,
 
 def with_reference_log_probs(state: common.TrainState, batch):
     """Adds reference log-probs from ``state.ref_params`` when missing."""
+    check_batch(batch)
     config = state.config
     if (config.reference_free or state.ref_params is None
             or all(k in batch for k in _REF_KEYS) or "chosen" not in batch):
@@ -223,16 +284,19 @@ def update(state: common.TrainState, batch):
     the same step as with one batch. Every array of the batch must then
     have the pairs on its leading axis.
     """
+    pairs = check_batch(batch)
     if "chosen" not in batch:
         raise ValueError(
             "update needs responses to score: batch = {'chosen': "
             "{'observations', 'actions', 'mask'?}, 'rejected': {...}}; flat "
             "log-probs carry no gradient (use `loss` to evaluate them).")
-    totals = dict(pairs=jnp.asarray(max(_num_pairs(batch), 1), jnp.float32))
+    totals = dict(pairs=jnp.asarray(max(pairs, 1), jnp.float32))
     loss_fn = rows_loss
     if not all(k in batch for k in _REF_KEYS):
         # Reference log-probs per micro-batch (all at once when k = 1).
         def loss_fn(params, micro, config, totals):
             return rows_loss(params, with_reference_log_probs(state, micro),
                              config, totals)
-    return common.accumulated_gradient_step(state, loss_fn, batch, totals)
+    state, metrics = common.accumulated_gradient_step(state, loss_fn, batch,
+                                                      totals)
+    return common.nan_unless_valid(state.config, state, metrics)

@@ -26,8 +26,11 @@ Batch: ``observations``, ``actions`` (leading ``[B]``), ``rewards [B]``
 first step with ``gamma``), ``log_probs`` of the behaviour policy (``[B]``
 for one-step samples, ``[B, L]`` per token), optional ``mask [B, L]``,
 ``ref_log_probs`` (same shape as ``log_probs``) and ``group_size`` (a Python
-int; defaults to ``num_generations``). ``B`` must be a multiple of the group
-size, with the samples of one prompt contiguous.
+int; defaults to ``num_generations``); ``dones`` and ``reward_mask`` go with
+per-step rewards. ``B`` must be a multiple of the group size, with the
+samples of one prompt contiguous. Any other key is an error (a misspelt
+``ref_logprobs`` would silently drop the KL term), except ``extras``, which
+is never read.
 """
 
 from __future__ import annotations
@@ -106,18 +109,17 @@ class GRPOConfig:
     policy: Callable[..., Any] | None = None
     optimizer: optax.GradientTransformation | None = None
 
+    BOUNDS = dict(
+        clip_param=common.Bound(0.0, 1.0), beta=common.Bound(0.0),
+        entropy_coeff=common.Bound(0.0), gamma=common.Bound(0.0, 1.0),
+        epsilon_high=common.Bound(0.0, optional=True),
+        advantage_eps=common.Bound(0.0),
+        max_grad_norm=common.Bound(0.0, lo_open=True, optional=True))
+
     def __post_init__(self):
         common.check_int("num_generations", self.num_generations, 1)
         common.check_int("num_micro_batches", self.num_micro_batches, 1)
-        common.check_range("clip_param", self.clip_param, 0.0)
-        common.check_range("beta", self.beta, 0.0)
-        common.check_range("entropy_coeff", self.entropy_coeff, 0.0)
-        common.check_range("gamma", self.gamma, 0.0, 1.0)
-        common.check_range("epsilon_high", self.epsilon_high, 0.0,
-                           optional=True)
-        common.check_range("advantage_eps", self.advantage_eps, 0.0)
-        common.check_range("max_grad_norm", self.max_grad_norm, 0.0,
-                           lo_open=True, optional=True)
+        common.check_bounds(self)
         for name, choices in (
                 ("kl_estimator", ("k1", "k2", "k3")),
                 ("loss_aggregation", tuple(LOSS_AGGREGATIONS)),
@@ -130,6 +132,11 @@ class GRPOConfig:
         if self.max_completion_length is not None:
             common.check_int("max_completion_length",
                              self.max_completion_length, 1)
+
+
+REQUIRED_KEYS = ("observations", "actions", "rewards", "log_probs")
+OPTIONAL_KEYS = ("mask", "ref_log_probs", "group_size", "dones",
+                 "reward_mask")
 
 
 def group_size_of(batch, config: GRPOConfig) -> int:
@@ -151,18 +158,31 @@ def advantages_of(batch, config: GRPOConfig):
     """Group-relative advantages ``[B]`` and the group statistics."""
     rewards = jnp.asarray(common.batch_array(batch, "rewards"))
     if rewards.ndim == 2:
-        rewards = discounted_returns(rewards, gamma=config.gamma,
-                                     terminated=batch.get("dones"),
-                                     mask=batch.get("reward_mask"))[:, 0]
+        per_step = "per-step rewards [B, T]"
+        rewards = discounted_returns(
+            rewards, gamma=config.gamma,
+            terminated=common.check_shape_of(
+                batch.get("dones"), "batch['dones']", rewards.shape,
+                per_step, broadcast=True),
+            mask=common.check_shape_of(
+                batch.get("reward_mask"), "batch['reward_mask']",
+                rewards.shape, per_step, broadcast=True))[:, 0]
     elif rewards.ndim != 1:
         raise ValueError(
             f"`batch['rewards']` must be [B] or [B, T], got shape "
             f"{tuple(rewards.shape)}.")
+    else:
+        for key in ("dones", "reward_mask"):
+            if key in batch:
+                raise ValueError(
+                    f"`batch['{key}']` applies to per-step rewards [B, T]; "
+                    f"batch['rewards'] has shape {tuple(rewards.shape)}.")
     size = group_size_of(batch, config)
     if rewards.shape[0] % size:
         raise ValueError(
-            f"batch size {rewards.shape[0]} must be a multiple of the group "
-            f"size {size} (`num_generations` or batch['group_size']).")
+            f"batch size {rewards.shape[0]} (the rows of batch['rewards']) "
+            f"must be a multiple of the group size {size} "
+            f"(`num_generations` or batch['group_size']).")
     out = group_advantages(rewards, group_size=size,
                            baseline=config.baseline,
                            scale=config.scale_rewards,
@@ -181,22 +201,32 @@ def prepare(batch, config: GRPOConfig):
     reward statistics. Group advantages need whole groups, so they are
     computed here, before any split into micro-batches.
     """
-    rewards, group = advantages_of(batch, config)
-    old = jnp.asarray(common.batch_array(batch, "log_probs"))
-    if old.ndim not in (1, 2) or old.shape[0] != rewards.shape[0]:
+    common.check_batch(batch, required=REQUIRED_KEYS,
+                       optional=OPTIONAL_KEYS, what="GRPO")
+    old = jnp.asarray(batch["log_probs"])
+    rewards_shape = tuple(jnp.shape(batch["rewards"]))
+    b = rewards_shape[0] if rewards_shape else None
+    if old.ndim not in (1, 2) or old.shape[0] != b:
         raise ValueError(
-            f"`batch['log_probs']` must be [B] or [B, L] with B="
-            f"{rewards.shape[0]}, got shape {tuple(old.shape)}.")
-    rows = dict(observations=common.batch_array(batch, "observations"),
-                actions=common.batch_array(batch, "actions"),
-                log_probs=old, advantages=group.advantages)
+            f"`batch['log_probs']` must be [B] (one-step samples) or [B, L] "
+            f"(tokens) with B = {b}, the rows of batch['rewards'] "
+            f"{rewards_shape}; got shape {tuple(old.shape)}.")
+    rewards, group = advantages_of(batch, config)
+    for key in ("observations", "actions"):
+        common.check_leading(batch[key], (b,), f"batch['{key}']",
+                             "the rows of batch['rewards']")
+    rows = dict(observations=batch["observations"],
+                actions=batch["actions"], log_probs=old,
+                advantages=group.advantages)
     mask = batch.get("mask")
-    ref = batch.get("ref_log_probs")
+    ref = common.check_shape_of(batch.get("ref_log_probs"),
+                                "batch['ref_log_probs']", old.shape,
+                                "the shape of batch['log_probs']")
     if ref is not None:
-        rows["ref_log_probs"] = jnp.asarray(ref).reshape(old.shape)
+        rows["ref_log_probs"] = ref
     if mask is not None:
-        mask = jnp.asarray(mask)
-        checks.check_broadcastable(mask, old.shape, "batch['mask']")
+        mask = common.check_shape_of(mask, "batch['mask']", old.shape,
+                                     "", broadcast=True)
         rows["mask"] = jnp.broadcast_to(mask, old.shape)
         # Padded tokens may hold anything: replaced before any maths.
         valid = rows["mask"] > 0
@@ -298,7 +328,8 @@ def loss(params, batch, config: GRPOConfig):
     """
     rows, totals, stats = prepare(batch, config)
     total, metrics = rows_loss(params, rows, config, totals)
-    return total, dict(metrics, **stats)
+    ok = common.bounds_ok(config)
+    return checks.nan_unless(ok, (total, dict(metrics, **stats)))
 
 
 def init(params, config: GRPOConfig, *, key=None,
@@ -339,4 +370,5 @@ def update(state: common.TrainState, batch):
                              config, totals)
     state, metrics = common.accumulated_gradient_step(state, loss_fn, rows,
                                                       totals)
-    return state, dict(metrics, **stats)
+    return common.nan_unless_valid(state.config, state,
+                                   dict(metrics, **stats))

@@ -16,8 +16,10 @@ optional ``truncated`` and ``mask`` are ``[B, T]`` (or ``[B]`` for one-step
 episodes); ``values`` is ``[B, T]`` (then ``bootstrap_value [B]`` or
 ``next_values [B, T]`` give the values after the steps) or ``[B, T + 1]``
 (``V(s_0..s_T)``); ``observations`` and ``actions`` are pytrees with leading
-``[B, T]`` (or ``[B]``) axes. The policy is called on flattened minibatches
-``[n, ...]`` and returns ``(distribution_or_logits, value)``.
+``[B, T]`` (or ``[B]``) axes. Any other key is an error, except ``extras``,
+which is never read. The policy is called on flattened minibatches
+``[n, ...]`` and returns ``(distribution_or_logits, value)`` with a value
+of shape ``[n]`` or ``[n, 1]``.
 """
 
 from __future__ import annotations
@@ -83,21 +85,24 @@ class PPOConfig:
     policy: Callable[..., Any] | None = None
     optimizer: optax.GradientTransformation | None = None
 
+    BOUNDS = dict(
+        gamma=common.Bound(0.0, 1.0), gae_lambda=common.Bound(0.0, 1.0),
+        clip_param=common.Bound(0.0, 1.0), vf_coeff=common.Bound(0.0),
+        entropy_coeff=common.Bound(0.0),
+        max_grad_norm=common.Bound(0.0, lo_open=True, optional=True),
+        value_clip_param=common.Bound(0.0, lo_open=True, optional=True),
+        epsilon_high=common.Bound(0.0, optional=True))
+
     def __post_init__(self):
-        common.check_range("gamma", self.gamma, 0.0, 1.0)
-        common.check_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
-        common.check_range("clip_param", self.clip_param, 0.0)
-        common.check_range("vf_coeff", self.vf_coeff, 0.0)
-        common.check_range("entropy_coeff", self.entropy_coeff, 0.0)
-        common.check_range("max_grad_norm", self.max_grad_norm, 0.0,
-                           lo_open=True, optional=True)
-        common.check_range("value_clip_param", self.value_clip_param, 0.0,
-                           lo_open=True, optional=True)
-        common.check_range("epsilon_high", self.epsilon_high, 0.0,
-                           optional=True)
+        common.check_bounds(self)
         common.check_int("num_epochs", self.num_epochs, 1)
         common.check_int("num_minibatches", self.num_minibatches, 1)
         common.check_int("num_micro_batches", self.num_micro_batches, 1)
+
+
+REQUIRED_KEYS = ("observations", "actions", "rewards", "log_probs", "values")
+OPTIONAL_KEYS = ("dones", "truncated", "mask", "next_values",
+                 "bootstrap_value")
 
 
 def _policy_outputs(config, params, observations, actions):
@@ -107,7 +112,12 @@ def _policy_outputs(config, params, observations, actions):
             "the PPO policy must return (distribution_or_logits, value).")
     dist, value = common.as_distribution(out[0]), jnp.asarray(out[1])
     log_prob, entropy = common.log_prob_and_entropy(dist, actions, 1)
-    value = common.reduce_to_rank(value, 1, "value")
+    n = log_prob.shape[0]
+    if value.shape not in ((n,), (n, 1)):
+        raise ValueError(
+            f"the PPO policy's value head must return shape ({n},) or "
+            f"({n}, 1), one value per sample, got {tuple(value.shape)}.")
+    value = value.reshape(n)
     return log_prob, entropy, value
 
 
@@ -191,24 +201,43 @@ def prepare(batch, config: PPOConfig):
     ``samples`` is a dict of ``[B * T]``-leading arrays used by
     :func:`minibatch_loss`.
     """
-    rewards = jnp.asarray(common.batch_array(batch, "rewards"))
+    common.check_batch(batch, required=REQUIRED_KEYS,
+                       optional=OPTIONAL_KEYS, what="PPO")
+    rewards = jnp.asarray(batch["rewards"])
     if rewards.ndim not in (1, 2):
         raise ValueError(
             f"`batch['rewards']` must be [B] or [B, T], got shape "
             f"{tuple(rewards.shape)}.")
     lead = rewards.ndim
+    shape = tuple(rewards.shape)
     r2 = rewards if lead == 2 else rewards[:, None]
+    what = "the shape of batch['rewards']"
 
-    def as_2d(name, required=False):
-        x = common.batch_array(batch, name, required=required)
+    def as_2d(name):
+        x = common.check_shape_of(batch.get(name), f"batch['{name}']", shape,
+                                  what, broadcast=name in ("dones", "truncated", "mask"))
         if x is None:
             return None
-        x = jnp.asarray(x)
+        x = jnp.broadcast_to(x, shape)
         return x if lead == 2 else x[:, None]
 
-    values = jnp.asarray(common.batch_array(batch, "values"))
+    values = jnp.asarray(batch["values"])
+    plus_one = shape[:-1] + (shape[-1] + 1,) if lead == 2 else (shape[0], 2)
+    if tuple(values.shape) not in (shape, plus_one):
+        raise ValueError(
+            f"`batch['values']` must have shape {shape} (V(s_t)) or "
+            f"{plus_one} (V(s_0..s_T)), the rows and steps of "
+            f"batch['rewards']; got {tuple(values.shape)}.")
     if lead == 1 and values.ndim == 1:  # [B] -> [B, 1]; [B, 2] is V(s_0), V(s_1)
         values = values[:, None]
+    common.check_shape_of(batch["log_probs"], "batch['log_probs']", shape,
+                          what)
+    common.check_shape_of(batch.get("bootstrap_value"),
+                          "batch['bootstrap_value']", shape[:1],
+                          "one value per row of batch['rewards']")
+    for key in ("observations", "actions"):
+        common.check_leading(batch[key], shape, f"batch['{key}']",
+                             "the rows and steps of batch['rewards']")
     mask = as_2d("mask")
     adv = gae_advantages(
         r2, values, gamma=config.gamma, lambda_=config.gae_lambda,
@@ -222,9 +251,8 @@ def prepare(batch, config: PPOConfig):
     valid = None if mask is None else m > 0
     v = checks.keep_valid(valid, values[..., :r2.shape[-1]])
     returns = adv + v
-    log_probs = jnp.asarray(common.batch_array(batch, "log_probs"))
-    common.reduce_to_rank(log_probs, lead, "stored log_probs")
-    log_probs = checks.keep_valid(valid, jnp.reshape(log_probs, r2.shape))
+    log_probs = checks.keep_valid(
+        valid, jnp.reshape(jnp.asarray(batch["log_probs"]), r2.shape))
     observations = common.batch_array(batch, "observations")
     actions = common.batch_array(batch, "actions")
     if lead == 1:
@@ -259,7 +287,8 @@ def loss(params, batch, config: PPOConfig):
     """
     samples, stats = prepare(batch, config)
     total, metrics = minibatch_loss(params, samples, config)
-    return total, dict(metrics, **stats)
+    ok = common.bounds_ok(config)
+    return checks.nan_unless(ok, (total, dict(metrics, **stats)))
 
 
 def init(params, config: PPOConfig, *, key=None,
@@ -317,4 +346,4 @@ def update(state: common.TrainState, batch):
     metrics.update(stats)
     new_state = state.replace(params=params, opt_state=opt_state,
                               step=state.step + 1, key=key)
-    return new_state, metrics
+    return common.nan_unless_valid(config, new_state, metrics)

@@ -7,7 +7,8 @@
 
 Rewards are either ``[B]`` (one-step generation: one sample, one reward,
 ``G = r``) or ``[B, T]`` with optional ``dones`` (termination) and ``mask``
-(padding), in which case ``G_t`` are discounted returns.
+(padding), in which case ``G_t`` are discounted returns. Any other batch
+key is an error, except ``extras``, which is never read.
 """
 
 from __future__ import annotations
@@ -55,15 +56,20 @@ class REINFORCEConfig:
     policy: Callable[..., Any] | None = None
     optimizer: optax.GradientTransformation | None = None
 
+    BOUNDS = dict(
+        gamma=common.Bound(0.0, 1.0), entropy_coeff=common.Bound(0.0),
+        max_grad_norm=common.Bound(0.0, lo_open=True, optional=True))
+
     def __post_init__(self):
-        common.check_range("gamma", self.gamma, 0.0, 1.0)
+        common.check_bounds(self)
         common.check_int("num_micro_batches", self.num_micro_batches, 1)
-        common.check_range("entropy_coeff", self.entropy_coeff, 0.0)
-        common.check_range("max_grad_norm", self.max_grad_norm, 0.0,
-                           lo_open=True, optional=True)
         if self.baseline not in ("none", "mean"):
             raise ValueError(
                 f"`baseline` must be 'none' or 'mean', got {self.baseline!r}.")
+
+
+REQUIRED_KEYS = ("observations", "actions", "rewards")
+OPTIONAL_KEYS = ("dones", "mask")
 
 
 def _masked_time_mean(x, mask):
@@ -83,23 +89,30 @@ def prepare(batch, config: REINFORCEConfig):
     is the number of valid steps (the loss's denominator); ``stats`` the
     reward and return statistics.
     """
-    rewards = jnp.asarray(common.batch_array(batch, "rewards"))
+    common.check_batch(batch, required=REQUIRED_KEYS,
+                       optional=OPTIONAL_KEYS, what="REINFORCE")
+    rewards = jnp.asarray(batch["rewards"])
     if rewards.ndim not in (1, 2):
         raise ValueError(
             f"`batch['rewards']` must be [B] or [B, T], got shape "
             f"{tuple(rewards.shape)}.")
-    mask = batch.get("mask")
+    what = "the shape of batch['rewards']"
+    for key in ("observations", "actions"):
+        common.check_leading(batch[key], rewards.shape, f"batch['{key}']",
+                             "the rows (and steps) of batch['rewards']")
+    mask = common.check_shape_of(batch.get("mask"), "batch['mask']",
+                                 rewards.shape, what, broadcast=True)
+    dones = common.check_shape_of(batch.get("dones"), "batch['dones']",
+                                  rewards.shape, what, broadcast=True)
     valid = None
     if mask is not None:
-        mask = jnp.asarray(mask)
-        checks.check_broadcastable(mask, rewards.shape, "batch['mask']")
         mask = jnp.broadcast_to(mask, rewards.shape)
         valid = mask > 0
     if rewards.ndim == 1:
         returns = checks.keep_valid(valid, rewards)
     else:
         returns = discounted_returns(rewards, gamma=config.gamma,
-                                     terminated=batch.get("dones"), mask=mask)
+                                     terminated=dones, mask=mask)
     weights = returns
     if config.baseline == "mean":
         weights = checks.keep_valid(
@@ -165,7 +178,8 @@ def loss(params, batch, config: REINFORCEConfig):
     """
     rows, totals, stats = prepare(batch, config)
     total, metrics = rows_loss(params, rows, config, totals)
-    return total, dict(metrics, **stats)
+    ok = common.bounds_ok(config)
+    return checks.nan_unless(ok, (total, dict(metrics, **stats)))
 
 
 def init(params, config: REINFORCEConfig, *, key=None,
@@ -186,4 +200,5 @@ def update(state: common.TrainState, batch):
     rows, totals, stats = prepare(batch, state.config)
     state, metrics = common.accumulated_gradient_step(state, rows_loss, rows,
                                                       totals)
-    return state, dict(metrics, **stats)
+    return common.nan_unless_valid(state.config, state,
+                                   dict(metrics, **stats))

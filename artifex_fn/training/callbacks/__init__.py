@@ -9,6 +9,7 @@ shows, logs or saves them.
 from artifex_fn.training.callbacks.base import Callback
 from artifex_fn.training.callbacks.base import CallbackList
 from artifex_fn.training.callbacks.checkpoint import CheckpointConfig
+from artifex_fn.training.callbacks.checkpoint import CheckpointCorruptError
 from artifex_fn.training.callbacks.checkpoint import ModelCheckpoint
 from artifex_fn.training.callbacks.checkpoint import restore_checkpoint
 from artifex_fn.training.callbacks.logging import CSVLoggerCallback
@@ -24,7 +25,8 @@ from artifex_fn.training.callbacks.progress import ProgressBarCallback
 
 __all__ = (
     "Callback", "CallbackList",
-    "CheckpointConfig", "ModelCheckpoint", "restore_checkpoint",
+    "CheckpointConfig", "CheckpointCorruptError", "ModelCheckpoint",
+    "restore_checkpoint",
     "WandbLoggerConfig", "WandbLoggerCallback",
     "TensorBoardLoggerConfig", "TensorBoardLoggerCallback",
     "CSVLoggerCallback", "JSONLLoggerCallback", "scalar_metrics",

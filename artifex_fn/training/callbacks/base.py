@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,7 +16,24 @@ class Callback:
     (``trainer.step - 1`` inside :meth:`Trainer.fit`). ``metrics`` values are
     device arrays: converting them to Python numbers waits for the step to
     finish, so callbacks do it only when they need the value.
+
+    The trainers call exactly ``on_train_begin``, ``on_train_batch_end``
+    and ``on_train_end``. A subclass defining another ``on_*`` method (say
+    ``on_epoch_end`` or ``on_batch_end`` from another library) gets a
+    warning at class creation: that method would never be called.
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        unknown = sorted(name for name, value in vars(cls).items()
+                         if name.startswith("on_") and callable(value)
+                         and name not in _HOOKS)
+        if unknown:
+            warnings.warn(
+                f"{cls.__name__} defines {unknown}, which the trainers never "
+                f"call; the supported hooks are {list(_HOOKS)} (e.g. "
+                f"on_batch_end -> on_train_batch_end).", UserWarning,
+                stacklevel=2)
 
     def on_train_begin(self, trainer) -> None:
         """Called once before the first step."""

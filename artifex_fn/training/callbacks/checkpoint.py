@@ -17,6 +17,24 @@ Orbax writes each checkpoint into a temporary directory and renames it once
 complete: a save interrupted by a crash leaves the earlier checkpoints
 loadable.
 
+Each checkpoint also records a SHA-256 checksum of every saved array (of its
+bytes, shape and dtype). It is computed on the host from the very arrays
+handed to Orbax, before an asynchronous write starts, and stored in the
+checkpoint's ``_CHECKPOINT_METADATA`` (the ``"checksums"`` entry of its
+custom metadata), which Orbax writes into the temporary directory: the
+checksums are committed together with the arrays they describe. Restoring
+verifies a checkpoint before loading it: the files every checkpoint has
+(``_CHECKPOINT_METADATA``, the item's ``_METADATA`` and, for OCDBT, its
+``manifest.ocdbt``) must be present and readable, Orbax must read every
+array, and each array read back must match its checksum. Otherwise
+:class:`CheckpointCorruptError` names the checkpoint's directory and step
+and the file or array (pytree path) at fault; a corrupt checkpoint is never
+loaded. The same step is often saved under both ``best`` and ``last``: when
+one copy is corrupt or incomplete, the other is restored, with a warning
+naming the corrupt copy and the one used. A step with no intact copy raises;
+another step is never restored in its place. Checkpoints written without
+checksums restore as before, unverified, with a warning.
+
 >>> import os
 >>> cfg = CheckpointConfig(dirpath="checkpoints/grpo", monitor="mean_reward",
 ...                        mode="max", save_top_k=1)
@@ -35,21 +53,58 @@ trainer, then ``restore_checkpoint(trainer, "checkpoints/grpo")`` and call
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import hashlib
+import json
 import math
 import os
+import re
+import warnings
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 from artifex_fn.training.callbacks.base import Callback
 
-__all__ = ("CheckpointConfig", "ModelCheckpoint", "restore_checkpoint")
+__all__ = ("CheckpointConfig", "CheckpointCorruptError", "ModelCheckpoint",
+           "restore_checkpoint")
 
 _BEST = "best"
 _LAST = "last"
+# Files of an Orbax checkpoint (one StandardCheckpointHandler item).
+_ITEM = "default"
+_STEP_METADATA = "_CHECKPOINT_METADATA"
+_ITEM_METADATA = "_METADATA"
+_OCDBT_MANIFEST = "manifest.ocdbt"
+# The checksums' entry in the checkpoint's custom metadata.
+_CHECKSUMS = "checksums"
+_ALGORITHM = "sha256"
+# States of at least this many bytes are hashed by several threads.
+_PARALLEL_HASH_BYTES = 64 << 20
+
+
+class CheckpointCorruptError(OSError):
+    """A checkpoint is corrupt or incomplete and was not loaded.
+
+    Attributes:
+      path: the checkpoint's directory (``<dirpath>/last/<step>``), or the
+        run's ``dirpath`` when several copies failed.
+      step: the checkpoint's step.
+      array: pytree path (``jax.tree_util.keystr``) of an array that does
+        not match its checksum, or None.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None,
+                 step: int | None = None, array: str | None = None):
+        super().__init__(message)
+        self.path = path
+        self.step = step
+        self.array = array
 
 
 def _is_int(value) -> bool:
@@ -168,6 +223,292 @@ def _best_of(scores: dict[int, float], mode: str) -> int | None:
     return max(scores, key=lambda s: (sign * scores[s], s))
 
 
+# -- checksums ----------------------------------------------------------
+
+def _digest(leaf) -> dict[str, Any]:
+    """``{"shape", "dtype", "sha256"}`` of one array of a saved state.
+
+    The digest covers the dtype, the shape and the bytes in C order; it is
+    None for an array this process cannot read whole (sharded over other
+    hosts), which is then not verified.
+    """
+    if not hasattr(leaf, "dtype"):
+        leaf = np.asarray(leaf)
+    dtype, shape = str(leaf.dtype), [int(n) for n in np.shape(leaf)]
+    if isinstance(leaf, jax.Array):
+        if not leaf.is_fully_addressable:
+            return {"shape": shape, "dtype": dtype, _ALGORITHM: None}
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+    host = np.ascontiguousarray(np.asarray(leaf))
+    h = hashlib.sha256(f"{dtype}{tuple(shape)}".encode())
+    h.update(host.reshape(-1).view(np.uint8))
+    return {"shape": shape, "dtype": dtype, _ALGORITHM: h.hexdigest()}
+
+
+def _checksums(state) -> dict[str, Any]:
+    """The checksums entry of a checkpoint of ``state``.
+
+    A large state is hashed by a few threads, one array each (``hashlib``
+    releases the GIL); a small one in this thread.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    values = [leaf for _, leaf in leaves]
+    total = sum(int(getattr(leaf, "nbytes", 0)) for leaf in values)
+    workers = min(8, os.cpu_count() or 1, len(values))
+    if total >= _PARALLEL_HASH_BYTES and workers > 1:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            digests = list(pool.map(_digest, values))
+    else:
+        digests = [_digest(leaf) for leaf in values]
+    return {"algorithm": _ALGORITHM, "arrays": {
+        jax.tree_util.keystr(path): digest
+        for (path, _), digest in zip(leaves, digests)}}
+
+
+# -- reading one checkpoint ----------------------------------------------
+
+def _step_dir(mngr: ocp.CheckpointManager, step: int) -> epath.Path:
+    return epath.Path(mngr.directory) / (
+        ocp.step.standard_name_format().build_name(int(step)))
+
+
+def _corrupt(step_dir, step: int, what: str,
+             array: str | None = None) -> CheckpointCorruptError:
+    what = what if what.endswith(".") else what + "."
+    return CheckpointCorruptError(
+        f"Checkpoint step {step} at {str(step_dir)!r} is corrupt or "
+        f"incomplete: {what}", path=str(step_dir), step=int(step),
+        array=array)
+
+
+def _read_json(step_dir, step: int, path: epath.Path) -> Any:
+    """The JSON content of ``path``, a file every checkpoint has."""
+    name = os.path.relpath(str(path), str(step_dir)) if "://" not in str(
+        path) else path.name
+    if not path.exists():
+        raise _corrupt(step_dir, step, f"the file {name!r} is missing.")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise _corrupt(
+            step_dir, step, f"the file {name!r} is unreadable (truncated or "
+            f"overwritten): {err}.") from err
+
+
+def _check_files(step_dir: epath.Path, step: int) -> dict[str, Any]:
+    """Checks the files every checkpoint has; returns its custom metadata."""
+    meta = _read_json(step_dir, step, step_dir / _STEP_METADATA)
+    custom = meta.get("custom_metadata") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or not (custom is None
+                                          or isinstance(custom, dict)):
+        raise _corrupt(step_dir, step, f"the file {_STEP_METADATA!r} is not "
+                       "an Orbax step metadata file.")
+    item = step_dir / _ITEM
+    if not item.is_dir():
+        raise _corrupt(step_dir, step,
+                       f"the array directory {_ITEM!r} is missing.")
+    if not isinstance(_read_json(step_dir, step, item / _ITEM_METADATA), dict):
+        raise _corrupt(step_dir, step, f"the file "
+                       f"'{_ITEM}/{_ITEM_METADATA}' is not an Orbax tree "
+                       "metadata file.")
+    if (any(item.glob("ocdbt.process_*"))
+            and not (item / _OCDBT_MANIFEST).exists()):
+        raise _corrupt(step_dir, step, f"the file "
+                       f"'{_ITEM}/{_OCDBT_MANIFEST}' is missing.")
+    return custom or {}
+
+
+def _expected(record, step_dir, step: int) -> dict[str, dict[str, Any]]:
+    """The per-array checksums of a checkpoint's ``checksums`` entry."""
+    arrays = record.get("arrays") if isinstance(record, dict) else None
+    if (not isinstance(arrays, dict) or record.get("algorithm") != _ALGORITHM
+            or not all(isinstance(v, dict) and {"shape", "dtype", _ALGORITHM}
+                       <= set(v) for v in arrays.values())):
+        raise _corrupt(step_dir, step, f"the {_CHECKSUMS!r} entry of "
+                       f"{_STEP_METADATA!r} is malformed.")
+    return arrays
+
+
+def _check_layout(expected, target, step_dir, step: int) -> None:
+    """Raises if the saved arrays are not those of the trainer's state."""
+    have = {jax.tree_util.keystr(p): leaf
+            for p, leaf in jax.tree_util.tree_leaves_with_path(target)}
+    problems = []
+    only_saved = sorted(set(expected) - set(have))
+    only_trainer = sorted(set(have) - set(expected))
+    if only_saved:
+        problems.append(f"arrays only in the checkpoint: {only_saved}")
+    if only_trainer:
+        problems.append(f"arrays only in the trainer: {only_trainer}")
+    for name in sorted(set(have) & set(expected)):
+        saved = tuple(expected[name]["shape"])
+        if saved != tuple(np.shape(have[name])):
+            problems.append(f"{name} has shape {saved} in the checkpoint, "
+                            f"{tuple(np.shape(have[name]))} in the trainer")
+    if problems:
+        raise ValueError(
+            f"Checkpoint step {step} at {str(step_dir)!r} does not hold the "
+            "state of this trainer (build it with the same model and "
+            f"optimizer as the saved one): {'; '.join(problems[:8])}"
+            + (f"; and {len(problems) - 8} more." if len(problems) > 8
+               else "."))
+
+
+def _path_names(path) -> tuple[str, ...]:
+    """A key path as plain names, whatever the containers' types."""
+    names = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                names.append(str(getattr(k, attr)))
+                break
+        else:
+            names.append(str(k))
+    return tuple(names)
+
+
+def _orbax_layout_matches(mngr, step: int, target) -> bool:
+    """Whether Orbax's metadata of ``step`` lists the target's arrays."""
+    try:
+        meta = mngr.item_metadata(step)
+        saved = {_path_names(p): tuple(v.shape) for p, v
+                 in jax.tree_util.tree_leaves_with_path(meta)
+                 if hasattr(v, "shape")}
+    except Exception:  # noqa: BLE001 - unknown layout: not diagnosed
+        return False
+    have = {_path_names(p): tuple(np.shape(v))
+            for p, v in jax.tree_util.tree_leaves_with_path(target)}
+    return saved == have
+
+
+_TS_NOISE = re.compile(r"\s*(\[tensorstore_spec|See full TensorStore details)")
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the errors it was raised from, outermost first."""
+    chain, e = [], err
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
+def _describe(err: BaseException) -> str:
+    """The innermost message of an Orbax/TensorStore read error, shortened."""
+    chain = _chain(err)
+    for e in reversed(chain):  # the innermost says which file/array failed
+        text = _TS_NOISE.split(str(e), maxsplit=1)[0].strip()
+        if text:
+            break
+    else:
+        text = ""
+    if len(text) > 600:
+        text = text[:600] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(err).__name__
+
+
+def _restore_copy(mngr: ocp.CheckpointManager, step: int, target):
+    """Reads and verifies checkpoint ``step`` of one manager.
+
+    Returns:
+      The saved state, with the structure and dtypes of ``target``.
+
+    Raises:
+      CheckpointCorruptError: a file is missing or unreadable, or an array
+        does not match its checksum.
+      ValueError: the checkpoint's arrays are not those of ``target``.
+    """
+    step_dir = _step_dir(mngr, step)
+    custom = _check_files(step_dir, step)
+    record = custom.get(_CHECKSUMS)
+    casts = {}
+    if record is None:
+        expected = None
+        restore_target = target
+        # Without checksums, a failed read is taken for corruption only if
+        # Orbax's own metadata lists the trainer's arrays; otherwise its
+        # error (e.g. another model's checkpoint) is raised as before.
+        known_layout = _orbax_layout_matches(mngr, step, target)
+    else:
+        expected = dict(_expected(record, step_dir, step))
+        _check_layout(expected, target, step_dir, step)
+        known_layout = True
+        # Arrays are read back in their saved dtype, verified, then cast to
+        # the trainer's dtype (as Orbax would have cast them).
+
+        def abstract(path, leaf):
+            name = jax.tree_util.keystr(path)
+            dtype = getattr(leaf, "dtype", None) or np.asarray(leaf).dtype
+            saved = expected[name]["dtype"]
+            if str(dtype) == saved:
+                return leaf
+            try:
+                saved_dtype = jnp.dtype(saved)
+            except TypeError:  # e.g. PRNG keys: read as the trainer's dtype
+                expected[name] = dict(expected[name], **{_ALGORITHM: None})
+                return leaf
+            casts[name] = dtype
+            return jax.ShapeDtypeStruct(np.shape(leaf), saved_dtype,
+                                        sharding=getattr(leaf, "sharding",
+                                                         None))
+
+        restore_target = jax.tree_util.tree_map_with_path(abstract, target)
+    try:
+        state = mngr.restore(step,
+                             args=ocp.args.StandardRestore(restore_target))
+    except Exception as err:
+        if not known_layout:
+            raise
+        match = re.search(r'Error reading "([^"/]+)/',
+                          " ".join(str(e) for e in _chain(err)))
+        raise _corrupt(
+            step_dir, step, "Orbax could not read it"
+            + (f" (reading array {match.group(1)!r} failed)" if match
+               else "") + f": {_describe(err)}") from err
+    if expected is None:
+        warnings.warn(
+            f"Checkpoint step {step} at {str(step_dir)!r} has no checksums "
+            "(it was written by an earlier version): restored without "
+            "verification.", RuntimeWarning, stacklevel=4)
+        return state
+    _verify(state, expected, step_dir, step)
+    if casts:
+        state = jax.tree_util.tree_map_with_path(
+            lambda p, x: (x.astype(casts[jax.tree_util.keystr(p)])
+                          if jax.tree_util.keystr(p) in casts else x), state)
+    return state
+
+
+def _verify(state, expected, step_dir, step: int) -> None:
+    """Raises if an array read back differs from its saved checksum."""
+    got = _checksums(state)["arrays"]
+    bad = []
+    for name, want in expected.items():
+        if want[_ALGORITHM] is None:
+            continue
+        if name not in got:
+            bad.append((name, "was not read back"))
+            continue
+        digest = got[name]
+        if digest[_ALGORITHM] is None:
+            continue
+        if digest["shape"] != list(want["shape"]):
+            bad.append((name, f"was read back with shape "
+                        f"{tuple(digest['shape'])}, saved "
+                        f"{tuple(want['shape'])}"))
+        elif digest[_ALGORITHM] != want[_ALGORITHM]:
+            bad.append((name, f"does not match its saved {_ALGORITHM} "
+                        f"checksum ({want[_ALGORITHM][:12]}..., read back "
+                        f"{digest[_ALGORITHM][:12]}...)"))
+    if bad:
+        first, why = bad[0]
+        more = (f"; {len(bad) - 1} more array(s) differ: "
+                f"{[n for n, _ in bad[1:6]]}" if len(bad) > 1 else "")
+        raise _corrupt(step_dir, step, f"array {first} {why}{more}.",
+                       array=first)
+
+
 def _restore_into(trainer, dirpath: str, which) -> int:
     """Loads checkpoint ``which`` of ``dirpath`` into ``trainer``."""
     if not (which in ("last", "best") or _is_int(which)):
@@ -184,34 +525,72 @@ def _restore_into(trainer, dirpath: str, which) -> int:
                 f"No checkpoint in {dirpath!r} (looked in its 'last' and "
                 "'best' subdirectories).")
         if which == "last":
-            step, mngr = None, None
+            step = None
             for m in found.values():  # 'last' first: it wins a tie
                 latest = max(m.all_steps())
                 if step is None or latest > step:
-                    step, mngr = latest, m
+                    step = latest
+            order = (_LAST, _BEST)
         elif which == "best":
             if _BEST not in found:
                 raise FileNotFoundError(
                     f"No checkpoint in {_subdir(dirpath, _BEST)!r}.")
-            mngr = found[_BEST]
-            scores, mode = _scores(mngr)
+            scores, mode = _scores(found[_BEST])
+            unranked = sorted(set(found[_BEST].all_steps()) - set(scores))
+            if unranked:
+                raise CheckpointCorruptError(
+                    f"The checkpoints of steps {unranked} in "
+                    f"{_subdir(dirpath, _BEST)!r} have no readable metric "
+                    f"(their {_STEP_METADATA!r} is missing or corrupt), so "
+                    "the best checkpoint is unknown; restore a step by "
+                    "number (`which=<step>`) instead.",
+                    path=_subdir(dirpath, _BEST), step=unranked[0])
             step = _best_of(scores, mode)
             if step is None:
                 raise FileNotFoundError(
                     f"The checkpoints in {_subdir(dirpath, _BEST)!r} have no "
                     "recorded metric.")
+            order = (_BEST, _LAST)
         else:
             step = int(which)
-            holders = [m for m in found.values() if step in m.all_steps()]
-            if not holders:
-                available = sorted({s for m in found.values()
-                                    for s in m.all_steps()})
-                raise ValueError(
-                    f"`which={step}` is not a saved step of {dirpath!r}; "
-                    f"available steps: {available}.")
-            mngr = holders[0]
+            order = (_LAST, _BEST)
+        copies = [(name, found[name]) for name in order
+                  if name in found and step in found[name].all_steps()]
+        if not copies:
+            available = sorted({s for m in found.values()
+                                for s in m.all_steps()})
+            raise ValueError(
+                f"`which={step}` is not a saved step of {dirpath!r}; "
+                f"available steps: {available}.")
         target = trainer.state_dict()
-        state = mngr.restore(step, args=ocp.args.StandardRestore(target))
+        failures = []
+        for _, mngr in copies:
+            try:
+                state = _restore_copy(mngr, step, target)
+            except CheckpointCorruptError as err:
+                failures.append(err)
+                continue
+            used = str(_step_dir(mngr, step))
+            break
+        else:
+            others = sorted({int(s) for m in found.values()
+                             for s in m.all_steps()} - {step})
+            hint = (f" Other saved steps: {others} (restore one with "
+                    "`which=<step>`)." if others else "")
+            if len(failures) == 1:
+                err = failures[0]
+                raise CheckpointCorruptError(
+                    f"{err} No other copy of step {step} exists.{hint}",
+                    path=err.path, step=step, array=err.array) from err
+            raise CheckpointCorruptError(
+                f"No intact copy of step {step} in {dirpath!r}: "
+                + " ".join(str(e) for e in failures) + hint,
+                path=dirpath, step=step,
+                array=failures[0].array) from failures[-1]
+        for err in failures:
+            warnings.warn(
+                f"{err} Restored the copy at {used!r} instead.",
+                RuntimeWarning, stacklevel=3)
     finally:
         for m in readers.values():
             if m is not None:
@@ -225,6 +604,16 @@ def restore_checkpoint(trainer, dirpath, which="last") -> int:
 
     Works in a fresh process: build the trainer as for training, restore,
     then call ``fit`` again.
+
+    The checkpoint is verified before it is loaded (see the module
+    docstring): its metadata files must be present and readable, Orbax must
+    read every array and each array must match the SHA-256 checksum saved
+    with it. A step saved under both ``best`` and ``last`` has two copies:
+    the preferred one (``last``, or ``best`` for ``which="best"``) is tried
+    first and, if it is corrupt or incomplete, the other is restored and a
+    ``RuntimeWarning`` names the corrupt copy and the one used. Another step
+    is never restored in place of the requested one. A checkpoint saved
+    without checksums is restored unverified, with a ``RuntimeWarning``.
 
     Args:
       trainer: a :class:`~artifex_fn.training.trainer.Trainer` built with the
@@ -241,7 +630,15 @@ def restore_checkpoint(trainer, dirpath, which="last") -> int:
 
     Raises:
       FileNotFoundError: if ``dirpath`` holds no checkpoint.
-      ValueError: for a bad ``which`` or a step that was not saved.
+      ValueError: for a bad ``which`` or a step that was not saved, or if
+        the checkpoint's arrays (pytree paths, shapes) are not those of
+        ``trainer.state_dict()``.
+      CheckpointCorruptError: if no copy of the requested step is intact: a
+        file is missing (``_CHECKPOINT_METADATA``, ``_METADATA``,
+        ``manifest.ocdbt``, a data file) or unreadable (truncated,
+        overwritten), or an array read back differs from its checksum. The
+        message names each copy's directory and step and the file or array
+        (pytree path) at fault; ``trainer`` is left unchanged.
     """
     if not isinstance(dirpath, (str, os.PathLike)):
         raise ValueError(
@@ -258,7 +655,10 @@ class ModelCheckpoint(Callback):
     with it: under ``<dirpath>/best`` if it ranks among the ``save_top_k``
     best (Orbax deletes the checkpoint it displaces), and under
     ``<dirpath>/last`` (only the most recent kept) if ``save_last``. A
-    ``NaN`` score is never kept as a best one. ``on_train_end`` waits for
+    ``NaN`` score is never kept as a best one. Each save records the SHA-256
+    checksum of every array, computed on the host from the arrays being
+    saved (the state is hashed once for both directories), which
+    :func:`restore_checkpoint` verifies. ``on_train_end`` waits for
     background writes and closes the managers; a later ``fit`` reopens them.
 
     Training must continue from the latest checkpoint of ``dirpath`` or a
@@ -384,9 +784,12 @@ class ModelCheckpoint(Callback):
                 f"metric {cfg.monitor!r} must be a scalar to rank "
                 f"checkpoints, got shape {value.shape}.")
         score = float(value.reshape(()))
+        enters = self._enters_top_k(score)
+        if not enters and self._last_mngr is None:
+            return
         state = trainer.state_dict()
-        custom = {"monitor": cfg.monitor, "mode": cfg.mode}
-        if self._enters_top_k(score):
+        custom = self._custom_metadata(state)
+        if enters:
             self._best_mngr.save(
                 number, args=ocp.args.StandardSave(state),
                 metrics={cfg.monitor: score}, custom_metadata=custom,
@@ -408,11 +811,21 @@ class ModelCheckpoint(Callback):
         last = self._last_mngr
         if (last is not None and trainer.step > 0
                 and trainer.step not in set(last.all_steps())):
-            custom = {"monitor": self.config.monitor, "mode": self.config.mode}
-            last.save(int(trainer.step),
-                      args=ocp.args.StandardSave(trainer.state_dict()),
-                      custom_metadata=custom, force=True)
+            state = trainer.state_dict()
+            last.save(int(trainer.step), args=ocp.args.StandardSave(state),
+                      custom_metadata=self._custom_metadata(state),
+                      force=True)
         self.close()
+
+    def _custom_metadata(self, state) -> dict[str, Any]:
+        """What a checkpoint of ``state`` records besides its arrays.
+
+        The checksums are computed here, from the arrays handed to Orbax,
+        before an asynchronous save copies them: they describe exactly the
+        saved state.
+        """
+        return {"monitor": self.config.monitor, "mode": self.config.mode,
+                _CHECKSUMS: _checksums(state)}
 
     # -- queries ----------------------------------------------------------
     def _enters_top_k(self, score: float) -> bool:
@@ -457,6 +870,10 @@ class ModelCheckpoint(Callback):
 
         Returns:
           The restored step (the new ``trainer.step``).
+
+        Raises:
+          FileNotFoundError, ValueError, CheckpointCorruptError: as
+          :func:`restore_checkpoint`.
         """
         self.wait_until_finished()
         return _restore_into(trainer, self.config.dirpath, which)
