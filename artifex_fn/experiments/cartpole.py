@@ -35,6 +35,7 @@ from flax import nnx
 from artifex_fn._src.algorithms import ppo
 from artifex_fn._src.algorithms import reinforce
 from artifex_fn.experiments._program import Program
+from artifex_fn.experiments.tasks import Range
 
 # The standard CartPole PPO configuration.
 PPO_SETTINGS = dict(num_envs=4, num_steps=128, total_timesteps=500_000,
@@ -47,6 +48,42 @@ REINFORCE_SETTINGS = dict(num_envs=16, max_steps=500, total_episodes=4_000,
                           hidden=64, anneal_lr=False, eval_envs=32)
 REINFORCE_HPARAMS = dict(lr=1e-2, gamma=0.99, entropy_coeff=0.0,
                          max_grad_norm=1.0)
+
+# The valid values of each setting and hyper-parameter, checked before
+# anything is traced (the traced values never reach the configs' checks).
+_COUNT, _FLAG = Range.count(), Range.flag()
+PPO_RANGES = dict(
+    num_envs=_COUNT, num_steps=_COUNT, total_timesteps=_COUNT,
+    num_epochs=_COUNT, num_minibatches=_COUNT, hidden=_COUNT,
+    anneal_lr=_FLAG, value_clip=_FLAG, eval_envs=_COUNT,
+    lr=Range.positive(), gamma=Range.unit(), gae_lambda=Range.unit(),
+    clip_param=Range.non_negative(), vf_coeff=Range.non_negative(),
+    entropy_coeff=Range.non_negative(), max_grad_norm=Range.positive())
+REINFORCE_RANGES = dict(
+    num_envs=_COUNT, max_steps=_COUNT, total_episodes=_COUNT, hidden=_COUNT,
+    anneal_lr=_FLAG, eval_envs=_COUNT,
+    lr=Range.positive(), gamma=Range.unit(),
+    entropy_coeff=Range.non_negative(), max_grad_norm=Range.positive())
+
+
+def check_settings(algo: str, settings: dict) -> None:
+    """Constraints between settings that their ranges cannot express."""
+    if algo == "ppo":
+        batch = settings["num_envs"] * settings["num_steps"]
+        if batch % settings["num_minibatches"]:
+            raise ValueError(
+                f"num_minibatches={settings['num_minibatches']} must divide "
+                f"num_envs * num_steps = {batch}")
+
+
+def iteration_budget(algo: str, settings: dict) -> tuple[int, str, str]:
+    """``(amount, formula, unit)`` of the ``--steps`` budget one iteration
+    uses: ``num_envs * num_steps`` environment steps for PPO, ``num_envs``
+    episodes for REINFORCE."""
+    if algo == "ppo":
+        return (settings["num_envs"] * settings["num_steps"],
+                "num_envs * num_steps", "environment steps")
+    return settings["num_envs"], "num_envs", "episodes"
 
 
 def orthogonal(scale: float = 1.0):
@@ -431,3 +468,5 @@ HPARAMS: dict[str, dict[str, Any]] = dict(ppo=PPO_HPARAMS,
                                           reinforce=REINFORCE_HPARAMS)
 SETTINGS: dict[str, dict[str, Any]] = dict(ppo=PPO_SETTINGS,
                                            reinforce=REINFORCE_SETTINGS)
+RANGES: dict[str, dict[str, Range]] = dict(ppo=PPO_RANGES,
+                                           reinforce=REINFORCE_RANGES)

@@ -75,22 +75,78 @@ def _number(text: str):
         return float(text)
 
 
+# Top-level keys of a --config file and what each must be.
+CONFIG_KEYS = dict(
+    task="a string", algo="a string", seeds="an integer >= 1",
+    seed="an integer >= 0", steps="an integer >= 1", out="a string",
+    chunks="an integer >= 1", settings="a table of NAME = VALUE",
+    hparams="a table of NAME = VALUE", sweep="a table of NAME = [VALUES]")
+
+
+def _is_int(value, minimum: int) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and value >= minimum)
+
+
 def _load_config_file(path: str) -> dict:
     """A JSON or TOML file with any of: task, algo, seeds, seed, steps, out,
-    settings {name: value}, hparams {name: value}, sweep {name: [values]}."""
-    with open(path, "rb") as f:
-        raw = f.read()
+    chunks, settings {name: value}, hparams {name: value}, sweep {name:
+    [values]}.
+
+    ``.toml`` files are read as TOML, any other as JSON. Raises ValueError
+    with one line naming the file and what is wrong in it: unreadable,
+    not valid TOML/JSON (with the parser's line and column), unknown key,
+    wrong type.
+    """
+    where = f"--config {path}"
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise ValueError(f"{where}: no such file.") from None
+    except IsADirectoryError:
+        raise ValueError(f"{where}: is a directory, not a file.") from None
+    except OSError as e:
+        raise ValueError(f"{where}: cannot read it ({e.strerror or e}).") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text (byte {e.start}).") from None
     if path.endswith(".toml"):
         import tomllib
-        data = tomllib.loads(raw.decode())
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{where}: invalid TOML: {e}.") from None
     else:
-        data = json.loads(raw)
-    allowed = {"task", "algo", "seeds", "seed", "steps", "out", "settings",
-               "hparams", "sweep", "chunks"}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; allowed: "
-                         f"{sorted(allowed)}.")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON: {e.msg} (at line "
+                             f"{e.lineno}, column {e.colno}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: must hold a table of keys "
+                         f"({', '.join(CONFIG_KEYS)}), got "
+                         f"{type(data).__name__}.")
+    for key, value in data.items():
+        if key not in CONFIG_KEYS:
+            import difflib
+            close = difflib.get_close_matches(key, CONFIG_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{where}: unknown key {key!r}{hint}; allowed: "
+                             f"{', '.join(sorted(CONFIG_KEYS))}.")
+        ok = {"task": isinstance(value, str) and value,
+              "algo": isinstance(value, str) and value,
+              "out": isinstance(value, str) and value,
+              "seeds": _is_int(value, 1), "seed": _is_int(value, 0),
+              "steps": _is_int(value, 1), "chunks": _is_int(value, 1),
+              "settings": isinstance(value, dict),
+              "hparams": isinstance(value, dict),
+              "sweep": isinstance(value, dict) and all(
+                  isinstance(v, list) for v in value.values())}[key]
+        if not ok:
+            raise ValueError(f"{where}: {key} must be {CONFIG_KEYS[key]}, "
+                             f"got {value!r}.")
     return data
 
 
@@ -117,11 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser(
         "train", help="train one task with one algorithm",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train TASK with ALGO. All seeds and sweep points run "
-                    "inside one compiled program (jax.vmap over seeds and "
-                    "hyper-parameters, lax.scan over iterations). Writes "
-                    "config.json, metrics.jsonl, summary.json, curve.png "
-                    "and checkpoint/ into --out.",
+        description="""\
+Train TASK with ALGO. All seeds and sweep points run inside one compiled
+program (jax.vmap over seeds and hyper-parameters, lax.scan over
+iterations). Writes config.json, metrics.jsonl, summary.json, curve.png and
+checkpoint/ into --out.
+
+Every value is checked against its valid range before anything is compiled
+(`artifex-fn tasks` lists the ranges). Ctrl-C stops at the end of the
+running chunk, saves the run (state/) and prints the command that resumes
+it; a second Ctrl-C aborts at once, without saving.
+
+exit status: 0 done, 2 usage or configuration error, 1 a file could not be
+written, 130 interrupted.""",
         epilog=_tasks_help() + """
 
 examples:
@@ -142,7 +206,9 @@ examples:
                     help="training budget in the task's unit (environment "
                          "steps for cartpole/ppo, episodes for "
                          "cartpole/reinforce, RL updates for lm and "
-                         "diffusion); default: the task's standard budget")
+                         "diffusion); at least one iteration's worth, "
+                         "rounded down to whole iterations (with a note); "
+                         "default: the task's standard budget")
     tr.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="NAME=VALUE",
                     help="override a setting or hyper-parameter, e.g. "
@@ -153,15 +219,25 @@ examples:
                          "program (jax.vmap); several --sweep flags give the "
                          "Cartesian product; one curve per value")
     tr.add_argument("--out", default=None,
-                    help="output directory (default runs/TASK-ALGO-TIME)")
+                    help="output directory, new or empty (default "
+                         "runs/TASK-ALGO-TIME)")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="--out may hold a previous run: its files are "
+                         "deleted first (other files are never deleted)")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the interrupted run saved in --out (the "
+                         "same command plus --resume; settings, "
+                         "hyper-parameters, sweep, seeds, seed and chunks "
+                         "must be the saved run's)")
     tr.add_argument("--config", default=None, metavar="FILE",
-                    help="JSON or TOML file with task, algo, seeds, seed, "
-                         "steps, out, settings{}, hparams{}, sweep{}; "
-                         "command-line flags win")
+                    help="TOML (.toml) or JSON file with task, algo, seeds, "
+                         "seed, steps, chunks, out, settings{}, hparams{}, "
+                         "sweep{}; command-line flags win")
     tr.add_argument("--chunks", type=int, default=None,
                     help="split the iterations into about this many compiled "
-                         "chunks; metrics and the progress bar update after "
-                         "each (default 20; 1 = one call for the whole run)")
+                         "chunks (>= 1); metrics and the progress bar update "
+                         "after each, and Ctrl-C stops at the end of one "
+                         "(default 20; 1 = one call for the whole run)")
     tr.add_argument("--devices", default="auto", metavar="N",
                     help="CPU: split the host into this many XLA devices "
                          "and spread the seeds over them, one core each "
@@ -193,46 +269,129 @@ examples:
     return parser
 
 
-def _train_from_args(args, parser) -> int:
+def _error(message: str) -> int:
+    """One line on stderr for an I/O failure at run time; exit status 1."""
+    print(f"artifex-fn: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _resume_command(argv, out: str, out_given: bool) -> str:
+    """The command that continues an interrupted run: the same one with
+    ``--resume`` (and ``--out`` when it was chosen automatically)."""
+    import shlex
+    tokens = [a for a in argv  # --overwrite, or an abbreviation of it
+              if not (a.startswith("--ov") and "--overwrite".startswith(a))]
+    if not out_given:
+        tokens += ["--out", out]
+    if "--resume" not in tokens:
+        tokens.append("--resume")
+    return shlex.join(["artifex-fn"] + tokens)
+
+
+def _train_from_args(args, parser, argv) -> int:
+    from artifex_fn.experiments import outputs
+    from artifex_fn.experiments import tasks as tasks_lib
+    from artifex_fn.experiments.train import check_sweep
+    from artifex_fn.experiments.train import check_value
     from artifex_fn.experiments.train import train
 
-    cfg = _load_config_file(args.config) if args.config else {}
+    try:
+        cfg = _load_config_file(args.config) if args.config else {}
+    except ValueError as e:
+        parser.error(str(e))
+    where = f"--config {args.config}"
     task = args.task or cfg.get("task")
     algo = args.algo or cfg.get("algo")
     if not task or not algo:
         parser.error("train needs --task and --algo (or a --config file "
                      "naming them).\n" + _tasks_help())
-    overrides = dict(cfg.get("settings", {}))
-    overrides.update(cfg.get("hparams", {}))
+    try:
+        t = tasks_lib.get_task(task)
+        tasks_lib.check_algo(t, algo)
+    except ValueError as e:
+        parser.error(str(e))
+    hparam_names = set(t.hparams(algo))
+    # Each value is checked where it was given, so that the error names it.
+    overrides = {}
+    for section in ("settings", "hparams"):
+        for name, value in cfg.get(section, {}).items():
+            label = f"{where}: {section}.{name}"
+            if name in t.ranges(algo) and (
+                    (name in hparam_names) != (section == "hparams")):
+                other = "settings" if section == "hparams" else "hparams"
+                parser.error(f"{label}: {name!r} is "
+                             f"{'not ' * (section == 'hparams')}a "
+                             f"hyper-parameter of {task}/{algo}; put it "
+                             f"under {other}.")
+            try:
+                overrides[name] = check_value(t, algo, name, value)
+            except ValueError as e:
+                parser.error(f"{label}: {e}")
     for text in args.overrides:
         name, value = _parse_assignment(text, "--set", parser)
         try:
-            overrides[name] = _number(value)
+            value = _number(value)
         except ValueError:
-            parser.error(f"--set {text!r}: the value must be a number or "
+            parser.error(f"--set {text}: the value must be a number or "
                          f"true/false.")
-    sweep = {k: [float(x) for x in v] for k, v in cfg.get("sweep", {}).items()}
+        try:
+            overrides[name] = check_value(t, algo, name, value)
+        except ValueError as e:
+            parser.error(f"--set {text}: {e}")
+    sweep = {}
+    for name, values in cfg.get("sweep", {}).items():
+        try:
+            sweep[name] = check_sweep(t, algo, name, values)
+        except ValueError as e:
+            parser.error(f"{where}: sweep.{name}: {e}")
     for text in args.sweep:
         name, values = _parse_assignment(text, "--sweep", parser)
         try:
-            sweep[name] = [float(x) for x in values.split(",") if x.strip()]
+            values = [float(x) for x in values.split(",") if x.strip()]
         except ValueError:
-            parser.error(f"--sweep {text!r}: values must be numbers "
+            parser.error(f"--sweep {text}: values must be numbers "
                          f"separated by commas.")
-    seeds = args.seeds if args.seeds is not None else cfg.get("seeds", 1)
-    if seeds < 1:
-        parser.error(f"--seeds must be >= 1, got {seeds}.")
+        try:
+            sweep[name] = check_sweep(t, algo, name, values)
+        except ValueError as e:
+            parser.error(f"--sweep {text}: {e}")
+
+    def flag(name: str, minimum: int, default):
+        value = getattr(args, name)
+        if value is None:
+            return cfg.get(name, default)
+        if value < minimum:
+            parser.error(f"--{name} must be >= {minimum}, got {value}.")
+        return value
+
+    seeds = flag("seeds", 1, 1)
+    seed = flag("seed", 0, 0)
+    steps = flag("steps", 1, None)
+    chunks = flag("chunks", 1, 20)
+    out = args.out if args.out is not None else cfg.get("out")
     try:
-        train(task, algo, seeds=seeds,
-              seed=args.seed if args.seed is not None else cfg.get("seed", 0),
-              steps=args.steps if args.steps is not None else cfg.get("steps"),
-              overrides=overrides, sweep=sweep,
-              out=args.out or cfg.get("out"),
-              chunks=args.chunks or cfg.get("chunks", 20),
-              progress=not args.no_progress, plot=not args.no_plot)
+        summary = train(task, algo, seeds=seeds, seed=seed, steps=steps,
+                        overrides=overrides, sweep=sweep, out=out,
+                        chunks=chunks, progress=not args.no_progress,
+                        plot=not args.no_plot, overwrite=args.overwrite,
+                        resume=args.resume, sigint="stop-then-kill")
     except ValueError as e:
         parser.error(str(e))
+    except outputs.WriteError as e:
+        return _error(str(e))
+    if summary["interrupted"]:
+        print(f"artifex-fn: interrupted after {summary['iterations_done']} "
+              f"of {summary['iterations']} iterations, saved in "
+              f"{summary['out']}; resume with: "
+              f"{_resume_command(argv, summary['out'], out is not None)}",
+              file=sys.stderr)
+        return 130
     return 0
+
+
+def _short(valid) -> str:
+    return str(valid).replace("an integer", "int").replace(
+        "true or false", "bool")
 
 
 def _print_tasks() -> int:
@@ -245,15 +404,43 @@ def _print_tasks() -> int:
             except ImportError as e:
                 print(f"  {algo}: unavailable ({e})")
                 continue
+            ranges = t.ranges(algo)
             print(f"  --algo {algo}   (--steps sets {t.steps_key[algo]})")
             print("    settings:        " + ", ".join(
-                f"{k}={v}" for k, v in settings.items()))
+                f"{k}={v} ({_short(ranges[k])})"
+                for k, v in settings.items()))
             print("    hyper-parameters: " + ", ".join(
-                f"{k}={v:g}" for k, v in hparams.items()))
+                f"{k}={v:g} ({_short(ranges[k])})"
+                for k, v in hparams.items()))
+    return 0
+
+
+def _demo_from_args(args, parser) -> int:
+    from artifex_fn.experiments import outputs
+    from artifex_fn.experiments.demo import demo
+    try:
+        summaries = demo(out=args.out, quick=args.quick,
+                         progress=not args.no_progress,
+                         sigint="stop-then-kill")
+    except ValueError as e:
+        parser.error(str(e))
+    except outputs.WriteError as e:
+        return _error(str(e))
+    if summaries and summaries[-1]["interrupted"]:
+        print(f"artifex-fn: demo interrupted; the stopped run is in "
+              f"{summaries[-1]['out']}", file=sys.stderr)
+        return 130
     return 0
 
 
 def main(argv=None) -> int:
+    """Runs the command line; returns the exit status.
+
+    0: done; 2: a usage or configuration error (one line naming the flag,
+    field or path); 1: a file could not be written at run time; 130:
+    interrupted (Ctrl-C).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -261,13 +448,15 @@ def main(argv=None) -> int:
         return 2
     if args.command == "tasks":
         return _print_tasks()
-    _host_devices(args.devices, parser)
-    _compilation_cache()
-    if args.command == "train":
-        return _train_from_args(args, parser)
-    from artifex_fn.experiments.demo import demo
-    demo(out=args.out, quick=args.quick, progress=not args.no_progress)
-    return 0
+    try:
+        _host_devices(args.devices, parser)
+        _compilation_cache()
+        if args.command == "train":
+            return _train_from_args(args, parser, argv)
+        return _demo_from_args(args, parser)
+    except KeyboardInterrupt:
+        print("artifex-fn: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,8 +27,15 @@ TOUR = (
 
 
 def demo(*, out: str = os.path.join("runs", "demo"), quick: bool = False,
-         progress: bool = True, log=print) -> list[dict]:
-    """Runs the tour; returns the summaries (see :func:`train`)."""
+         progress: bool = True, sigint: str | None = "stop",
+         log=print) -> list[dict]:
+    """Runs the tour; returns the summaries (see :func:`train`).
+
+    Each run replaces the files of the previous tour's run under ``out``
+    (``overwrite=True``). On Ctrl-C (``sigint``, as for :func:`train`) the
+    running run stops and saves itself, and the tour ends there: the last
+    summary is then marked ``interrupted``.
+    """
     from artifex_fn.experiments.train import train
 
     rows, summaries = [], []
@@ -40,9 +47,12 @@ def demo(*, out: str = os.path.join("runs", "demo"), quick: bool = False,
                         steps=quick_steps if quick else steps,
                         overrides=quick_overrides if quick else None,
                         out=os.path.join(out, f"{task}-{algo}"),
-                        progress=progress, log=log)
+                        progress=progress, overwrite=True, sigint=sigint,
+                        log=log)
         summary["wall_seconds"] = time.perf_counter() - t0
         summaries.append(summary)
+        if summary["interrupted"]:
+            return summaries
         p = summary["points"][0]
         rows.append((f"{task}/{algo}", summary["score"], p["before"],
                      p["after"], p["after_min"], seeds,

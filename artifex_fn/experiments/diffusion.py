@@ -124,6 +124,7 @@ from jax import lax
 from artifex_fn import dpo
 from artifex_fn import grpo
 from artifex_fn.experiments._program import Program
+from artifex_fn.experiments.tasks import Range
 from artifex_fn.families import diffusion
 from artifex_fn.families.diffusion import EpsMLP
 from artifex_fn.toy_data import gaussian_mixture_2d
@@ -143,6 +144,22 @@ GRPO_HPARAMS = dict(lr=3e-4, beta=0.01, clip_param=0.2, pretrain_lr=5e-3)
 DPO_SETTINGS = dict(_COMMON_SETTINGS, iterations=30, num_pairs=128,
                     group_size=4)
 DPO_HPARAMS = dict(lr=3e-4, beta=1.0, label_smoothing=0.0, pretrain_lr=5e-3)
+
+# The valid values of each setting and hyper-parameter, checked before
+# anything is traced. A group needs two chains (GRPO: the advantage of a
+# group of one is always 0; DPO: a pair). ``label_smoothing`` is the
+# assumed probability that a preference is flipped: from 0.5 on the loss
+# no longer prefers the chosen chain.
+_COUNT = Range.count()
+_COMMON_RANGES = dict(hidden=_COUNT, pretrain_steps=_COUNT,
+                      pretrain_batch=_COUNT, inner_updates=_COUNT,
+                      eval_samples=_COUNT, iterations=_COUNT,
+                      group_size=Range.count(2), lr=Range.positive(),
+                      pretrain_lr=Range.positive())
+GRPO_RANGES = dict(_COMMON_RANGES, num_groups=_COUNT,
+                   beta=Range.non_negative(), clip_param=Range.non_negative())
+DPO_RANGES = dict(_COMMON_RANGES, num_pairs=_COUNT, beta=Range.positive(),
+                  label_smoothing=Range(0.0, 0.5, hi_open=True))
 
 
 def in_region(x):
@@ -375,6 +392,7 @@ SETTINGS: dict[str, dict[str, Any]] = dict(grpo=GRPO_SETTINGS,
                                            dpo=DPO_SETTINGS)
 HPARAMS: dict[str, dict[str, Any]] = dict(grpo=GRPO_HPARAMS,
                                           dpo=DPO_HPARAMS)
+RANGES: dict[str, dict[str, Range]] = dict(grpo=GRPO_RANGES, dpo=DPO_RANGES)
 
 
 def program(algo: str, settings: dict | None = None) -> Program:

@@ -64,6 +64,7 @@ from artifex_fn import dpo
 from artifex_fn import grpo
 from artifex_fn._src.sampling import token_policy
 from artifex_fn.experiments._program import Program
+from artifex_fn.experiments.tasks import Range
 from artifex_fn.families import autoregressive as ar
 from artifex_fn.families.autoregressive import TinyCausalLM
 from artifex_fn.toy_data import digit_strings
@@ -84,6 +85,23 @@ GRPO_HPARAMS = dict(lr=3e-3, beta=0.01, clip_param=0.2, entropy_coeff=0.0)
 DPO_SETTINGS = dict(_COMMON_SETTINGS, iterations=300, batch_pairs=128,
                     eval_pairs=512, split_seed=0)
 DPO_HPARAMS = dict(lr=3e-3, beta=0.1)
+
+# The valid values of each setting and hyper-parameter, checked before
+# anything is traced. A GRPO group needs two completions: the advantage of
+# a group of one is always 0. ``d_model`` must also be even (two attention
+# heads; :func:`check_settings`).
+_COUNT = Range.count()
+_COMMON_RANGES = dict(pretrain_steps=_COUNT, pretrain_batch=_COUNT,
+                      d_model=_COUNT, num_layers=_COUNT, eval_samples=_COUNT,
+                      iterations=_COUNT)
+GRPO_RANGES = dict(_COMMON_RANGES, num_groups=_COUNT,
+                   num_generations=Range.count(2), lr=Range.positive(),
+                   beta=Range.non_negative(), clip_param=Range.non_negative(),
+                   entropy_coeff=Range.non_negative())
+DPO_RANGES = dict(_COMMON_RANGES, batch_pairs=_COUNT, eval_pairs=_COUNT,
+                  split_seed=Range.count(0), lr=Range.positive(),
+                  beta=Range.positive())
+NUM_HEADS = 2
 
 # A few steps of a one-block model: compiles and runs quickly, learns nothing.
 _TEST_COMMON = dict(iterations=2, pretrain_steps=2, pretrain_batch=8,
@@ -124,7 +142,8 @@ def _model_fns(s):
     """
     def build(rngs):
         return TinyCausalLM(VOCAB, max_len=K + 2, d_model=s["d_model"],
-                            num_heads=2, num_layers=s["num_layers"], rngs=rngs)
+                            num_heads=NUM_HEADS, num_layers=s["num_layers"],
+                            rngs=rngs)
 
     graphdef, template = nnx.split(build(nnx.Rngs(0)))
     leaves, treedef = jax.tree_util.tree_flatten(template)
@@ -463,6 +482,15 @@ def program(algo: str, settings: dict | None = None) -> Program:
     raise ValueError(f"lm supports --algo grpo or dpo, got {algo!r}.")
 
 
+def check_settings(algo: str, settings: dict) -> None:
+    """Constraints between settings that their ranges cannot express."""
+    del algo
+    if settings["d_model"] % NUM_HEADS:
+        raise ValueError(f"d_model must be a multiple of the {NUM_HEADS} "
+                         f"attention heads, got {settings['d_model']}")
+
+
 HPARAMS: dict[str, dict[str, Any]] = dict(grpo=GRPO_HPARAMS, dpo=DPO_HPARAMS)
 SETTINGS: dict[str, dict[str, Any]] = dict(grpo=GRPO_SETTINGS,
                                            dpo=DPO_SETTINGS)
+RANGES: dict[str, dict[str, Range]] = dict(grpo=GRPO_RANGES, dpo=DPO_RANGES)

@@ -17,6 +17,12 @@ program with no communication. On a 2-core CPU that halves the wall time of
 8 CartPole PPO seeds (``benchmarks/bench_cartpole.py``). Results are those
 of the unsplit program up to floating-point reassociation (a vmapped dot
 over 4 seeds may round differently from one over 8).
+
+A run can stop at a chunk boundary (``should_stop``) and continue later
+from a :class:`RunState`, the whole carry copied to the host: the rest of
+the run executes the same compiled chunk function on the same carry, so
+on the same machine and device count the result is bit for bit that of an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -52,6 +59,11 @@ class RunResult:
       samples: environment steps or samples of the whole grid.
       num_seeds: ``S``.
       devices: how many devices the seed axis was split over (1: none).
+      iterations_done: iterations trained (``num_iterations`` unless
+        interrupted).
+      num_iterations: iterations of the whole run.
+      state: the :class:`RunState` to continue from when the run stopped
+        early (``should_stop``), else None.
     """
     hparams: dict[str, np.ndarray]
     sweep: list[dict[str, float]]
@@ -64,10 +76,116 @@ class RunResult:
     samples: int
     num_seeds: int
     devices: int = 1
+    iterations_done: int = 0
+    num_iterations: int = 0
+    state: "RunState | None" = None
+
+    @property
+    def interrupted(self) -> bool:
+        return self.iterations_done < self.num_iterations
 
     @property
     def samples_per_second(self) -> float:
         return self.samples / max(self.run_seconds, 1e-9)
+
+
+@dataclasses.dataclass
+class RunState:
+    """Everything :func:`run` needs to continue a run after a chunk.
+
+    Attributes:
+      carry: the leaves of the loop's carry (``jax.tree_util.tree_leaves``
+        order), host arrays: algorithm and optimiser state, environment
+        state, PRNG keys, iteration counters.
+      iterations_done: iterations already trained (a multiple of
+        ``chunk_length``).
+      chunk_length: iterations per compiled chunk.
+      num_iterations: iterations of the whole run.
+      metrics: ``{name: float[S, V, iterations_done]}`` so far.
+      before: ``{name: float[S, V]}``, the evaluation before training.
+      run_seconds: training time so far.
+    """
+    carry: list[np.ndarray]
+    iterations_done: int
+    chunk_length: int
+    num_iterations: int
+    metrics: dict[str, np.ndarray]
+    before: dict[str, np.ndarray]
+    run_seconds: float = 0.0
+
+
+def _call(fn, *args):
+    return fn(*args)
+
+
+def _call_waiting(fn, *args):
+    """``fn(*args)`` in a helper thread while this one waits in short steps.
+
+    A compiled call (and XLA's compiler) holds its thread until it
+    returns, and Python runs signal handlers in the main thread only
+    between bytecodes: waiting here instead lets a Ctrl-C handler run at
+    once, e.g. to say that the run will stop, or to let a second Ctrl-C
+    end the process while the chunk still runs.
+    """
+    result = {}
+
+    def target():
+        try:
+            result["value"] = fn(*args)
+        except BaseException as e:  # re-raised in the calling thread
+            result["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.05)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def _strong(tree):
+    """``tree`` with every weakly typed number made strongly typed (same
+    dtype).
+
+    The runner keeps the carry strongly typed, after ``init`` and after
+    every chunk: a carry rebuilt from saved host arrays (``resume``) is
+    strongly typed too, so it has the exact types the compiled chunk was
+    built for, and a resumed run computes what an uninterrupted one does.
+    """
+    def strong(x):
+        dtype = jnp.result_type(x)
+        if jnp.issubdtype(dtype, jnp.number) or dtype == jnp.bool_:
+            return jnp.asarray(x, dtype)
+        return x
+    return jax.tree_util.tree_map(strong, tree)
+
+
+def _as_leaf(x: np.ndarray, aval):
+    """Host array ``x`` as a device array of ``aval``'s dtype."""
+    x = np.asarray(x)
+    if x.dtype != aval.dtype:
+        x = x.view(aval.dtype) if x.dtype.itemsize == np.dtype(
+            aval.dtype).itemsize else x.astype(aval.dtype)
+    return jnp.asarray(x, aval.dtype)
+
+
+def _restore_carry(leaves: Sequence[np.ndarray], template, sharding):
+    """The carry of ``template``'s structure from saved host leaves."""
+    avals, treedef = jax.tree_util.tree_flatten(template)
+    if len(leaves) != len(avals):
+        raise ValueError(f"the saved state has {len(leaves)} arrays; this "
+                         f"program's carry has {len(avals)}")
+    out = []
+    for i, (x, aval) in enumerate(zip(leaves, avals)):
+        if tuple(np.shape(x)) != tuple(aval.shape):
+            raise ValueError(
+                f"saved carry array {i} has shape {tuple(np.shape(x))}; this "
+                f"program's carry needs {tuple(aval.shape)}")
+        leaf = _as_leaf(x, aval)
+        out.append(leaf if sharding is None else
+                   jax.device_put(leaf, sharding))
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def sweep_grid(hparams: Mapping[str, float],
@@ -119,7 +237,11 @@ def _grid_fns(program: Program):
     def over_grid(fn, seed_axes, sweep_axes):
         return jax.vmap(jax.vmap(fn, in_axes=sweep_axes), in_axes=seed_axes)
 
-    init = over_grid(program.init, (0, None), (None, 0))
+    grid_init = over_grid(program.init, (0, None), (None, 0))
+
+    def init(keys, hp):
+        return _strong(grid_init(keys, hp))
+
     evaluate = over_grid(program.evaluate, (0, None, None), (0, None, 0))
     return init, evaluate
 
@@ -139,7 +261,10 @@ def run(program: Program, *, hparams: Mapping[str, float],
         sweep: Mapping[str, Sequence[float]] | None = None,
         num_seeds: int = 1, seed: int = 0, chunks: int = 20,
         progress: bool = True, on_chunk: Callable | None = None,
-        shard_seeds: bool | str = "auto") -> RunResult:
+        shard_seeds: bool | str = "auto",
+        should_stop: Callable[[], bool] | None = None,
+        on_stop: Callable[[RunState], None] | None = None,
+        resume: RunState | None = None) -> RunResult:
     """Trains ``num_seeds`` x (sweep points) runs of ``program`` at once.
 
     Args:
@@ -158,9 +283,21 @@ def run(program: Program, *, hparams: Mapping[str, float],
         devices when there are several and ``gcd(num_seeds, devices) >
         1``; ``False`` keeps every seed on the default device; ``True``
         is the same as ``"auto"`` (see the module docstring).
+      should_stop: optional ``() -> bool`` asked before the first chunk
+        and after each one; True stops the run there (e.g. on Ctrl-C).
+        With it, compilation and every compiled call run in a helper
+        thread while the calling thread waits, so that signal handlers
+        run at once.
+      on_stop: optional ``(RunState) -> None`` called as soon as the run
+        stopped early, before the final evaluation (to save the state
+        first).
+      resume: a :class:`RunState` of this program, hyper-parameters,
+        seeds and ``chunks`` to continue from: the rest of the run is
+        that of the uninterrupted run, bit for bit on the same machine
+        and devices.
 
     Returns:
-      a :class:`RunResult`.
+      a :class:`RunResult` (its ``state`` set when it stopped early).
     """
     if not isinstance(num_seeds, int) or num_seeds < 1:
         raise ValueError(f"`num_seeds` must be an int >= 1, got {num_seeds!r}.")
@@ -177,7 +314,8 @@ def run(program: Program, *, hparams: Mapping[str, float],
                             length=length)
 
     def chunk(carry, hp):
-        return jax.vmap(jax.vmap(one), in_axes=(0, None))(carry, hp)
+        carry, metrics = jax.vmap(jax.vmap(one), in_axes=(0, None))(carry, hp)
+        return _strong(carry), metrics
 
     single = num_seeds == 1 and len(points) == 1
     if single:
@@ -191,14 +329,14 @@ def run(program: Program, *, hparams: Mapping[str, float],
             return {k: v[0] for k, v in hp.items()}
 
         def init_fn(keys, hp):
-            return program.init(keys[0], first(hp))
+            return _strong(program.init(keys[0], first(hp)))
 
         def evaluate_fn(carry, key, hp):
             return grid_axes(program.evaluate(carry, key, first(hp)))
 
         def chunk(carry, hp):
             carry, metrics = one(carry, first(hp))
-            return carry, grid_axes(metrics)
+            return _strong(carry), grid_axes(metrics)
 
     if shard_seeds not in (True, False, "auto"):
         raise ValueError(f"`shard_seeds` must be True, False or 'auto', got "
@@ -224,25 +362,52 @@ def run(program: Program, *, hparams: Mapping[str, float],
                           in_shardings=(sharding, rep),
                           out_shardings=(sharding, sharding))
 
-    carry = init_j(keys, hp)
-    before = jax.device_get(eval_j(carry, eval_key, hp))
-    t0 = time.perf_counter()
-    compiled = chunk_j.lower(carry, hp).compile()
-    compile_seconds = time.perf_counter() - t0
+    num_chunks = n // length
+    call = _call if should_stop is None else _call_waiting
+    if resume is None:
+        carry = call(init_j, keys, hp)
+        before = call(lambda c: jax.device_get(eval_j(c, eval_key, hp)), carry)
+        done, previous_seconds = 0, 0.0
+        history: dict[str, list[np.ndarray]] = {}
+    else:
+        if (resume.num_iterations, resume.chunk_length) != (n, length):
+            raise ValueError(
+                f"the saved state is of a run of {resume.num_iterations} "
+                f"iterations in chunks of {resume.chunk_length}; this one "
+                f"has {n} in chunks of {length}")
+        if resume.iterations_done % length or resume.iterations_done > n:
+            raise ValueError(f"the saved state stopped after "
+                             f"{resume.iterations_done} iterations, not at "
+                             f"a chunk boundary")
+        carry = _restore_carry(resume.carry, jax.eval_shape(init_j, keys, hp),
+                               sharding)
+        before = resume.before
+        done, previous_seconds = resume.iterations_done, resume.run_seconds
+        history = {k: [np.asarray(v)] for k, v in resume.metrics.items()}
+
+    stop = should_stop if should_stop is not None else (lambda: False)
+    compile_seconds = 0.0
+    if done < n:
+        t0 = time.perf_counter()
+        compiled = call(lambda c: chunk_j.lower(c, hp).compile(), carry)
+        compile_seconds = time.perf_counter() - t0
 
     bar = None
-    if progress:
+    if progress and done < n:
         from tqdm.auto import tqdm
-        bar = tqdm(total=n, desc=program.description or "train",
-                   unit="it", dynamic_ncols=True)
-    history: dict[str, list[np.ndarray]] = {}
+        bar = tqdm(total=n, initial=done,
+                   desc=program.description or "train", unit="it",
+                   dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
-        for i in range(n // length):
-            carry, metrics = compiled(carry, hp)
+        for i in range(done // length, num_chunks):
+            if stop():
+                break
+            carry, metrics = call(compiled, carry, hp)
             metrics = jax.device_get(metrics)
             for k, v in metrics.items():
                 history.setdefault(k, []).append(np.asarray(v))
+            done = (i + 1) * length
             if on_chunk is not None:
                 on_chunk(i * length, metrics)
             if bar is not None:
@@ -254,19 +419,32 @@ def run(program: Program, *, hparams: Mapping[str, float],
     finally:
         if bar is not None:
             bar.close()
-    run_seconds = time.perf_counter() - t0
-    after = jax.device_get(eval_j(carry, eval_key, hp))
+    run_seconds = previous_seconds + time.perf_counter() - t0
+    metrics_so_far = {k: np.concatenate(v, axis=-1) for k, v in history.items()}
+    state = None
+    if done < n:
+        state = RunState(
+            carry=[np.asarray(x) for x in jax.device_get(
+                jax.tree_util.tree_leaves(carry))],
+            iterations_done=done, chunk_length=length, num_iterations=n,
+            metrics=metrics_so_far,
+            before={k: np.asarray(v) for k, v in before.items()},
+            run_seconds=run_seconds)
+        if on_stop is not None:
+            on_stop(state)
+    after = call(lambda c: jax.device_get(eval_j(c, eval_key, hp)), carry)
     params = program.params(carry)
     if single:
         params = jax.tree_util.tree_map(lambda x: x[None, None], params)
     params = jax.device_get(params)
     return RunResult(
         hparams=grid, sweep=points,
-        metrics={k: np.concatenate(v, axis=-1) for k, v in history.items()},
+        metrics=metrics_so_far,
         before={k: np.asarray(v) for k, v in before.items()},
         after={k: np.asarray(v) for k, v in after.items()},
         params=params, compile_seconds=compile_seconds,
         run_seconds=run_seconds,
-        samples=num_seeds * len(points) * n * program.samples_per_iteration,
+        samples=num_seeds * len(points) * done * program.samples_per_iteration,
         num_seeds=num_seeds,
-        devices=1 if sharding is None else len(sharding.device_set))
+        devices=1 if sharding is None else len(sharding.device_set),
+        iterations_done=done, num_iterations=n, state=state)
