@@ -232,13 +232,32 @@ def test_a_model_without_a_policy_gets_an_example_to_add():
                                 rewards=jnp.ones(4)))
 
 
+class Encoder(nnx.Module):
+    """A VAE-style encoder: ``__call__`` returns (mean, log-variance)."""
+
+    def __init__(self, rngs):
+        self.layer = nnx.Linear(2, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return tuple(jnp.split(self.layer(x), 2, axis=-1))
+
+
 def test_ppo_model_without_a_value_head_gets_an_example():
-    trainer = _trainer(cls=PPOTrainer, config=PPOConfig(num_epochs=1))
-    batch = dict(observations=OBS, actions=jnp.arange(6) % 4,
+    batch = dict(observations=OBS, actions=jnp.arange(6) % 2,
                  rewards=jnp.ones(6), values=jnp.zeros(6),
                  log_probs=jnp.zeros(6))
+    trainer = _trainer(cls=PPOTrainer, config=PPOConfig(num_epochs=1))
     with pytest.raises(ValueError, match=r"\(distribution or logits, value\)"
+                                         r"[\s\S]*an array of shape \(6, 4\)"
                                          r"[\s\S]*self.value_head"):
+        trainer.train_step(batch)
+    encoder = Encoder(nnx.Rngs(0))
+    trainer = PPOTrainer(encoder, nnx.Optimizer(encoder, optax.adam(1e-3),
+                                                wrt=nnx.Param),
+                         PPOConfig(num_epochs=1))
+    with pytest.raises(ValueError, match=r"one value per sample.*a tuple of "
+                                         r"2: an array of shape \(6, 2\), an "
+                                         r"array of shape \(6, 2\)"):
         trainer.train_step(batch)
 
 

@@ -264,11 +264,15 @@ class PPOTrainer(_RLTrainer):
 
         def actor_critic(model, observations):
             out = apply_fn(model, observations)
-            if not isinstance(out, (tuple, list)) or len(out) != 2:
+            ok = isinstance(out, (tuple, list)) and len(out) == 2
+            if ok:  # the value: one number per sample
+                shape = tuple(jnp.shape(out[1]))
+                ok = len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)
+            if not ok:
                 raise ValueError(
                     f"PPOTrainer needs the model to return (distribution or "
-                    f"logits, value) for the observations; "
-                    f"{type(model).__name__} returned "
+                    f"logits, value) for the observations, with one value "
+                    f"per sample; {type(model).__name__} returned "
                     f"{_describe(out)}. Give it a method returning both, "
                     f"e.g.\n"
                     f"    def policy_outputs(self, observations):\n"
@@ -497,6 +501,9 @@ class DPOTrainer(_RLTrainer):
 def _describe(out) -> str:
     if hasattr(out, "shape"):
         return f"an array of shape {tuple(out.shape)}"
+    if isinstance(out, (tuple, list)):
+        return (f"a {type(out).__name__} of {len(out)}: "
+                + ", ".join(_describe(x) for x in out))
     return type(out).__name__
 
 
