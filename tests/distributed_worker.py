@@ -299,11 +299,13 @@ def _result(state, metrics):
 
 
 # Every case on 2 devices (GRPO's groups of 4 aligned with the 12 rows of
-# a device) and 8 devices (3 rows a device: groups straddle devices), and
-# micro-batched; FSDP and devices-with-micro-batches for one case per
-# algorithm family.
+# a device) and 8 devices (3 rows a device: groups straddle devices); FSDP
+# and devices-with-micro-batches for one case per algorithm family, and
+# micro-batches alone for the two cases that no in-process test
+# micro-batches (REINFORCE, SimPO).
 VARIANTS = [(f"{n}dev", dict(data=n), 1) for n in (2, 8)]
-VARIANTS += [("micro3", None, 3)]
+MICRO = [("micro3", None, 3)]
+MICRO_CASES = ("reinforce", "simpo")
 EXTRA = [("fsdp4x2", dict(data=4, fsdp=2), 1), ("8dev-micro3", dict(data=8), 3)]
 EXTRA_CASES = ("grpo-grpo", "ppo", "dpo")
 
@@ -342,7 +344,8 @@ def run_devices():
             assert _rel_diff(replayed, reference["params"]) < 1e-5
         elif name in MARGINS:
             margin = MARGINS[name](state, batch)
-        variants = VARIANTS + (EXTRA if name in EXTRA_CASES else [])
+        variants = (VARIANTS + (EXTRA if name in EXTRA_CASES else [])
+                    + (MICRO if name in MICRO_CASES else []))
         for label, mesh_shape, k in variants:
             if name == "ppo" and k == 3:
                 k = 4          # minibatches of 24 samples; 4 divides 24 too

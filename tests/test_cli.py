@@ -172,6 +172,38 @@ def test_cli_cartpole_writes_every_file(tmp_path, capsys):
     leaves = jax.tree_util.tree_leaves(params)
     assert leaves and all(np.shape(x)[:2] == (2, 2) for x in leaves)
     assert all(np.all(np.isfinite(x)) for x in leaves)
+    _grid_point_equals_a_separate_run(config, rows)
+
+
+def _grid_point_equals_a_separate_run(config, rows):
+    """vmap over seeds and hyper-parameters does what separate runs do.
+
+    Point (seed 1, lr 3e-3) of the CLI's grid equals the plain run with key
+    ``split(PRNGKey(0), 2)[1]`` and that value, stepped one jitted
+    iteration at a time; other seeds and values give other runs.
+    """
+    program = cartpole.ppo_program(config["settings"])
+    hp = {k: jnp.float32(v) for k, v in
+          dict(config["hparams"], lr=3e-3).items()}
+    carry = program.init(jax.random.split(jax.random.PRNGKey(0), 2)[1], hp)
+    step = jax.jit(program.step)
+    want = {k: [] for k in ("loss", "value_loss", "episode_return")}
+    for _ in range(program.num_iterations):
+        carry, m = step(carry, hp)
+        for k in want:
+            want[k].append(float(m[k]))
+
+    def curve(seed, lr, key):
+        return [r[key] for r in sorted(rows, key=lambda r: r["iteration"])
+                if r["seed"] == seed and r["lr"] == lr]
+
+    for k, v in want.items():
+        np.testing.assert_allclose(curve(1, 3e-3, k), v, rtol=2e-4,
+                                   atol=2e-5, err_msg=k)
+    assert not np.allclose(curve(1, 1e-3, "value_loss"),
+                           curve(1, 3e-3, "value_loss"))
+    assert not np.allclose(curve(0, 3e-3, "value_loss"),
+                           curve(1, 3e-3, "value_loss"))
 
 
 def test_cli_spreads_seeds_over_host_devices(tmp_path):
@@ -207,37 +239,6 @@ def test_console_script_entry_point():
 @pytest.fixture(scope="module")
 def small_ppo():
     return cartpole.ppo_program(dict(total_timesteps=3 * 512, eval_envs=4))
-
-
-def test_grid_points_equal_separate_runs(small_ppo):
-    """vmap over seeds and hyper-parameters does what separate runs do.
-
-    Point (seed i, value v) of the grid equals the plain run with key
-    ``split(PRNGKey(0), S)[i]`` and that value, stepped one jitted
-    iteration at a time.
-    """
-    swept = runner.run(small_ppo, hparams=cartpole.PPO_HPARAMS,
-                       sweep=dict(lr=[1e-3, 5e-3]), num_seeds=2, chunks=3,
-                       progress=False)
-    assert swept.metrics["loss"].shape == (2, 2, 3)
-    hp = {k: jnp.float32(v) for k, v in
-          dict(cartpole.PPO_HPARAMS, lr=5e-3).items()}
-    key = jax.random.split(jax.random.PRNGKey(0), 2)[1]
-    carry = small_ppo.init(key, hp)
-    step = jax.jit(small_ppo.step)
-    plain = {k: [] for k in ("loss", "value_loss", "episode_return")}
-    for _ in range(small_ppo.num_iterations):
-        carry, m = step(carry, hp)
-        for k in plain:
-            plain[k].append(float(m[k]))
-    for k, v in plain.items():
-        np.testing.assert_allclose(swept.metrics[k][1, 1], v, rtol=2e-4,
-                                   atol=2e-5, err_msg=k)
-    # Different learning rates give different runs; different seeds too.
-    assert not np.allclose(swept.metrics["value_loss"][:, 0, -1],
-                           swept.metrics["value_loss"][:, 1, -1])
-    assert not np.allclose(swept.metrics["value_loss"][0, 0],
-                           swept.metrics["value_loss"][1, 0])
 
 
 def test_bad_seed_count(small_ppo):
