@@ -38,7 +38,7 @@ from artifex_fn import dpo
 from artifex_fn import grpo
 from artifex_fn import ppo
 from artifex_fn import reinforce
-from artifex_fn._src.algorithms.common import TrainState
+from artifex_fn._src.algorithms.state import TrainState
 
 # Generative-model families (`afn.families.diffusion.update`, ...) and toy data.
 from artifex_fn import families
@@ -47,7 +47,7 @@ from artifex_fn import toy_data
 # Scaling out: meshes, data parallel and FSDP placement, multi-host set-up.
 from artifex_fn import distributed
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = (
     "AGGREGATION_MODES",

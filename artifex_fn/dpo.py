@@ -3,7 +3,6 @@
 See :mod:`artifex_fn._src.algorithms.dpo` for the maths and batch layout.
 """
 
-from artifex_fn._src.algorithms.common import TrainState
 from artifex_fn._src.algorithms.dpo import DPOConfig
 from artifex_fn._src.algorithms.dpo import init
 from artifex_fn._src.algorithms.dpo import loss
@@ -12,5 +11,5 @@ from artifex_fn._src.algorithms.dpo import score
 from artifex_fn._src.algorithms.dpo import update
 from artifex_fn._src.algorithms.dpo import with_reference_log_probs
 
-__all__ = ("DPOConfig", "TrainState", "init", "loss", "rows_loss", "score",
-           "update", "with_reference_log_probs")
+__all__ = ("DPOConfig", "init", "loss", "rows_loss", "score", "update",
+           "with_reference_log_probs")

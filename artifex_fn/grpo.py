@@ -3,7 +3,6 @@
 See :mod:`artifex_fn._src.algorithms.grpo` for the maths and batch layout.
 """
 
-from artifex_fn._src.algorithms.common import TrainState
 from artifex_fn._src.algorithms.grpo import GRPOConfig
 from artifex_fn._src.algorithms.grpo import LOSS_AGGREGATIONS
 from artifex_fn._src.algorithms.grpo import advantages_of
@@ -15,6 +14,6 @@ from artifex_fn._src.algorithms.grpo import rows_loss
 from artifex_fn._src.algorithms.grpo import update
 from artifex_fn._src.algorithms.grpo import with_reference_log_probs
 
-__all__ = ("GRPOConfig", "LOSS_AGGREGATIONS", "TrainState", "advantages_of",
-           "group_size_of", "init", "loss", "prepare", "rows_loss",
-           "update", "with_reference_log_probs")
+__all__ = ("GRPOConfig", "LOSS_AGGREGATIONS", "advantages_of", "group_size_of",
+           "init", "loss", "prepare", "rows_loss", "update",
+           "with_reference_log_probs")

@@ -3,7 +3,6 @@
 See :mod:`artifex_fn._src.algorithms.ppo` for the maths and batch layout.
 """
 
-from artifex_fn._src.algorithms.common import TrainState
 from artifex_fn._src.algorithms.ppo import PPOConfig
 from artifex_fn._src.algorithms.ppo import init
 from artifex_fn._src.algorithms.ppo import loss
@@ -13,5 +12,5 @@ from artifex_fn._src.algorithms.ppo import prepare_minibatch
 from artifex_fn._src.algorithms.ppo import rows_loss
 from artifex_fn._src.algorithms.ppo import update
 
-__all__ = ("PPOConfig", "TrainState", "init", "loss", "minibatch_loss",
-           "prepare", "prepare_minibatch", "rows_loss", "update")
+__all__ = ("PPOConfig", "init", "loss", "minibatch_loss", "prepare",
+           "prepare_minibatch", "rows_loss", "update")

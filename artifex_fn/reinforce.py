@@ -3,7 +3,6 @@
 See :mod:`artifex_fn._src.algorithms.reinforce` for the maths and batch layout.
 """
 
-from artifex_fn._src.algorithms.common import TrainState
 from artifex_fn._src.algorithms.reinforce import REINFORCEConfig
 from artifex_fn._src.algorithms.reinforce import init
 from artifex_fn._src.algorithms.reinforce import loss
@@ -11,5 +10,4 @@ from artifex_fn._src.algorithms.reinforce import prepare
 from artifex_fn._src.algorithms.reinforce import rows_loss
 from artifex_fn._src.algorithms.reinforce import update
 
-__all__ = ("REINFORCEConfig", "TrainState", "init", "loss", "prepare",
-           "rows_loss", "update")
+__all__ = ("REINFORCEConfig", "init", "loss", "prepare", "rows_loss", "update")

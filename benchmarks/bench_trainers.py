@@ -46,6 +46,7 @@ with warnings.catch_warnings():
     import distrax
 
 import artifex_fn as afn
+from artifex_fn import sampling
 from artifex_fn import training
 
 
@@ -174,17 +175,17 @@ def bench_generation(kind, width, rounds):
     tx = optax.adam(1e-4)
     if kind == "one-step":
         model = Gaussian(nnx.Rngs(0), width)
-        gen = training.GenerationConfig()
+        gen = sampling.GenerationConfig()
         prompts = jax.random.normal(jax.random.key(0), (16, 2))
         reward = lambda s, c: -jnp.sum((s - c) ** 2, axis=-1)
     else:
         model = TokenModel(nnx.Rngs(0), 32, width)
-        gen = training.GenerationConfig(max_new_tokens=16, eos_token_id=1)
+        gen = sampling.GenerationConfig(max_new_tokens=16, eos_token_id=1)
         prompts = jax.random.randint(jax.random.key(0), (16, 8), 2, 32)
         reward = lambda s, c: jnp.mean((s == 5).astype(jnp.float32), axis=1)
     trainer = training.GRPOTrainer(
         model, nnx.Optimizer(model, tx, wrt=nnx.Param),
-        training.GRPOConfig(num_generations=4), generation=gen)
+        afn.grpo.GRPOConfig(num_generations=4), generation=gen)
     batch = dict(observations=prompts)
     trainer.train_step(batch, reward, jax.random.key(0))
     roll = trainer.last_rollout

@@ -216,7 +216,7 @@ def ppo_margin(state, batch):
     step: the update is replayed step by step in NumPy float64 (shuffle,
     minibatch loss, clipping, SGD) from the public pieces; the replay's
     final parameters are returned to check it against the real update."""
-    from artifex_fn._src.algorithms.common import shuffle_indices
+    from artifex_fn._src.algorithms.batching import shuffle_indices
 
     cfg = state.config
     samples, _ = afn.ppo.prepare(batch, cfg)
@@ -431,34 +431,40 @@ def _trainer_cases():
 
     def ppo():
         m = ActorCritic(nnx.Rngs(0))
-        return T.PPOTrainer(m, opt(m), T.PPOConfig(num_minibatches=2), key=1)
+        return T.PPOTrainer(m, opt(m), afn.ppo.PPOConfig(num_minibatches=2),
+                            key=1)
 
     def grpo():
         m = Tokens(nnx.Rngs(0))
-        return T.GRPOTrainer(m, opt(m), T.GRPOConfig(num_generations=G),
+        return T.GRPOTrainer(m, opt(m),
+                             afn.grpo.GRPOConfig(num_generations=G),
                              reference_model=Tokens(nnx.Rngs(1)), key=2)
 
     def dpo():
         m = Tokens(nnx.Rngs(0))
-        return T.DPOTrainer(m, opt(m), T.DPOConfig(),
+        return T.DPOTrainer(m, opt(m), afn.dpo.DPOConfig(),
                             reference_model=Tokens(nnx.Rngs(1)), key=3)
 
     def vae():
         m = VAE(nnx.Rngs(0))
-        return T.VAETrainer(m, opt(m), T.VAEConfig(), key=4)
+        return T.VAETrainer(m, opt(m), afn.families.vae.VAEConfig(),
+                            key=4)
 
     def diffusion():
         m = Field(nnx.Rngs(0))
-        return T.DiffusionTrainer(m, opt(m), T.DiffusionConfig(
-            num_timesteps=10), key=5)
+        return T.DiffusionTrainer(
+            m, opt(m), afn.families.diffusion.DiffusionConfig(
+                num_timesteps=10), key=5)
 
     def flow():
         m = Field(nnx.Rngs(0))
-        return T.FlowTrainer(m, opt(m), T.FlowConfig(), key=6)
+        return T.FlowTrainer(m, opt(m), afn.families.flow.FlowConfig(),
+                             key=6)
 
     def gan():
         g, d = MLP(2, 2, nnx.Rngs(0)), MLP(2, 1, nnx.Rngs(1))
-        return T.GANTrainer(g, opt(g), T.GANConfig(latent_dim=2),
+        return T.GANTrainer(g, opt(g),
+                            afn.families.gan.GANConfig(latent_dim=2),
                             discriminator=d, d_optimizer=opt(d), key=7)
 
     ppo_batch = _ppo_batch(rng)

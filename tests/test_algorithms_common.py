@@ -291,7 +291,7 @@ def test_missing_optimizer_or_policy_is_a_clear_error(name):
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from artifex_fn._src.algorithms.common import shuffle_indices  # noqa: E402
+from artifex_fn._src.algorithms.batching import shuffle_indices  # noqa: E402
 
 
 @settings(max_examples=12, deadline=None)

@@ -97,12 +97,12 @@ def test_reference_free_is_simpo_with_lengths():
                                             jnp.float32),
                  rejected_lengths=jnp.asarray(rng.integers(1, 9, 6),
                                               jnp.float32))
-    cfg = afn.dpo.DPOConfig(beta=2.0, simpo_gamma=0.5, reference_free=True)
+    cfg = afn.dpo.DPOConfig(beta=2.0, simpo_margin=0.5, reference_free=True)
     loss, m = _loss(None, batch, cfg)
     c, r = _np_args(batch)[:2]
     lc = np.asarray(batch["chosen_lengths"])
     lr = np.asarray(batch["rejected_lengths"])
-    expected, r_w, r_l = aft.np_simpo_loss(c, r, lc, lr, beta=2.0, gamma=0.5)
+    expected, r_w, r_l = aft.np_simpo_loss(c, r, lc, lr, beta=2.0, margin=0.5)
     # Reward margins clear of 0: reward_accuracy is exact on any machine.
     assert np.min(np.abs(r_w - r_l)) > 1e-4
     np.testing.assert_allclose(loss, expected.mean(), rtol=RTOL, atol=ATOL)
@@ -141,12 +141,12 @@ def test_nested_batch_scores_masked_log_prob_sums():
 def test_nested_batch_simpo_uses_length_normalised_scores():
     """reference_free=True on responses: per-token mean log-probs."""
     cfg, params, batch = dpo_problem(6)
-    cfg = with_fields(cfg, reference_free=True, beta=2.0, simpo_gamma=0.3)
+    cfg = with_fields(cfg, reference_free=True, beta=2.0, simpo_margin=0.3)
     sum_c, len_c = _np_sequence_log_probs(params, batch["chosen"])
     sum_r, len_r = _np_sequence_log_probs(params, batch["rejected"])
     assert not np.array_equal(len_c, len_r)
     expected, r_w, _ = aft.np_simpo_loss(sum_c, sum_r, len_c, len_r,
-                                         beta=2.0, gamma=0.3)
+                                         beta=2.0, margin=0.3)
     loss, m = _loss(params, batch, cfg)
     np.testing.assert_allclose(loss, expected.mean(), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(m["chosen_reward"], r_w.mean(), rtol=RTOL)

@@ -49,7 +49,7 @@ def _token_terms(params, batch, config, group_size=None):
                                      group_size or config.num_generations)
     pg = aft.np_clipped_surrogate_loss(logp, _np(batch["log_probs"]),
                                        adv[:, None],
-                                       epsilon_low=config.clip_param)
+                                       clip_param=config.clip_param)
     k3 = aft.np_kl_estimate(logp, _np(batch["ref_log_probs"]), "k3")
     return pg, entropy, k3, adv
 
@@ -73,7 +73,7 @@ def test_one_step_loss_matches_clipped_surrogate_of_group_advantages():
     loss, m = _loss(params, batch, cfg)
     rewards, old = _np(batch["rewards"]), _np(batch["log_probs"])
     adv, zero_std = aft.np_group_advantages(rewards, 4)
-    pg = aft.np_clipped_surrogate_loss(logp, old, adv, epsilon_low=0.2)
+    pg = aft.np_clipped_surrogate_loss(logp, old, adv, clip_param=0.2)
     ratio = np.exp(logp - old)
     # Every ratio clear of the clip bounds 0.8 and 1.2 (relative 1e-4), so
     # that the clip fraction cannot depend on float32 rounding.

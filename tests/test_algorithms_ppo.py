@@ -47,7 +47,7 @@ def test_loss_matches_hand_computation():
     norm_adv = aft.np_normalize_advantages(adv, mask=mask)
     logp, entropy = np_log_prob_entropy(params, obs, actions)
     policy_loss = aft.np_clipped_surrogate_loss(
-        logp, old, norm_adv, epsilon_low=0.15)[valid].mean()
+        logp, old, norm_adv, clip_param=0.15)[valid].mean()
     v_old = values[:, :T]
     returns = adv + v_old
     v_new = np_values(params, obs)

@@ -33,7 +33,7 @@ from artifex_fn.training.callbacks.profiling import (
     ProfilingConfig,
 )
 from artifex_fn.training.callbacks.progress import ProgressBarCallback
-from artifex_fn.training.trainer import Trainer
+from artifex_fn.training import Trainer
 
 
 # -- helpers ---------------------------------------------------------------

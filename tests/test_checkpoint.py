@@ -19,7 +19,7 @@ from artifex_fn.training.callbacks.base import Callback
 from artifex_fn.training.callbacks.checkpoint import (CheckpointConfig,
                                                       ModelCheckpoint,
                                                       restore_checkpoint)
-from artifex_fn.training.trainer import Trainer
+from artifex_fn.training import Trainer
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent

@@ -24,7 +24,7 @@ from artifex_fn.training.callbacks.checkpoint import (CheckpointConfig,
                                                       CheckpointCorruptError,
                                                       ModelCheckpoint,
                                                       restore_checkpoint)
-from artifex_fn.training.trainer import Trainer
+from artifex_fn.training import Trainer
 
 # A read that fails leaves Orbax's other reads of the same restore to fail
 # unawaited; Python reports those when it collects them, at the latest when

@@ -12,9 +12,10 @@ import optax
 import pytest
 from flax import nnx
 
+from artifex_fn import sampling
 from artifex_fn.families import autoregressive as ar
-from artifex_fn.training.trainers.autoregressive import AutoregressiveTrainer
-from artifex_fn.training.trainers.autoregressive import TinyCausalLM
+from artifex_fn.training import AutoregressiveTrainer
+from artifex_fn.families.autoregressive import TinyCausalLM
 
 V = 5
 
@@ -169,9 +170,9 @@ def _logits_model(seed=0, length=8, vocab=10):
 def test_top_k_never_leaves_the_top_k():
     model, apply = _logits_model()
     prompts = jnp.zeros((2000, 2), jnp.int32)
-    comp, mask = jax.jit(lambda k: ar.generate(
-        apply, model, prompts, k, max_new_tokens=5, temperature=3.0,
-        top_k=3))(jax.random.key(0))
+    comp, mask = jax.jit(lambda k: sampling.generate(
+        lambda t: apply(model, t), prompts, k, max_new_tokens=5,
+        temperature=3.0, top_k=3))(jax.random.key(0))
     table = np.asarray(model.logits[...])
     # The top 3 (and the top 1) of each row are clear of the next logit, so
     # which tokens they are cannot depend on rounding.
@@ -183,8 +184,8 @@ def test_top_k_never_leaves_the_top_k():
         assert seen == top, (i, seen, top)
     assert float(mask.min()) == 1.0
     # top_k=1 is greedy.
-    greedy = ar.sample_next_token(jax.random.key(0), jnp.asarray(table),
-                                  top_k=1)
+    greedy = sampling.sample_next_token(jax.random.key(0),
+                                        jnp.asarray(table), top_k=1)
     np.testing.assert_array_equal(greedy, table.argmax(-1))
 
 
@@ -197,17 +198,19 @@ def test_zero_temperature_is_greedy():
     assert top_gaps(logits).min() > 1e-2
     expected = logits.argmax(-1)
     for temperature in (0.0, 1e-4):
-        comp, _ = ar.generate(apply, model, prompts, jax.random.key(3),
-                              max_new_tokens=6, temperature=temperature)
+        comp, _ = sampling.generate(lambda t: apply(model, t), prompts,
+                                    jax.random.key(3), max_new_tokens=6,
+                                    temperature=temperature)
         np.testing.assert_array_equal(comp, np.tile(expected, (4, 1)))
 
 
 def test_generation_stops_at_eos_and_pads():
     table = 30.0 * jax.nn.one_hot((jnp.arange(V) + 1) % V, V)
     params = dict(table=table)   # deterministic: 1 -> 2 -> 3 -> 4 -> 0
-    comp, mask = ar.generate(bigram, params, jnp.array([[1], [3]]),
-                             jax.random.key(0), max_new_tokens=4,
-                             eos_token_id=4, pad_token_id=0)
+    comp, mask = sampling.generate(lambda t: bigram(params, t),
+                                   jnp.array([[1], [3]]), jax.random.key(0),
+                                   max_new_tokens=4, eos_token_id=4,
+                                   pad_token_id=0)
     np.testing.assert_array_equal(comp, [[2, 3, 4, 0], [4, 0, 0, 0]])
     np.testing.assert_array_equal(mask, [[1, 1, 1, 0], [1, 0, 0, 0]])
 
@@ -229,7 +232,8 @@ def test_config_validation():
                 dataclasses.replace(CFG, apply=lambda p, t: t),
                 jax.random.key(0))
     with pytest.raises(ValueError, match="top_k"):
-        ar.sample_next_token(jax.random.key(0), jnp.zeros((1, 3)), top_k=0)
+        sampling.sample_next_token(jax.random.key(0), jnp.zeros((1, 3)),
+                                   top_k=0)
 
 
 def _counting_strings(key, n, length=6, bos=1):

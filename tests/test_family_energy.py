@@ -13,7 +13,7 @@ from flax import nnx
 
 from artifex_fn.families import energy
 from artifex_fn import toy_data
-from artifex_fn.training.trainers.energy import EnergyTrainer
+from artifex_fn.training import EnergyTrainer
 
 
 # Compiled once: eager toy-data calls dispatch (and compile) op by op.

@@ -18,8 +18,8 @@ from artifex_fn.families import gan
 from artifex_fn.toy_data import gaussian_mixture_2d
 from artifex_fn.toy_data import mixture_coverage
 from artifex_fn.toy_data import mixture_means
-from artifex_fn.training.trainers.gan import GANConfig
-from artifex_fn.training.trainers.gan import GANTrainer
+from artifex_fn.families.gan import GANConfig
+from artifex_fn.training import GANTrainer
 
 G_OPT, D_OPT = optax.adam(0.01), optax.sgd(0.1)
 
@@ -36,18 +36,20 @@ def test_cross_entropy_discriminator_loss(loss):
     # -log sigmoid(r) = softplus(-r); -log(1 - sigmoid(f)) = softplus(f)
     expected = (sp(0.0) + sp(-2.0)) / 2 + (sp(0.0) + sp(-1.0)) / 2
     np.testing.assert_allclose(
-        gan.discriminator_loss(real, fake, loss=loss), expected, rtol=1e-6)
+        gan.discriminator_loss(real, fake, loss_type=loss), expected,
+        rtol=1e-6)
 
 
 def test_hinge_and_least_squares_discriminator_losses():
     real, fake = jnp.array([0.5, 2.0]), jnp.array([-2.0, 0.5])
     # relu(1 - r) = [.5, 0] -> .25; relu(1 + f) = [0, 1.5] -> .75
     np.testing.assert_allclose(
-        gan.discriminator_loss(real, fake, loss="hinge"), 1.0, rtol=1e-6)
+        gan.discriminator_loss(real, fake, loss_type="hinge"), 1.0,
+        rtol=1e-6)
     # ((1-1)^2 + (3-1)^2) / 4 + (0^2 + 2^2) / 4
     np.testing.assert_allclose(
         gan.discriminator_loss(jnp.array([1.0, 3.0]), jnp.array([0.0, 2.0]),
-                               loss="least_squares"), 2.0, rtol=1e-6)
+                               loss_type="least_squares"), 2.0, rtol=1e-6)
 
 
 @pytest.mark.parametrize("loss, logits, expected", [
@@ -58,7 +60,7 @@ def test_hinge_and_least_squares_discriminator_losses():
 ])
 def test_generator_losses(loss, logits, expected):
     np.testing.assert_allclose(
-        gan.generator_loss(jnp.array(logits), loss=loss), expected,
+        gan.generator_loss(jnp.array(logits), loss_type=loss), expected,
         rtol=1e-6)
 
 
@@ -66,9 +68,10 @@ def test_non_saturating_gradient_does_not_vanish_when_d_wins():
     """Goodfellow et al. 2014, sec. 3: for D(G(z)) -> 0 the minimax
     generator gradient vanishes, the non-saturating one tends to -1."""
     fake = jnp.array([-10.0])
-    g_minimax = jax.grad(lambda f: gan.generator_loss(f, loss="minimax"))(fake)
-    g_ns = jax.grad(lambda f: gan.generator_loss(f, loss="non_saturating"))(
-        fake)
+    g_minimax = jax.grad(
+        lambda f: gan.generator_loss(f, loss_type="minimax"))(fake)
+    g_ns = jax.grad(
+        lambda f: gan.generator_loss(f, loss_type="non_saturating"))(fake)
     assert abs(float(g_minimax[0])) < 1e-4
     np.testing.assert_allclose(g_ns, [-1.0], atol=1e-4)
 
@@ -104,7 +107,7 @@ def params(seed=0):
                 discriminator=dict(v=f(2, 4), u=f(4)))
 
 
-CONFIG = GANConfig(loss="non_saturating", d_steps=2, latent_dim=LATENT,
+CONFIG = GANConfig(loss_type="non_saturating", d_steps=2, latent_dim=LATENT,
                    generator=lin_gen, discriminator=lin_disc,
                    g_optimizer=G_OPT, d_optimizer=D_OPT)
 X = jnp.asarray(np.random.default_rng(3).normal(size=(6, 2)) + 1.0,
@@ -185,7 +188,7 @@ def test_loss_and_sample():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(loss="wasserstein"), "loss"),
+    (dict(loss_type="wasserstein"), "loss_type"),
     (dict(d_steps=0), "d_steps"),
     (dict(latent_dim=0), "latent_dim"),
     (dict(max_grad_norm=-1.0), "max_grad_norm"),
@@ -202,7 +205,7 @@ def test_init_and_shape_errors():
     with pytest.raises(ValueError, match="'generator' and 'discriminator'"):
         gan.init(params()["generator"], CONFIG)
     with pytest.raises(ValueError, match="loss"):
-        gan.generator_loss(jnp.zeros(2), loss="wgan")
+        gan.generator_loss(jnp.zeros(2), loss_type="wgan")
     bad = dataclasses.replace(CONFIG, discriminator=lambda p, x: x)
     with pytest.raises(ValueError, match=r"logits \[B\]"):
         gan.loss(params(), X, bad, jax.random.PRNGKey(0))

@@ -10,11 +10,11 @@ import optax
 import pytest
 from flax import nnx
 
-from artifex_fn.training import GenerationConfig
-from artifex_fn.training import GRPOConfig
+from artifex_fn.sampling import GenerationConfig
+from artifex_fn.grpo import GRPOConfig
 from artifex_fn.training import GRPOTrainer
 from artifex_fn.training import ScaledReward
-from artifex_fn.training import sampling
+from artifex_fn import sampling
 
 VOCAB = 8
 
@@ -61,12 +61,12 @@ class Scripted(nnx.Module):
 def test_sample_tokens_stops_at_eos_and_pads():
     prompts = jnp.ones((3, 2), jnp.int32)
     model = Scripted([4, 5, 7, 4, 4], prompt_len=2)
-    comp, mask = sampling.sample_tokens(
+    comp, mask = sampling.generate(
         model, prompts, jax.random.key(0), max_new_tokens=5, eos_token_id=7,
         pad_token_id=0)
     np.testing.assert_array_equal(comp, [[4, 5, 7, 0, 0]] * 3)
     np.testing.assert_array_equal(mask, [[1, 1, 1, 0, 0]] * 3)
-    comp, mask = sampling.sample_tokens(
+    comp, mask = sampling.generate(
         model, prompts, jax.random.key(0), max_new_tokens=5)
     np.testing.assert_array_equal(comp, [[4, 5, 7, 4, 4]] * 3)
     np.testing.assert_array_equal(mask, 1.0)
@@ -74,7 +74,7 @@ def test_sample_tokens_stops_at_eos_and_pads():
 
 def test_eos_equal_to_pad_and_mask_from_first_eos():
     model = Scripted([3, 3, 2, 1], prompt_len=1)
-    comp, mask = sampling.sample_tokens(
+    comp, mask = sampling.generate(
         model, jnp.zeros((2, 1), jnp.int32), jax.random.key(0),
         max_new_tokens=4, eos_token_id=3, pad_token_id=3)
     np.testing.assert_array_equal(comp, [[3, 3, 3, 3]] * 2)
@@ -141,7 +141,7 @@ def test_conditions_are_repeated_in_contiguous_groups():
 
     _, trainer = _point_trainer(jit_reward=False)
     conds = jnp.arange(6.0).reshape(3, 2)
-    trainer.train_step(dict(conditions=conds), reward, jax.random.key(0))
+    trainer.train_step(dict(observations=conds), reward, jax.random.key(0))
     np.testing.assert_array_equal(seen["c"], jnp.repeat(conds, 8, axis=0))
 
 
@@ -203,11 +203,11 @@ def test_token_model_learns_target_token_with_eos_and_reference():
         valid = samples != 0
         return jnp.sum((samples == 3) & valid, axis=1) / 5.0
 
-    first = trainer.train_step(dict(prompts=prompts), reward, jax.random.key(0))
+    first = trainer.train_step(dict(observations=prompts), reward, jax.random.key(0))
     assert float(first["approx_kl"]) == pytest.approx(0.0, abs=1e-6)
     assert float(first["kl"]) == pytest.approx(0.0, abs=1e-6)
     for i in range(60):
-        m = trainer.train_step(dict(prompts=prompts), reward,
+        m = trainer.train_step(dict(observations=prompts), reward,
                                jax.random.key(i + 1))
     assert float(m["mean_reward"]) > 0.8 > float(first["mean_reward"])
     assert float(m["kl"]) > 0.0  # moved away from the frozen reference

@@ -816,8 +816,10 @@ def test_api_reference_imports():
         ScaledReward,
         ClippedReward,
     )
-    import artifex_fn.training as short
-    assert short.GRPOTrainer is GRPOTrainer and short.DPOConfig is DPOConfig
+    import artifex_fn.dpo
+    import artifex_fn.training as home
+    assert home.GRPOTrainer is GRPOTrainer
+    assert artifex_fn.dpo.DPOConfig is DPOConfig
 
 
 # -- Using Callbacks with RL Trainers ----------------------------------------

@@ -130,7 +130,7 @@ def _functions():
                 x["lp"], x["old"], level=level, mask=m))
         f[f"clipped_surrogate_{level}"] = (
             lambda x, m, level=level: afn.clipped_surrogate_loss(
-                x["lp"], x["old"], x["adv"], epsilon_high=0.3,
+                x["lp"], x["old"], x["adv"], clip_param_high=0.3,
                 dual_clip=3.0, level=level, mask=m))
     f["clip_fraction"] = lambda x, m: afn.clip_fraction(
         afn.importance_ratio(x["lp"], x["old"], mask=m), mask=m)
@@ -138,7 +138,7 @@ def _functions():
         x["values"][:, :L], x["targets"], mask=m)
     f["value_loss_clipped_huber"] = lambda x, m: afn.value_loss(
         x["values"][:, :L], x["targets"], old_values=x["old_values"],
-        clip_epsilon=0.2, huber_delta=1.0, mask=m)
+        value_clip_param=0.2, huber_delta=1.0, mask=m)
     for est in ("k1", "k2", "k3"):
         f[f"kl_estimate_{est}"] = (
             lambda x, m, est=est: afn.kl_estimate(x["lp"], x["ref"],

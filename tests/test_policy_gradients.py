@@ -36,7 +36,7 @@ def _lp(ratios):
 
 _clipped_jit = jax.jit(
     lambda lp, old, adv, lo, hi, dual: _clipped_surrogate_loss(
-        lp, old, adv, epsilon_low=lo, epsilon_high=hi, dual_clip=dual))
+        lp, old, adv, clip_param=lo, clip_param_high=hi, dual_clip=dual))
 
 _SHAPE = (3, 5)
 
@@ -50,13 +50,13 @@ _SHAPE = (3, 5)
     st.one_of(st.none(), st.floats(0.01, 0.6)),
     st.one_of(st.none(), st.floats(1.0, 5.0)),
 )
-def test_clipped_surrogate_matches_reference(lp, old, adv, eps_low, eps_high,
+def test_clipped_surrogate_matches_reference(lp, old, adv, clip, clip_high,
                                              dual_clip):
     """Per-token loss equals the NumPy loop for every clip setting."""
     out = _clipped_jit(jnp.asarray(lp), jnp.asarray(old), jnp.asarray(adv),
-                       eps_low, eps_high, dual_clip)
+                       clip, clip_high, dual_clip)
     expected = aft.np_clipped_surrogate_loss(
-        lp, old, adv, epsilon_low=eps_low, epsilon_high=eps_high,
+        lp, old, adv, clip_param=clip, clip_param_high=clip_high,
         dual_clip=dual_clip)
     assert out.shape == _SHAPE and out.dtype == jnp.float32
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
@@ -84,17 +84,17 @@ def test_clipped_surrogate_hand_values():
 
 
 def test_clip_higher_moves_only_the_upper_bound():
-    """epsilon_high > epsilon_low (DAPO) widens only the upper clip bound."""
+    """clip_param_high > clip_param (DAPO) widens only the upper clip bound."""
     ratios = [1.25, 1.5, 0.5, 0.7]
     adv = jnp.array([1.0, 1.0, -1.0, -1.0])
     sym = _clipped_surrogate_loss(_lp(ratios), jnp.zeros(4), adv,
-                                  epsilon_low=0.2)
+                                  clip_param=0.2)
     high = _clipped_surrogate_loss(_lp(ratios), jnp.zeros(4), adv,
-                                   epsilon_low=0.2, epsilon_high=0.28)
+                                   clip_param=0.2, clip_param_high=0.28)
     np.testing.assert_allclose(sym, [-1.2, -1.2, 0.8, 0.8], rtol=1e-6)
     np.testing.assert_allclose(high, [-1.25, -1.28, 0.8, 0.8], rtol=1e-6)
     low = _clipped_surrogate_loss(_lp(ratios), jnp.zeros(4), adv,
-                                  epsilon_low=0.1, epsilon_high=0.28)
+                                  clip_param=0.1, clip_param_high=0.28)
     np.testing.assert_allclose(low, [-1.25, -1.28, 0.9, 0.9], rtol=1e-6)
 
 
@@ -245,12 +245,12 @@ def test_policy_gradient_loss_and_stop_gradient():
 
 
 def test_clip_fraction_hand_example():
-    """Indicator of ratios outside [1 - eps_low, 1 + eps_high]."""
+    """Indicator of ratios outside [1 - clip_param, 1 + clip_param_high]."""
     ratio = jnp.array([0.7, 0.85, 1.0, 1.15, 1.25, 1.35])
     np.testing.assert_array_equal(_clip_fraction(ratio),
                                   [1, 0, 0, 0, 1, 1])
     np.testing.assert_array_equal(
-        _clip_fraction(ratio, epsilon_low=0.1, epsilon_high=0.3),
+        _clip_fraction(ratio, clip_param=0.1, clip_param_high=0.3),
         [1, 1, 0, 0, 0, 1])
     mean = _aggregate_loss(_clip_fraction(ratio))
     np.testing.assert_allclose(mean, 0.5)
@@ -277,7 +277,7 @@ def test_value_loss_clipped():
     v = jnp.array([1.5, 0.5, 2.0, 1.1])
     old = jnp.ones(4)
     t = jnp.array([3.0, 0.0, 1.0, 1.0])
-    out = _value_loss(v, t, old_values=old, clip_epsilon=0.2)
+    out = _value_loss(v, t, old_values=old, value_clip_param=0.2)
     expected = [
         max(0.5 * 1.5 ** 2, 0.5 * 1.8 ** 2),   # clipped branch (1.2) larger
         max(0.5 * 0.5 ** 2, 0.5 * 0.8 ** 2),   # clipped branch (0.8) larger
@@ -286,11 +286,11 @@ def test_value_loss_clipped():
     ]
     np.testing.assert_allclose(out, expected, rtol=1e-5)
     g = jax.grad(lambda x: jnp.sum(_value_loss(
-        x, t, old_values=old, clip_epsilon=0.2)))(v)
+        x, t, old_values=old, value_clip_param=0.2)))(v)
     np.testing.assert_allclose(g, [0.0, 0.0, 1.0, 0.1], rtol=1e-5,
                                atol=1e-6)
     g_old = jax.grad(lambda o: jnp.sum(_value_loss(
-        v, t, old_values=o, clip_epsilon=0.2)))(old)
+        v, t, old_values=o, value_clip_param=0.2)))(old)
     np.testing.assert_array_equal(g_old, np.zeros(4))
 
 
@@ -305,20 +305,20 @@ def test_value_loss_huber():
                                rtol=1e-6)
     g = jax.grad(lambda x: jnp.sum(_value_loss(x, t, huber_delta=1.0)))(v)
     np.testing.assert_allclose(g, [0.5, -1.0, 1.0], rtol=1e-6)
-    clipped = _value_loss(v, t, old_values=jnp.zeros(3), clip_epsilon=1.0,
+    clipped = _value_loss(v, t, old_values=jnp.zeros(3), value_clip_param=1.0,
                           huber_delta=1.0)
     np.testing.assert_allclose(clipped, [0.125, 2.5, 1.5], rtol=1e-6)
 
 
 def test_value_loss_argument_errors():
-    """clip_epsilon needs old_values; shapes must match."""
+    """value_clip_param needs old_values; shapes must match."""
     with pytest.raises(ValueError, match="old_values"):
-        afn.value_loss(jnp.zeros(3), jnp.zeros(3), clip_epsilon=0.2)
+        afn.value_loss(jnp.zeros(3), jnp.zeros(3), value_clip_param=0.2)
     with pytest.raises(ValueError, match="targets"):
         afn.value_loss(jnp.zeros(3), jnp.zeros(4))
     with pytest.raises(ValueError, match="old_values"):
         afn.value_loss(jnp.zeros(3), jnp.zeros(3), old_values=jnp.zeros(2),
-                       clip_epsilon=0.2)
+                       value_clip_param=0.2)
 
 
 # --------------------------------------------------------------------------
@@ -334,7 +334,7 @@ def test_check_grads_clipped_surrogate():
         lp = old + jnp.log(jnp.array([1.05, 1.6, 0.6, 0.95, 3.0],
                                      jnp.float64))
         adv = jnp.array([1.0, 2.0, -1.5, -0.7, -1.0], jnp.float64)
-        for kwargs in ({}, {"epsilon_high": 0.3}, {"dual_clip": 2.0}):
+        for kwargs in ({}, {"clip_param_high": 0.3}, {"dual_clip": 2.0}):
             f = lambda x, kw=kwargs: _clipped_surrogate_loss(
                 x, old, adv, **kw)
             check_grads(f, (lp,), order=1, modes=("rev",))
@@ -355,7 +355,7 @@ def test_check_grads_value_loss():
         check_grads(lambda x: _value_loss(x, t, huber_delta=1.0), (v,),
                     order=1, modes=("rev",))
         check_grads(lambda x: _value_loss(x, t, old_values=old,
-                                          clip_epsilon=0.2),
+                                          value_clip_param=0.2),
                     (v,), order=1, modes=("rev",))
 
 
@@ -383,10 +383,10 @@ def test_dtypes_float64_and_bfloat16():
     assert _clip_fraction(jnp.ones(2, jnp.bfloat16)).dtype == jnp.bfloat16
 
 
-def test_clipped_surrogate_jit_with_traced_epsilons():
+def test_clipped_surrogate_jit_with_traced_clip_params():
     """Clip ranges may be traced values (e.g. a schedule)."""
     f = jax.jit(lambda e: _clipped_surrogate_loss(
-        _lp([1.5]), jnp.zeros(1), jnp.ones(1), epsilon_low=e,
-        epsilon_high=2 * e))
+        _lp([1.5]), jnp.zeros(1), jnp.ones(1), clip_param=e,
+        clip_param_high=2 * e))
     np.testing.assert_allclose(f(0.1), [-1.2], rtol=1e-6)
     np.testing.assert_allclose(f(0.3), [-1.5], rtol=1e-6)

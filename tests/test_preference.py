@@ -167,17 +167,17 @@ def test_ipo_minimum_at_target_margin():
 @settings(max_examples=40, deadline=None)
 @given(aft.preference_pairs(max_batch=4), st.floats(0.1, 3.0),
        st.floats(-2.0, 2.0), st.floats(0.0, 1.0))
-def test_simpo_matches_reference(pairs, beta, gamma, smoothing):
+def test_simpo_matches_reference(pairs, beta, margin, smoothing):
     """SimPO loss and rewards equal the NumPy reference."""
     out = _simpo_loss(jnp.asarray(pairs["chosen_log_probs"]),
                       jnp.asarray(pairs["rejected_log_probs"]),
                       jnp.asarray(pairs["chosen_lengths"]),
                       jnp.asarray(pairs["rejected_lengths"]),
-                      beta=beta, gamma=gamma, label_smoothing=smoothing)
+                      beta=beta, margin=margin, label_smoothing=smoothing)
     loss, chosen, rejected = aft.np_simpo_loss(
         pairs["chosen_log_probs"], pairs["rejected_log_probs"],
         pairs["chosen_lengths"], pairs["rejected_lengths"], beta=beta,
-        gamma=gamma, label_smoothing=smoothing)
+        margin=margin, label_smoothing=smoothing)
     np.testing.assert_allclose(out.loss, loss, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(out.chosen_rewards, chosen, rtol=1e-5,
                                atol=1e-5)
@@ -189,33 +189,33 @@ def test_simpo_uses_per_token_average():
     """Doubling a response's log-prob sum and length changes nothing."""
     pc, pr = jnp.array([-6.0, -3.0]), jnp.array([-12.0, -1.0])
     lc, lr = jnp.array([3, 5]), jnp.array([4, 1])
-    a = _simpo_loss(pc, pr, lc, lr, beta=2.0, gamma=0.5)
-    b = _simpo_loss(2 * pc, 3 * pr, 2 * lc, 3 * lr, beta=2.0, gamma=0.5)
+    a = _simpo_loss(pc, pr, lc, lr, beta=2.0, margin=0.5)
+    b = _simpo_loss(2 * pc, 3 * pr, 2 * lc, 3 * lr, beta=2.0, margin=0.5)
     np.testing.assert_allclose(a.loss, b.loss, rtol=1e-6)
     np.testing.assert_allclose(a.chosen_rewards, [-4.0, -1.2], rtol=1e-6)
     np.testing.assert_allclose(a.rejected_rewards, [-6.0, -2.0], rtol=1e-6)
     # Without length normalisation the losses would differ.
-    c = _simpo_loss(2 * pc, 3 * pr, lc, lr, beta=2.0, gamma=0.5)
+    c = _simpo_loss(2 * pc, 3 * pr, lc, lr, beta=2.0, margin=0.5)
     assert not np.allclose(a.loss, c.loss)
 
 
-def test_simpo_gamma_shifts_the_margin():
-    """loss(gamma) = -log sigmoid(r_w - r_l - gamma)."""
+def test_simpo_margin_shifts_the_loss():
+    """loss(margin) = -log sigmoid(r_w - r_l - margin)."""
     pc, pr = jnp.array([-2.0]), jnp.array([-6.0])
     lc, lr = jnp.array([2]), jnp.array([3])
-    # r_w = -1, r_l = -2 with beta = 1: margin 1.
-    for gamma in (0.0, 0.5, 1.0, 3.0):
-        out = _simpo_loss(pc, pr, lc, lr, beta=1.0, gamma=gamma)
+    # r_w = -1, r_l = -2 with beta = 1: reward difference 1.
+    for margin in (0.0, 0.5, 1.0, 3.0):
+        out = _simpo_loss(pc, pr, lc, lr, beta=1.0, margin=margin)
         np.testing.assert_allclose(
-            out.loss, [math.log1p(math.exp(-(1.0 - gamma)))], rtol=1e-6)
-    at_margin = _simpo_loss(pc, pr, lc, lr, beta=1.0, gamma=1.0)
+            out.loss, [math.log1p(math.exp(-(1.0 - margin)))], rtol=1e-6)
+    at_margin = _simpo_loss(pc, pr, lc, lr, beta=1.0, margin=1.0)
     np.testing.assert_allclose(at_margin.loss, [_LOG2], rtol=1e-6)
-    hinge = _simpo_loss(pc, pr, lc, lr, beta=1.0, gamma=0.5,
+    hinge = _simpo_loss(pc, pr, lc, lr, beta=1.0, margin=0.5,
                         loss_type="hinge")
     np.testing.assert_allclose(hinge.loss, [0.5], rtol=1e-6)
     # Lengths below one count as one.
     zero_len = _simpo_loss(pc, pr, jnp.array([0]), jnp.array([1]),
-                           beta=1.0, gamma=0.0)
+                           beta=1.0, margin=0.0)
     np.testing.assert_allclose(zero_len.chosen_rewards, [-2.0])
 
 

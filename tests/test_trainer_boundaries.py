@@ -19,11 +19,21 @@ import optax
 import pytest
 from flax import nnx
 
-from artifex_fn.training import (Callback, CompositeReward, ConstantReward,
-                                 DPOConfig, DPOTrainer, GRPOConfig,
-                                 GRPOTrainer, PPOConfig, PPOTrainer,
-                                 REINFORCEConfig, REINFORCETrainer,
-                                 VAEConfig, VAETrainer)
+from artifex_fn.training.callbacks import Callback
+from artifex_fn.training import (
+    CompositeReward,
+    ConstantReward,
+    DPOTrainer,
+    GRPOTrainer,
+    PPOTrainer,
+    REINFORCETrainer,
+    VAETrainer,
+)
+from artifex_fn.dpo import DPOConfig
+from artifex_fn.grpo import GRPOConfig
+from artifex_fn.ppo import PPOConfig
+from artifex_fn.reinforce import REINFORCEConfig
+from artifex_fn.families.vae import VAEConfig
 
 
 class Linear(nnx.Module):
@@ -40,7 +50,7 @@ def _trainer(n_out=4, seed=0, cls=REINFORCETrainer, config=None, **kw):
     model = Linear(2, n_out, nnx.Rngs(seed))
     opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
     return cls(model, opt, config if config is not None else
-               cls._config_type(), **kw)
+               cls.config_type(), **kw)
 
 
 OBS = jnp.asarray(np.random.default_rng(0).normal(size=(6, 2)), jnp.float32)

@@ -14,13 +14,13 @@ import pytest
 from flax import nnx
 
 import artifex_fn as afn
-from artifex_fn.training import DPOConfig
+from artifex_fn.dpo import DPOConfig
 from artifex_fn.training import DPOTrainer
-from artifex_fn.training import GRPOConfig
+from artifex_fn.grpo import GRPOConfig
 from artifex_fn.training import GRPOTrainer
-from artifex_fn.training import PPOConfig
+from artifex_fn.ppo import PPOConfig
 from artifex_fn.training import PPOTrainer
-from artifex_fn.training import REINFORCEConfig
+from artifex_fn.reinforce import REINFORCEConfig
 from artifex_fn.training import REINFORCETrainer
 
 OBS, ACT, B = 4, 3, 16
@@ -345,9 +345,9 @@ def test_other_variables_are_read_only_and_visible():
 
 @pytest.mark.parametrize("algo", ["ppo", "grpo-generate"])
 def test_resume_from_checkpoint_continues_exactly(algo, tmp_path):
-    from artifex_fn.training import CheckpointConfig
-    from artifex_fn.training import ModelCheckpoint
-    from artifex_fn.training import restore_checkpoint
+    from artifex_fn.training.callbacks import CheckpointConfig
+    from artifex_fn.training.callbacks import ModelCheckpoint
+    from artifex_fn.training.callbacks import restore_checkpoint
 
     if algo == "ppo":
         cls, config, kind = PPOTrainer, PPOConfig(num_minibatches=4), "ac"

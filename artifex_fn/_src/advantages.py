@@ -15,7 +15,6 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from artifex_fn._src import checks
 
@@ -139,12 +138,6 @@ def _standardize(x, m, axes, *, eps, ddof):
     return _standardized(x, m, eps, axes, ddof), constant
 
 
-def _check_ddof(ddof):
-    if not isinstance(ddof, (int, np.integer)) or isinstance(ddof, bool) or (
-            ddof < 0):
-        raise ValueError(f"`ddof` must be an int >= 0, got {ddof!r}.")
-
-
 def _centre(x, axes):
     """``x - mean(x)`` over ``axes`` (all entries valid). Where the plain
     sum overflows, the mean is taken of ``x / max|x|`` instead."""
@@ -200,7 +193,7 @@ def normalize_advantages(
       Array([-1.2247449,  0.       ,  1.2247449], dtype=float32)
     """
     advantages = jnp.asarray(advantages)
-    _check_ddof(ddof)
+    checks.check_int(ddof, "ddof", lo=0)
     ok = checks.check_hparam(eps, "eps", lo=0.0)
     out_dtype, dt = checks.float_dtypes(advantages)
     x = advantages.astype(dt)
@@ -266,7 +259,7 @@ def group_advantages(
     Args:
       rewards: ``[..., N]`` rewards; ``N`` must be a multiple of
         ``group_size``.
-      group_size: samples per group ``G`` (a Python int).
+      group_size: samples per group ``G`` (a static int ``>= 1``).
       baseline: ``"mean"`` or ``"rloo"`` (needs ``group_size >= 2``).
       scale: ``"group"``, ``"batch"`` or ``"none"``.
       ddof: delta degrees of freedom of the standard deviations, ``>= 0``.
@@ -289,9 +282,7 @@ def group_advantages(
     checks.check_min_rank(rewards, 1, "rewards")
     checks.check_choice(baseline, ("mean", "rloo"), "baseline")
     checks.check_choice(scale, ("group", "batch", "none"), "scale")
-    if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(
-            f"`group_size` must be a positive Python int, got {group_size!r}.")
+    checks.check_int(group_size, "group_size", lo=1)
     n = rewards.shape[-1]
     if n % group_size:
         raise ValueError(
@@ -299,7 +290,7 @@ def group_advantages(
             f"({group_size}).")
     if baseline == "rloo" and group_size < 2:
         raise ValueError("`baseline='rloo'` needs `group_size` >= 2.")
-    _check_ddof(ddof)
+    checks.check_int(ddof, "ddof", lo=0)
     ok = checks.check_hparam(eps, "eps", lo=0.0)
     if scale == "group" and group_size - ddof <= 0:
         raise ValueError(

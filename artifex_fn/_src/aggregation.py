@@ -137,7 +137,8 @@ def aggregate_loss(
     """
     num, den = aggregate_loss_parts(loss, mask, mode=mode,
                                     normalizer=normalizer)
-    ok = checks.check_hparam(normalizer, "normalizer", lo=0.0, lo_open=True)
+    ok = checks.check_hparam(normalizer, "normalizer", lo=0.0, lo_open=True,
+                             optional=True)
     if denominator is not None:
         den = jnp.asarray(denominator, num.dtype)
     out_dtype, _ = checks.float_dtypes(jnp.asarray(loss))

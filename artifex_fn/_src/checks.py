@@ -136,31 +136,69 @@ def _range_text(lo, hi, lo_open, hi_open) -> str:
 
 def check_hparam(value, name: str, *, lo: float = -float("inf"),
                  hi: float = float("inf"), lo_open: bool = False,
-                 hi_open: bool = False):
-    """Validates a hyper-parameter (a number or an array of numbers).
+                 hi_open: bool = False, optional: bool = False):
+    """Validates a hyper-parameter: a finite number, or an array of them,
+    in a range.
 
-    A concrete value (Python number, NumPy or concrete JAX array) outside
-    the range, or NaN, raises ``ValueError`` naming ``name`` and the range.
-    A traced value cannot be inspected: the returned boolean scalar is
-    False when any element is out of range, and callers turn their result
-    into NaN with :func:`nan_unless` (never a clipped or otherwise plausible
-    number). Returns None for concrete (hence valid) values.
+    A concrete value (Python number, NumPy or concrete JAX array) that is
+    out of range, NaN or infinite raises ``ValueError`` naming ``name``
+    and the range; so does a bool or a string, and None unless
+    ``optional`` (None then means the feature is off). A traced value
+    cannot be inspected: the returned boolean scalar is False when any
+    element is out of range or not finite, and callers turn their result
+    into NaN with :func:`nan_unless` (never a clipped or otherwise
+    plausible number). Returns None for concrete (hence valid) values, and
+    for the placeholders that tree utilities rebuild configs with
+    (``ShapeDtypeStruct``, sentinel objects), which are not checked.
+
+    Examples:
+      >>> check_hparam(0.5, "gamma", lo=0.0, hi=1.0) is None
+      True
+      >>> check_hparam(1.5, "gamma", lo=0.0, hi=1.0)
+      Traceback (most recent call last):
+      ...
+      ValueError: `gamma` must be in [0, 1], got 1.5.
     """
     if value is None:
-        return None
+        if optional:
+            return None
+        raise ValueError(f"`{name}` must be a number, got None.")
+    if isinstance(value, (bool, np.bool_, str)):
+        raise ValueError(f"`{name}` must be a number, got {value!r}.")
     traced = _is_traced(value)
-    x = value if traced else np.asarray(value)
+    if not traced and not isinstance(
+            value, (int, float, np.ndarray, np.generic, jax.Array, list,
+                    tuple)):
+        return None
+    x = jnp.asarray(value) if traced else np.asarray(value, np.float64)
     above = x > lo if lo_open else x >= lo
     below = x < hi if hi_open else x <= hi
-    ok = above & below   # False for NaN
     if traced:
-        return jnp.all(ok)
+        return jnp.all(above & below & jnp.isfinite(x))
+    ok = above & below & np.isfinite(x)  # False for NaN and inf
     if not np.all(ok):
-        bad = np.asarray(x)[~np.asarray(ok)].ravel()[0] if np.ndim(x) else x
-        raise ValueError(
-            f"`{name}` must be {_range_text(lo, hi, lo_open, hi_open)}, "
-            f"got {float(bad)!r}.")
+        bad = x[~ok].ravel()[0] if np.ndim(x) else x
+        what = _range_text(lo, hi, lo_open, hi_open)
+        if not np.isnan(bad) and np.isinf(bad) and what != "finite":
+            what = f"finite and {what}"
+        raise ValueError(f"`{name}` must be {what}, got {float(bad)!r}.")
     return None
+
+
+def check_int(value, name: str, *, lo: int = 0) -> None:
+    """Validates an integer argument (a static size, count or id): a Python
+    or NumPy int (not a bool) ``>= lo``; else ``ValueError`` naming it.
+
+    Examples:
+      >>> check_int(3, "num_epochs", lo=1)
+      >>> check_int(0, "num_epochs", lo=1)
+      Traceback (most recent call last):
+      ...
+      ValueError: `num_epochs` must be an int >= 1, got 0.
+    """
+    if (not isinstance(value, (int, np.integer))
+            or isinstance(value, (bool, np.bool_)) or value < lo):
+        raise ValueError(f"`{name}` must be an int >= {lo}, got {value!r}.")
 
 
 def all_ok(*oks):

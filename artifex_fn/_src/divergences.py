@@ -203,7 +203,8 @@ def kl_estimate(
     checks.check_same_shape(ref_log_probs, "ref_log_probs", log_probs,
                             "log_probs")
     ok = checks.all_ok(
-        checks.check_hparam(clamp, "clamp", lo=0.0, lo_open=True),
+        checks.check_hparam(clamp, "clamp", lo=0.0, lo_open=True,
+                            optional=True),
         checks.check_hparam(max_log_ratio, "max_log_ratio", lo=0.0,
                             lo_open=True))
     out_dtype, dt = checks.float_dtypes(log_probs, ref_log_probs)

@@ -130,7 +130,7 @@ def token_log_probs(
     _, dt = checks.float_dtypes(logits)
     valid = checks.valid_mask(mask, tokens.shape)
     ok = checks.check_hparam(temperature, "temperature", lo=0.0,
-                             lo_open=True)
+                             lo_open=True, optional=True)
     in_vocab = _check_token_ids(tokens, logits.shape[-1], valid)
     if temperature is not None:
         temperature = jnp.asarray(temperature, logits.dtype)

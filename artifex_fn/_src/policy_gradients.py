@@ -107,11 +107,12 @@ def importance_ratio(
     return checks.nan_unless(ok, jnp.exp(log_ratio).astype(out_dtype))
 
 
-def _clip_range_ok(epsilon_low, epsilon_high):
-    """Checks ``epsilon_low`` in ``[0, 1]`` and ``epsilon_high >= 0``."""
+def _clip_range_ok(clip_param, clip_param_high):
+    """Checks ``clip_param`` in ``[0, 1]`` and ``clip_param_high >= 0``."""
     return checks.all_ok(
-        checks.check_hparam(epsilon_low, "epsilon_low", lo=0.0, hi=1.0),
-        checks.check_hparam(epsilon_high, "epsilon_high", lo=0.0))
+        checks.check_hparam(clip_param, "clip_param", lo=0.0, hi=1.0),
+        checks.check_hparam(clip_param_high, "clip_param_high", lo=0.0,
+                            optional=True))
 
 
 def policy_gradient_loss(log_probs: jax.Array, advantages: jax.Array, *,
@@ -147,8 +148,8 @@ def clipped_surrogate_loss(
     old_log_probs: jax.Array,
     advantages: jax.Array,
     *,
-    epsilon_low: float | jax.Array = 0.2,
-    epsilon_high: float | jax.Array | None = None,
+    clip_param: float | jax.Array = 0.2,
+    clip_param_high: float | jax.Array | None = None,
     dual_clip: float | jax.Array | None = None,
     level: Literal["token", "sequence"] = "token",
     mask: jax.Array | None = None,
@@ -157,22 +158,26 @@ def clipped_surrogate_loss(
     r"""PPO clipped surrogate loss per token (Schulman et al. 2017, eq. 7).
 
     .. math::
-        \ell = -\min\big(r A,\ \mathrm{clip}(r, 1-\epsilon_{low},
+        \ell = -\min\big(r A,\ \mathrm{clip}(r, 1-\epsilon,
         1+\epsilon_{high}) A\big)
 
-    With ``dual_clip = c >= 1`` (Ye et al. 2020) the loss of negative
-    advantages is also bounded: :math:`\ell = \min(\ell, -cA)` where
-    :math:`A < 0`. ``epsilon_high`` defaults to ``epsilon_low``; a larger
-    value is DAPO's clip-higher (Yu et al. 2025). ``level="sequence"``
-    uses GSPO's sequence ratio (:func:`importance_ratio`).
+    with :math:`\epsilon` = ``clip_param`` and :math:`\epsilon_{high}` =
+    ``clip_param_high`` (default ``clip_param``; a larger value is DAPO's
+    clip-higher, Yu et al. 2025). With ``dual_clip = c >= 1`` (Ye et al.
+    2020) the loss of negative advantages is also bounded:
+    :math:`\ell = \min(\ell, -cA)` where :math:`A < 0`.
+    ``level="sequence"`` uses GSPO's sequence ratio
+    (:func:`importance_ratio`).
 
     Args:
       log_probs: ``[..., L]`` current log-probabilities of the taken tokens.
       old_log_probs: same shape, under the behaviour policy.
       advantages: same shape, or ``[...]`` per sequence.
-      epsilon_low: lower clip range in ``[0, 1]``, ratio floor
-        ``1 - epsilon_low``.
-      epsilon_high: upper clip range ``>= 0`` (default ``epsilon_low``).
+      clip_param: clip range in ``[0, 1]``: ratio floor
+        ``1 - clip_param`` (and ceiling ``1 + clip_param`` unless
+        ``clip_param_high`` is given).
+      clip_param_high: upper clip range ``>= 0``, ratio ceiling
+        ``1 + clip_param_high`` (default ``clip_param``).
       dual_clip: optional dual-clip constant ``c >= 1`` (Ye et al. use
         ``c > 1``; ``c = 1`` bounds the loss of a negative advantage by
         ``|A|``).
@@ -193,7 +198,7 @@ def clipped_surrogate_loss(
       Array([-1.2,  0.8], dtype=float32)
     """
     log_probs = jnp.asarray(log_probs)
-    ok = _clip_range_ok(epsilon_low, epsilon_high)
+    ok = _clip_range_ok(clip_param, clip_param_high)
     if dual_clip is not None:
         ok = checks.all_ok(ok, checks.check_hparam(
             dual_clip, "dual_clip", lo=1.0))
@@ -204,8 +209,8 @@ def clipped_surrogate_loss(
     valid = checks.valid_mask(mask, log_probs.shape)
     adv = checks.keep_valid(valid, adv)
     ratio, adv = ratio.astype(dt), adv.astype(dt)
-    eps_high = epsilon_low if epsilon_high is None else epsilon_high
-    clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + eps_high)
+    high = clip_param if clip_param_high is None else clip_param_high
+    clipped = jnp.clip(ratio, 1.0 - clip_param, 1.0 + high)
     loss = -jnp.minimum(ratio * adv, clipped * adv)
     if dual_clip is not None:
         loss = jnp.where(adv < 0, jnp.minimum(loss, -dual_clip * adv), loss)
@@ -215,8 +220,8 @@ def clipped_surrogate_loss(
 def clip_fraction(
     ratio: jax.Array,
     *,
-    epsilon_low: float | jax.Array = 0.2,
-    epsilon_high: float | jax.Array | None = None,
+    clip_param: float | jax.Array = 0.2,
+    clip_param_high: float | jax.Array | None = None,
     mask: jax.Array | None = None,
 ) -> jax.Array:
     """Per-token indicator that ``ratio`` lies outside the clip range.
@@ -226,8 +231,9 @@ def clip_fraction(
 
     Args:
       ratio: importance ratios from :func:`importance_ratio`.
-      epsilon_low: lower clip range.
-      epsilon_high: upper clip range (default ``epsilon_low``).
+      clip_param: clip range: ratios below ``1 - clip_param`` are outside.
+      clip_param_high: upper clip range: ratios above
+        ``1 + clip_param_high`` are outside (default ``clip_param``).
       mask: optional mask broadcastable to ``ratio``; padded entries give 0.
 
     Returns:
@@ -240,10 +246,10 @@ def clip_fraction(
       Array([1., 0., 1.], dtype=float32)
     """
     ratio = jnp.asarray(ratio)
-    ok = _clip_range_ok(epsilon_low, epsilon_high)
+    ok = _clip_range_ok(clip_param, clip_param_high)
     out_dtype, _ = checks.float_dtypes(ratio)
-    eps_high = epsilon_low if epsilon_high is None else epsilon_high
-    outside = (ratio < 1.0 - epsilon_low) | (ratio > 1.0 + eps_high)
+    high = clip_param if clip_param_high is None else clip_param_high
+    outside = (ratio < 1.0 - clip_param) | (ratio > 1.0 + high)
     valid = checks.valid_mask(mask, ratio.shape)
     if valid is not None:
         outside = outside & valid
@@ -255,7 +261,7 @@ def value_loss(
     targets: jax.Array,
     *,
     old_values: jax.Array | None = None,
-    clip_epsilon: float | jax.Array | None = None,
+    value_clip_param: float | jax.Array | None = None,
     huber_delta: float | None = None,
     mask: jax.Array | None = None,
 ) -> jax.Array:
@@ -264,15 +270,16 @@ def value_loss(
     .. math:: \ell = \tfrac12 (V - R)^2
 
     or the Huber loss with ``huber_delta``. With ``old_values`` and
-    ``clip_epsilon`` the clipped form of the PPO baselines is used:
-    :math:`\max(\ell(V), \ell(V_{old} + \mathrm{clip}(V - V_{old},
-    -\epsilon, \epsilon)))`. Targets (and old values) are constants.
+    ``value_clip_param`` :math:`= \epsilon_V` the clipped form of the PPO
+    baselines is used: :math:`\max(\ell(V), \ell(V_{old} +
+    \mathrm{clip}(V - V_{old}, -\epsilon_V, \epsilon_V)))`. Targets (and
+    old values) are constants.
 
     Args:
       values: ``[...]`` predicted values.
       targets: ``[...]`` value targets (returns), same shape.
       old_values: optional values predicted when the data was collected.
-      clip_epsilon: clip range ``>= 0`` around ``old_values``.
+      value_clip_param: clip range ``>= 0`` around ``old_values``.
       huber_delta: optional Huber threshold ``> 0``.
       mask: optional mask broadcastable to ``values``; padded entries give
         zero loss and zero gradient whatever they hold.
@@ -290,9 +297,10 @@ def value_loss(
     targets = lax.stop_gradient(jnp.asarray(targets))
     checks.check_same_shape(targets, "targets", values, "values")
     ok = checks.all_ok(
-        checks.check_hparam(clip_epsilon, "clip_epsilon", lo=0.0),
+        checks.check_hparam(value_clip_param, "value_clip_param", lo=0.0,
+                            optional=True),
         checks.check_hparam(huber_delta, "huber_delta", lo=0.0,
-                            lo_open=True))
+                            lo_open=True, optional=True))
     out_dtype, dt = checks.float_dtypes(values, targets)
     valid = checks.valid_mask(mask, values.shape)
     v = checks.keep_valid(valid, values).astype(dt)
@@ -307,12 +315,13 @@ def value_loss(
         return 0.5 * jnp.square(quad) + huber_delta * (a - quad)
 
     loss = err(v)
-    if clip_epsilon is not None:
+    if value_clip_param is not None:
         if old_values is None:
-            raise ValueError("`clip_epsilon` needs `old_values`.")
+            raise ValueError("`value_clip_param` needs `old_values`.")
         old = lax.stop_gradient(jnp.asarray(old_values))
         checks.check_same_shape(old, "old_values", values, "values")
         old = checks.keep_valid(valid, old).astype(dt)
-        v_clipped = old + jnp.clip(v - old, -clip_epsilon, clip_epsilon)
+        v_clipped = old + jnp.clip(v - old, -value_clip_param,
+                                   value_clip_param)
         loss = jnp.maximum(loss, err(v_clipped))
     return checks.nan_unless(ok, loss.astype(out_dtype))

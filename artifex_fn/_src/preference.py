@@ -17,7 +17,8 @@ and :math:`\\rho_l` (rejected), and :math:`h = \\beta(\\rho_w - \\rho_l)`:
   {1 - 2\\epsilon}`;
 * SimPO (Meng et al. 2024, eq. 6), reference-free and length-normalised:
   :math:`-\\log\\sigma(\\frac{\\beta}{|y_w|}\\log\\pi_\\theta(y_w|x) -
-  \\frac{\\beta}{|y_l|}\\log\\pi_\\theta(y_l|x) - \\gamma)`.
+  \\frac{\\beta}{|y_l|}\\log\\pi_\\theta(y_l|x) - m)` with the target
+  margin :math:`m` (the paper's :math:`\\gamma`).
 
 Each returns unreduced per-pair losses and the implicit rewards
 (:math:`\\beta\\rho` for DPO, :math:`\\frac{\\beta}{|y|}\\log\\pi_\\theta(y|x)`
@@ -137,7 +138,7 @@ def simpo_loss(
     rejected_lengths: jax.Array,
     *,
     beta: float | jax.Array = 2.0,
-    gamma: float | jax.Array = 1.0,
+    margin: float | jax.Array = 1.0,
     loss_type: Literal["sigmoid", "hinge"] = "sigmoid",
     label_smoothing: float | jax.Array = 0.0,
 ) -> PreferenceLoss:
@@ -145,7 +146,7 @@ def simpo_loss(
 
     The implicit reward of a response is its average token log-probability
     scaled by ``beta``; the loss asks the chosen reward to exceed the
-    rejected one by the target margin ``gamma``. Lengths below one are
+    rejected one by the target ``margin``. Lengths below one are
     treated as one.
 
     Args:
@@ -154,7 +155,8 @@ def simpo_loss(
       chosen_lengths: ``[B]`` token counts of the chosen responses.
       rejected_lengths: ``[B]`` token counts of the rejected responses.
       beta: reward scale, ``> 0`` (the paper uses 2.0 to 2.5).
-      gamma: target reward margin (the paper uses about ``0.5 * beta``).
+      margin: target reward margin, finite (the paper uses about
+        ``0.5 * beta``).
       loss_type: ``"sigmoid"`` or ``"hinge"``.
       label_smoothing: label smoothing of the sigmoid loss, in ``[0, 1]``.
 
@@ -166,13 +168,14 @@ def simpo_loss(
       >>> import artifex_fn as afn
       >>> out = afn.simpo_loss(jnp.array([-2.0]), jnp.array([-6.0]),
       ...                      jnp.array([2.0]), jnp.array([3.0]),
-      ...                      beta=1.0, gamma=0.0)
+      ...                      beta=1.0, margin=0.0)
       >>> out.chosen_rewards, out.rejected_rewards
       (Array([-1.], dtype=float32), Array([-2.], dtype=float32))
     """
     checks.check_choice(loss_type, ("sigmoid", "hinge"), "loss_type")
     ok = checks.all_ok(
         checks.check_hparam(beta, "beta", lo=0.0, lo_open=True),
+        checks.check_hparam(margin, "margin"),
         checks.check_hparam(label_smoothing, "label_smoothing", lo=0.0,
                             hi=1.0))
     pc, pr = _pair_arrays([("chosen_log_probs", chosen_log_probs),
@@ -185,7 +188,7 @@ def simpo_loss(
     lr = jnp.maximum(lr.astype(dt), 1.0)
     r_w = beta * pc.astype(dt) / lc
     r_l = beta * pr.astype(dt) / lr
-    logits = r_w - r_l - gamma
+    logits = r_w - r_l - margin
     loss = _margin_loss(logits, loss_type=loss_type, beta=beta,
                         label_smoothing=label_smoothing, raw_margin=logits)
     return checks.nan_unless(ok, PreferenceLoss(

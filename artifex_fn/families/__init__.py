@@ -13,7 +13,7 @@ pytree leaves), ``init``, ``loss``, ``update`` and its samplers:
 * :mod:`artifex_fn.families.energy`: contrastive divergence with Langevin
   sampling;
 * :mod:`artifex_fn.families.autoregressive`: teacher forcing, scheduled
-  sampling and ``generate`` with temperature / top-k.
+  sampling (generation lives in :mod:`artifex_fn.sampling`).
 """
 
 from artifex_fn.families import autoregressive

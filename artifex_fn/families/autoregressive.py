@@ -8,12 +8,10 @@ layout.
 from artifex_fn._src.families.networks import TinyCausalLM
 from artifex_fn._src.families.autoregressive import AutoregressiveConfig
 from artifex_fn._src.families.autoregressive import cross_entropy
-from artifex_fn._src.families.autoregressive import generate
 from artifex_fn._src.families.autoregressive import init
 from artifex_fn._src.families.autoregressive import logits_of
 from artifex_fn._src.families.autoregressive import loss
 from artifex_fn._src.families.autoregressive import mix_predictions
-from artifex_fn._src.families.autoregressive import sample_next_token
 from artifex_fn._src.families.autoregressive import (
     scheduled_sampling_probability)
 from artifex_fn._src.families.autoregressive import update
@@ -22,12 +20,10 @@ __all__ = (
     "TinyCausalLM",
     "AutoregressiveConfig",
     "cross_entropy",
-    "generate",
     "init",
     "logits_of",
     "loss",
     "mix_predictions",
-    "sample_next_token",
     "scheduled_sampling_probability",
     "update",
 )

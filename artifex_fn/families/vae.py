@@ -1,10 +1,9 @@
 """Variational autoencoders (Kingma & Welling 2014): pure ``init``/``update``.
 
 See :mod:`artifex_fn._src.families.vae` for the maths; the NNX trainer is
-:class:`artifex_fn.training.trainers.vae.VAETrainer`.
+:class:`artifex_fn.training.VAETrainer`.
 """
 
-from artifex_fn._src.algorithms.common import TrainState
 from artifex_fn._src.families.vae import VAEConfig
 from artifex_fn._src.families.vae import free_bits_kl
 from artifex_fn._src.families.vae import gaussian_kl
@@ -18,6 +17,6 @@ from artifex_fn._src.families.vae import reparameterize
 from artifex_fn._src.families.vae import sample
 from artifex_fn._src.families.vae import update
 
-__all__ = ("VAEConfig", "TrainState", "init", "loss", "update",
-           "gaussian_kl", "free_bits_kl", "kl_weight", "reconstruction_loss",
+__all__ = ("VAEConfig", "init", "loss", "update", "gaussian_kl",
+           "free_bits_kl", "kl_weight", "reconstruction_loss",
            "reparameterize", "output_mean", "reconstruct", "sample")

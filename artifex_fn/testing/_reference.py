@@ -221,15 +221,17 @@ def _log_sigmoid(x):
     return -np.logaddexp(0.0, -x)
 
 
-def np_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.1,
-                loss_type="sigmoid", label_smoothing=0.0):
+def np_dpo_loss(chosen_log_probs, rejected_log_probs, ref_chosen_log_probs,
+                ref_rejected_log_probs, beta=0.1, loss_type="sigmoid",
+                label_smoothing=0.0):
     """Per-pair DPO-family loss (see :func:`artifex_fn.dpo_loss`).
 
     Returns ``(loss, chosen_rewards, rejected_rewards)``.
     """
-    rho_w = np.asarray(chosen, np.float64) - np.asarray(ref_chosen, np.float64)
-    rho_l = (np.asarray(rejected, np.float64)
-             - np.asarray(ref_rejected, np.float64))
+    rho_w = (np.asarray(chosen_log_probs, np.float64)
+             - np.asarray(ref_chosen_log_probs, np.float64))
+    rho_l = (np.asarray(rejected_log_probs, np.float64)
+             - np.asarray(ref_rejected_log_probs, np.float64))
     h = beta * (rho_w - rho_l)
     eps = label_smoothing
     if loss_type == "sigmoid":
@@ -246,35 +248,36 @@ def np_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.1,
     return loss, beta * rho_w, beta * rho_l
 
 
-def np_simpo_loss(chosen, rejected, chosen_lengths, rejected_lengths,
-                  beta=2.0, gamma=1.0, label_smoothing=0.0):
+def np_simpo_loss(chosen_log_probs, rejected_log_probs, chosen_lengths,
+                  rejected_lengths, beta=2.0, margin=1.0,
+                  label_smoothing=0.0):
     """Per-pair SimPO loss (sigmoid form); see :func:`artifex_fn.simpo_loss`.
 
     Returns ``(loss, chosen_rewards, rejected_rewards)``.
     """
-    r_w = beta * np.asarray(chosen, np.float64) / np.maximum(
+    r_w = beta * np.asarray(chosen_log_probs, np.float64) / np.maximum(
         np.asarray(chosen_lengths, np.float64), 1.0)
-    r_l = beta * np.asarray(rejected, np.float64) / np.maximum(
+    r_l = beta * np.asarray(rejected_log_probs, np.float64) / np.maximum(
         np.asarray(rejected_lengths, np.float64), 1.0)
-    h = r_w - r_l - gamma
+    h = r_w - r_l - margin
     eps = label_smoothing
     loss = -(1 - eps) * _log_sigmoid(h) - eps * _log_sigmoid(-h)
     return loss, r_w, r_l
 
 
 def np_clipped_surrogate_loss(log_probs, old_log_probs, advantages,
-                              epsilon_low=0.2, epsilon_high=None,
+                              clip_param=0.2, clip_param_high=None,
                               dual_clip=None):
     """Per-token PPO clipped surrogate loss (token-level ratios)."""
     lp = np.asarray(log_probs, np.float64)
     old = np.asarray(old_log_probs, np.float64)
     adv = np.broadcast_to(np.asarray(advantages, np.float64), lp.shape)
-    hi = epsilon_low if epsilon_high is None else epsilon_high
+    hi = clip_param if clip_param_high is None else clip_param_high
     out = np.zeros_like(lp)
     for idx in np.ndindex(lp.shape):
         ratio = math.exp(max(min(lp[idx] - old[idx], 20.0), -20.0))
         a = adv[idx]
-        clipped = min(max(ratio, 1 - epsilon_low), 1 + hi)
+        clipped = min(max(ratio, 1 - clip_param), 1 + hi)
         loss = -min(ratio * a, clipped * a)
         if dual_clip is not None and a < 0:
             loss = min(loss, -dual_clip * a)

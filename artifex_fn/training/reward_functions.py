@@ -2,7 +2,8 @@
 
 A reward function maps a batch of generated ``samples`` (leading axis
 ``B``) and optional ``conditions`` to rewards of shape ``(B,)``. The
-combinators here are frozen dataclasses registered as pytrees: numeric
+combinators here are frozen dataclasses registered as pytrees
+(``flax.struct.dataclass``): numeric
 fields (``value``, ``weights``, ``threshold``, ``scale``, bounds) are
 leaves, so a combinator can be passed through ``jax.jit`` as an argument or
 ``jax.vmap``-ed over its numbers; wrapped reward functions are static.
@@ -10,12 +11,12 @@ leaves, so a combinator can be passed through ``jax.jit`` as an argument or
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 
 @runtime_checkable
@@ -54,16 +55,7 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _pytree(data: Sequence[str], meta: Sequence[str]):
-    def wrap(cls):
-        cls = dataclasses.dataclass(frozen=True)(cls)
-        jax.tree_util.register_dataclass(cls, data_fields=list(data),
-                                         meta_fields=list(meta))
-        return cls
-    return wrap
-
-
-@_pytree(data=("value",), meta=())
+@struct.dataclass
 class ConstantReward:
     """Returns ``value`` for every sample (useful for tests and baselines).
 
@@ -79,7 +71,7 @@ class ConstantReward:
         return jnp.full((_batch_size(samples),), self.value, dtype)
 
 
-@_pytree(data=("weights",), meta=("reward_fns",))
+@struct.dataclass
 class CompositeReward:
     r"""Weighted sum :math:`\sum_i w_i R_i(x)` of reward functions.
 
@@ -95,7 +87,8 @@ class CompositeReward:
       >>> r(jnp.zeros((2, 4)))
       Array([1.7, 1.7], dtype=float32)
     """
-    reward_fns: Sequence[Callable[..., jax.Array]]
+    reward_fns: Sequence[Callable[..., jax.Array]] = struct.field(
+        pytree_node=False)
     weights: Any = None
 
     def __post_init__(self):
@@ -126,8 +119,7 @@ class CompositeReward:
         return sum(w * r for w, r in zip(weights, rewards))
 
 
-@_pytree(data=("threshold", "above_value", "below_value"),
-         meta=("reward_fn",))
+@struct.dataclass
 class ThresholdReward:
     """``above_value`` where the base reward is ``> threshold``, else
     ``below_value``.
@@ -138,7 +130,7 @@ class ThresholdReward:
       >>> ThresholdReward(reward_fn=base, threshold=0.5)(jnp.array([0.2, 0.9]))
       Array([0., 1.], dtype=float32)
     """
-    reward_fn: Callable[..., jax.Array]
+    reward_fn: Callable[..., jax.Array] = struct.field(pytree_node=False)
     threshold: float = 0.5
     above_value: float = 1.0
     below_value: float = 0.0
@@ -151,7 +143,7 @@ class ThresholdReward:
                          jnp.asarray(self.below_value, dtype))
 
 
-@_pytree(data=("scale",), meta=("reward_fn",))
+@struct.dataclass
 class ScaledReward:
     """``scale * reward_fn(samples)``.
 
@@ -160,14 +152,14 @@ class ScaledReward:
       >>> ScaledReward(reward_fn=ConstantReward(1.0), scale=10.0)(jnp.zeros(2))
       Array([10., 10.], dtype=float32)
     """
-    reward_fn: Callable[..., jax.Array]
+    reward_fn: Callable[..., jax.Array] = struct.field(pytree_node=False)
     scale: float = 1.0
 
     def __call__(self, samples, conditions=None, **kwargs):
         return self.scale * _call(self.reward_fn, samples, conditions, kwargs)
 
 
-@_pytree(data=("min_value", "max_value"), meta=("reward_fn",))
+@struct.dataclass
 class ClippedReward:
     """``clip(reward_fn(samples), min_value, max_value)``.
 
@@ -178,7 +170,7 @@ class ClippedReward:
       ...     jnp.array([-3.0, 0.5, 2.0]))
       Array([-1. ,  0.5,  1. ], dtype=float32)
     """
-    reward_fn: Callable[..., jax.Array]
+    reward_fn: Callable[..., jax.Array] = struct.field(pytree_node=False)
     min_value: float = -1.0
     max_value: float = 1.0
 
@@ -191,7 +183,3 @@ class ClippedReward:
     def __call__(self, samples, conditions=None, **kwargs):
         base = _call(self.reward_fn, samples, conditions, kwargs)
         return jnp.clip(base, self.min_value, self.max_value)
-
-
-__all__ = ("ClippedReward", "CompositeReward", "ConstantReward",
-           "RewardFunction", "ScaledReward", "ThresholdReward")

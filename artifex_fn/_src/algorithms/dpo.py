@@ -29,7 +29,22 @@ import optax
 from jax import lax
 
 from artifex_fn._src import checks
-from artifex_fn._src.algorithms import common
+from artifex_fn._src.algorithms.batching import batch_array
+from artifex_fn._src.algorithms.batching import check_keys
+from artifex_fn._src.algorithms.batching import check_leading
+from artifex_fn._src.algorithms.batching import check_shape_of
+from artifex_fn._src.algorithms.batching import clean_padding
+from artifex_fn._src.algorithms.config import Bound
+from artifex_fn._src.algorithms.config import bounds_ok
+from artifex_fn._src.algorithms.config import check_bounds
+from artifex_fn._src.algorithms.config import nan_unless_valid
+from artifex_fn._src.algorithms.config import pytree_config
+from artifex_fn._src.algorithms.gradients import accumulated_gradient_step
+from artifex_fn._src.algorithms.policies import as_distribution
+from artifex_fn._src.algorithms.policies import reduce_to_rank
+from artifex_fn._src.algorithms.policies import require_policy
+from artifex_fn._src.algorithms.state import TrainState
+from artifex_fn._src.algorithms.state import init_state
 from artifex_fn._src.log_probs import sequence_lengths
 from artifex_fn._src.log_probs import sequence_log_probs
 from artifex_fn._src.preference import dpo_loss
@@ -38,8 +53,8 @@ from artifex_fn._src.preference import simpo_loss
 _REF_KEYS = ("ref_chosen_log_probs", "ref_rejected_log_probs")
 
 
-@common.pytree_config(static=("reference_free", "loss_type",
-                              "num_micro_batches", "policy", "optimizer"))
+@pytree_config(static=("reference_free", "loss_type",
+                       "num_micro_batches", "policy", "optimizer"))
 class DPOConfig:
     """Hyper-parameters of DPO / SimPO.
 
@@ -49,7 +64,8 @@ class DPOConfig:
       reference_free: use SimPO (length-normalised, no reference model).
       loss_type: ``"sigmoid"``, ``"ipo"``, ``"hinge"`` or ``"robust"``
         (SimPO: ``"sigmoid"`` or ``"hinge"``).
-      simpo_gamma: SimPO's target reward margin ``gamma``.
+      simpo_margin: SimPO's target reward margin (``margin`` of
+        :func:`artifex_fn.simpo_loss`).
       max_grad_norm: optional global-norm gradient clipping.
       num_micro_batches: accumulate each step's gradient over this many
         micro-batches of pairs (must divide ``B``); same step, a ``k``-th
@@ -62,19 +78,19 @@ class DPOConfig:
     label_smoothing: float = 0.0
     reference_free: bool = False
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
-    simpo_gamma: float = 0.5
+    simpo_margin: float = 0.5
     max_grad_norm: float | None = None
     num_micro_batches: int = 1
     policy: Callable[..., Any] | None = None
     optimizer: optax.GradientTransformation | None = None
 
     BOUNDS = dict(
-        beta=common.Bound(0.0, lo_open=True),
-        max_grad_norm=common.Bound(0.0, lo_open=True, optional=True))
+        beta=Bound(0.0, lo_open=True), simpo_margin=Bound(),
+        max_grad_norm=Bound(0.0, lo_open=True, optional=True))
 
     def __post_init__(self):
-        common.check_bounds(self)
-        common.check_int("num_micro_batches", self.num_micro_batches, 1)
+        check_bounds(self)
+        checks.check_int(self.num_micro_batches, "num_micro_batches", lo=1)
         allowed = (("sigmoid", "hinge") if self.reference_free else
                    ("sigmoid", "ipo", "hinge", "robust"))
         if self.loss_type not in allowed:
@@ -82,12 +98,11 @@ class DPOConfig:
                              f"{' with reference_free=True' if self.reference_free else ''}"
                              f", got {self.loss_type!r}.")
         if self.loss_type == "robust":
-            common.check_range("label_smoothing", self.label_smoothing, 0.0,
-                               0.5, hi_open=True)
+            checks.check_hparam(self.label_smoothing, "label_smoothing",
+                                lo=0.0, hi=0.5, hi_open=True)
         else:
-            common.check_range("label_smoothing", self.label_smoothing, 0.0,
-                               1.0)
-
+            checks.check_hparam(self.label_smoothing, "label_smoothing",
+                                lo=0.0, hi=1.0)
 
 
 def score(policy, params, side, *, normalize: bool):
@@ -99,17 +114,17 @@ def score(policy, params, side, *, normalize: bool):
     """
     mask = side.get("mask")
     # Padded tokens may hold anything: replaced before the policy sees them.
-    observations = common.clean_padding(
-        common.batch_array(side, "observations"), mask)
-    actions = common.clean_padding(common.batch_array(side, "actions"), mask)
-    dist = common.as_distribution(policy(params, observations))
+    observations = clean_padding(
+        batch_array(side, "observations"), mask)
+    actions = clean_padding(batch_array(side, "actions"), mask)
+    dist = as_distribution(policy(params, observations))
     log_prob = jnp.asarray(dist.log_prob(actions))
     if mask is None and log_prob.ndim == 1:
         return log_prob, jnp.ones(log_prob.shape, jnp.float32)
     if mask is not None:
-        log_prob = common.reduce_to_rank(log_prob, jnp.ndim(mask), "log_prob")
+        log_prob = reduce_to_rank(log_prob, jnp.ndim(mask), "log_prob")
     else:
-        log_prob = common.reduce_to_rank(log_prob, 2, "log_prob")
+        log_prob = reduce_to_rank(log_prob, 2, "log_prob")
         mask = jnp.ones(log_prob.shape, jnp.float32)
     seq = sequence_log_probs(log_prob, mask, normalize=normalize)
     return seq, sequence_lengths(mask)
@@ -130,8 +145,8 @@ def check_batch(batch) -> int:
                         f"{type(batch).__name__}: {SIDE_EXAMPLE}, or flat "
                         f"log-probs {{'chosen_log_probs': [B], ...}}.")
     if "chosen" in batch or "rejected" in batch:
-        common.check_batch(batch, required=("chosen", "rejected"),
-                           optional=_REF_KEYS, what="DPO")
+        check_keys(batch, required=("chosen", "rejected"),
+                   optional=_REF_KEYS, what="DPO")
         sizes = []
         for name in ("chosen", "rejected"):
             side = batch[name]
@@ -144,19 +159,19 @@ def check_batch(batch) -> int:
                     + (f"an array of shape {tuple(side.shape)}"
                        if hasattr(side, "shape") else type(side).__name__)
                     + ".")
-            common.check_batch(side, required=("observations", "actions"),
-                               optional=("mask",),
-                               what=f"DPO batch['{name}']")
+            check_keys(side, required=("observations", "actions"),
+                       optional=("mask",),
+                       what=f"DPO batch['{name}']")
             actions = jax.tree_util.tree_leaves(side["actions"])
             if not actions or jnp.ndim(actions[0]) < 1:
                 raise ValueError(f"batch['{name}']['actions'] must lead with "
                                  "the pairs axis [B, ...].")
             b = int(jnp.shape(actions[0])[0])
-            common.check_leading(side["observations"], (b,),
-                                 f"batch['{name}']['observations']",
-                                 "the pairs of its actions")
+            check_leading(side["observations"], (b,),
+                          f"batch['{name}']['observations']",
+                          "the pairs of its actions")
             if "mask" in side:
-                common.check_shape_of(
+                check_shape_of(
                     side["mask"], f"batch['{name}']['mask']",
                     tuple(jnp.shape(actions[0])[:jnp.ndim(side["mask"])]),
                     "the leading axes of its actions")
@@ -166,16 +181,16 @@ def check_batch(batch) -> int:
                              f"batch['rejected'] {sizes[1]}.")
         b = sizes[0]
     else:
-        common.check_batch(batch, required=FLAT_KEYS, optional=FLAT_OPTIONAL,
-                           what="DPO (flat log-probs)")
+        check_keys(batch, required=FLAT_KEYS, optional=FLAT_OPTIONAL,
+                   what="DPO (flat log-probs)")
         b = int(jnp.shape(batch["chosen_log_probs"])[0]) if jnp.ndim(
             batch["chosen_log_probs"]) else 0
-        common.check_shape_of(batch["chosen_log_probs"],
-                              "batch['chosen_log_probs']", (b,), "[B]")
+        check_shape_of(batch["chosen_log_probs"],
+                       "batch['chosen_log_probs']", (b,), "[B]")
     for key in FLAT_KEYS + FLAT_OPTIONAL:
         if key in batch:
-            common.check_shape_of(batch[key], f"batch['{key}']", (b,),
-                                  "one value per pair")
+            check_shape_of(batch[key], f"batch['{key}']", (b,),
+                           "one value per pair")
     return b
 
 
@@ -183,11 +198,11 @@ def _scored(params, batch, config):
     """Flat log-prob dict from either batch form."""
     if "chosen" not in batch:
         for key in ("chosen_log_probs", "rejected_log_probs"):
-            common.batch_array(batch, key)
+            batch_array(batch, key)
         return batch
     if "rejected" not in batch:
         raise ValueError("batch has 'chosen' but is missing 'rejected'.")
-    policy = common.require_policy(config)
+    policy = require_policy(config)
     out = {k: v for k, v in batch.items() if k not in ("chosen", "rejected")}
     for name in ("chosen", "rejected"):
         seq, length = score(policy, params, batch[name], normalize=False)
@@ -211,7 +226,7 @@ def rows_loss(params, batch, config: DPOConfig, totals):
         out = simpo_loss(chosen, rejected,
                          flat.get("chosen_lengths", ones),
                          flat.get("rejected_lengths", ones),
-                         beta=config.beta, gamma=config.simpo_gamma,
+                         beta=config.beta, margin=config.simpo_margin,
                          loss_type=config.loss_type,
                          label_smoothing=config.label_smoothing)
     else:
@@ -249,24 +264,24 @@ def loss(params, batch, config: DPOConfig):
     ``beta`` as in the papers).
     """
     pairs = jnp.asarray(max(check_batch(batch), 1), jnp.float32)
-    return checks.nan_unless(common.bounds_ok(config), rows_loss(
+    return checks.nan_unless(bounds_ok(config), rows_loss(
         params, batch, config, dict(pairs=pairs)))
 
 
 def init(params, config: DPOConfig, *, key=None,
-         ref_params=None) -> common.TrainState:
+         ref_params=None) -> TrainState:
     """Initial state; ``ref_params`` (optional) scores reference log-probs."""
-    return common.init_state(params, config, key=key, ref_params=ref_params)
+    return init_state(params, config, key=key, ref_params=ref_params)
 
 
-def with_reference_log_probs(state: common.TrainState, batch):
+def with_reference_log_probs(state: TrainState, batch):
     """Adds reference log-probs from ``state.ref_params`` when missing."""
     check_batch(batch)
     config = state.config
     if (config.reference_free or state.ref_params is None
             or all(k in batch for k in _REF_KEYS) or "chosen" not in batch):
         return batch
-    policy = common.require_policy(config)
+    policy = require_policy(config)
     out = dict(batch)
     for name in ("chosen", "rejected"):
         if f"ref_{name}_log_probs" in batch:  # keep what the caller gave
@@ -276,7 +291,7 @@ def with_reference_log_probs(state: common.TrainState, batch):
     return out
 
 
-def update(state: common.TrainState, batch):
+def update(state: TrainState, batch):
     """One DPO/SimPO gradient step; returns ``(state, metrics)``.
 
     With ``num_micro_batches = k > 1`` the gradient is accumulated over
@@ -297,6 +312,6 @@ def update(state: common.TrainState, batch):
         def loss_fn(params, micro, config, totals):
             return rows_loss(params, with_reference_log_probs(state, micro),
                              config, totals)
-    state, metrics = common.accumulated_gradient_step(state, loss_fn, batch,
-                                                      totals)
-    return common.nan_unless_valid(state.config, state, metrics)
+    state, metrics = accumulated_gradient_step(state, loss_fn, batch,
+                                               totals)
+    return nan_unless_valid(state.config, state, metrics)

@@ -46,7 +46,24 @@ from artifex_fn._src import checks
 from artifex_fn._src.advantages import group_advantages
 from artifex_fn._src.aggregation import aggregate_loss
 from artifex_fn._src.aggregation import aggregate_loss_parts
-from artifex_fn._src.algorithms import common
+from artifex_fn._src.algorithms.batching import batch_array
+from artifex_fn._src.algorithms.batching import check_keys
+from artifex_fn._src.algorithms.batching import check_leading
+from artifex_fn._src.algorithms.batching import check_shape_of
+from artifex_fn._src.algorithms.batching import clean_padding
+from artifex_fn._src.algorithms.batching import masked_mean_std
+from artifex_fn._src.algorithms.config import Bound
+from artifex_fn._src.algorithms.config import bounds_ok
+from artifex_fn._src.algorithms.config import check_bounds
+from artifex_fn._src.algorithms.config import nan_unless_valid
+from artifex_fn._src.algorithms.config import pytree_config
+from artifex_fn._src.algorithms.gradients import accumulated_gradient_step
+from artifex_fn._src.algorithms.policies import as_distribution
+from artifex_fn._src.algorithms.policies import log_prob_and_entropy
+from artifex_fn._src.algorithms.policies import reduce_to_rank
+from artifex_fn._src.algorithms.policies import require_policy
+from artifex_fn._src.algorithms.state import TrainState
+from artifex_fn._src.algorithms.state import init_state
 from artifex_fn._src.divergences import kl_estimate
 from artifex_fn._src.multistep import discounted_returns
 from artifex_fn._src.policy_gradients import clip_fraction
@@ -61,7 +78,7 @@ LOSS_AGGREGATIONS = {
 }
 
 
-@common.pytree_config(static=(
+@pytree_config(static=(
     "num_generations", "kl_estimator", "loss_aggregation", "ratio_level",
     "scale_rewards", "baseline", "max_completion_length",
     "num_micro_batches", "policy", "optimizer"))
@@ -70,12 +87,13 @@ class GRPOConfig:
 
     Attributes:
       num_generations: samples per prompt (group size ``G``), ``>= 1``.
-      clip_param: clip range epsilon (lower bound ``1 - clip_param``).
+      clip_param: clip range epsilon in ``[0, 1]`` (ratio floor
+        ``1 - clip_param``).
       beta: weight of the KL penalty to the reference, ``>= 0``.
       entropy_coeff: weight of the entropy bonus, ``>= 0``.
       gamma: discount applied when rewards are per step ``[B, T]``.
-      epsilon_high: upper clip range (clip-higher); defaults to
-        ``clip_param``.
+      clip_param_high: upper clip range (clip-higher): ratio ceiling
+        ``1 + clip_param_high``; defaults to ``clip_param``.
       kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
       loss_aggregation: ``"grpo"``, ``"dapo"``, ``"bnpo"`` or ``"dr_grpo"``.
       ratio_level: ``"token"`` or ``"sequence"`` (GSPO) importance ratios.
@@ -96,7 +114,7 @@ class GRPOConfig:
     beta: float = 0.01
     entropy_coeff: float = 0.01
     gamma: float = 0.99
-    epsilon_high: float | None = None
+    clip_param_high: float | None = None
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     loss_aggregation: Literal["grpo", "dapo", "bnpo", "dr_grpo"] = "grpo"
     ratio_level: Literal["token", "sequence"] = "token"
@@ -110,28 +128,26 @@ class GRPOConfig:
     optimizer: optax.GradientTransformation | None = None
 
     BOUNDS = dict(
-        clip_param=common.Bound(0.0, 1.0), beta=common.Bound(0.0),
-        entropy_coeff=common.Bound(0.0), gamma=common.Bound(0.0, 1.0),
-        epsilon_high=common.Bound(0.0, optional=True),
-        advantage_eps=common.Bound(0.0),
-        max_grad_norm=common.Bound(0.0, lo_open=True, optional=True))
+        clip_param=Bound(0.0, 1.0), beta=Bound(0.0),
+        entropy_coeff=Bound(0.0), gamma=Bound(0.0, 1.0),
+        clip_param_high=Bound(0.0, optional=True),
+        advantage_eps=Bound(0.0),
+        max_grad_norm=Bound(0.0, lo_open=True, optional=True))
 
     def __post_init__(self):
-        common.check_int("num_generations", self.num_generations, 1)
-        common.check_int("num_micro_batches", self.num_micro_batches, 1)
-        common.check_bounds(self)
+        checks.check_int(self.num_generations, "num_generations", lo=1)
+        checks.check_int(self.num_micro_batches, "num_micro_batches", lo=1)
+        check_bounds(self)
         for name, choices in (
                 ("kl_estimator", ("k1", "k2", "k3")),
                 ("loss_aggregation", tuple(LOSS_AGGREGATIONS)),
                 ("ratio_level", ("token", "sequence")),
                 ("scale_rewards", ("group", "batch", "none")),
                 ("baseline", ("mean", "rloo"))):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"`{name}` must be one of {list(choices)}, "
-                                 f"got {getattr(self, name)!r}.")
+            checks.check_choice(getattr(self, name), choices, name)
         if self.max_completion_length is not None:
-            common.check_int("max_completion_length",
-                             self.max_completion_length, 1)
+            checks.check_int(self.max_completion_length,
+                             "max_completion_length", lo=1)
 
 
 REQUIRED_KEYS = ("observations", "actions", "rewards", "log_probs")
@@ -148,23 +164,22 @@ def group_size_of(batch, config: GRPOConfig) -> int:
             "it sets shapes, so remove it from the batch and set "
             "`GRPOConfig.num_generations`, or call update outside jit.")
     if hasattr(size, "item"):
-        size = int(size.item())
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"`group_size` must be an int >= 1, got {size!r}.")
+        size = size.item()
+    checks.check_int(size, "group_size", lo=1)
     return size
 
 
 def advantages_of(batch, config: GRPOConfig):
     """Group-relative advantages ``[B]`` and the group statistics."""
-    rewards = jnp.asarray(common.batch_array(batch, "rewards"))
+    rewards = jnp.asarray(batch_array(batch, "rewards"))
     if rewards.ndim == 2:
         per_step = "per-step rewards [B, T]"
         rewards = discounted_returns(
             rewards, gamma=config.gamma,
-            terminated=common.check_shape_of(
+            terminated=check_shape_of(
                 batch.get("dones"), "batch['dones']", rewards.shape,
                 per_step, broadcast=True),
-            mask=common.check_shape_of(
+            mask=check_shape_of(
                 batch.get("reward_mask"), "batch['reward_mask']",
                 rewards.shape, per_step, broadcast=True))[:, 0]
     elif rewards.ndim != 1:
@@ -201,8 +216,8 @@ def prepare(batch, config: GRPOConfig):
     reward statistics. Group advantages need whole groups, so they are
     computed here, before any split into micro-batches.
     """
-    common.check_batch(batch, required=REQUIRED_KEYS,
-                       optional=OPTIONAL_KEYS, what="GRPO")
+    check_keys(batch, required=REQUIRED_KEYS,
+               optional=OPTIONAL_KEYS, what="GRPO")
     old = jnp.asarray(batch["log_probs"])
     rewards_shape = tuple(jnp.shape(batch["rewards"]))
     b = rewards_shape[0] if rewards_shape else None
@@ -213,20 +228,20 @@ def prepare(batch, config: GRPOConfig):
             f"{rewards_shape}; got shape {tuple(old.shape)}.")
     rewards, group = advantages_of(batch, config)
     for key in ("observations", "actions"):
-        common.check_leading(batch[key], (b,), f"batch['{key}']",
-                             "the rows of batch['rewards']")
+        check_leading(batch[key], (b,), f"batch['{key}']",
+                      "the rows of batch['rewards']")
     rows = dict(observations=batch["observations"],
                 actions=batch["actions"], log_probs=old,
                 advantages=group.advantages)
     mask = batch.get("mask")
-    ref = common.check_shape_of(batch.get("ref_log_probs"),
-                                "batch['ref_log_probs']", old.shape,
-                                "the shape of batch['log_probs']")
+    ref = check_shape_of(batch.get("ref_log_probs"),
+                         "batch['ref_log_probs']", old.shape,
+                         "the shape of batch['log_probs']")
     if ref is not None:
         rows["ref_log_probs"] = ref
     if mask is not None:
-        mask = common.check_shape_of(mask, "batch['mask']", old.shape,
-                                     "", broadcast=True)
+        mask = check_shape_of(mask, "batch['mask']", old.shape,
+                              "", broadcast=True)
         rows["mask"] = jnp.broadcast_to(mask, old.shape)
         # Padded tokens may hold anything: replaced before any maths.
         valid = rows["mask"] > 0
@@ -234,7 +249,7 @@ def prepare(batch, config: GRPOConfig):
             if key in rows:
                 rows[key] = checks.keep_valid(valid, rows[key])
         for key in ("observations", "actions"):
-            rows[key] = common.clean_padding(rows[key], rows["mask"])
+            rows[key] = clean_padding(rows[key], rows["mask"])
     tokens = jnp.zeros(old.shape if old.ndim == 2 else old.shape + (1,),
                        jnp.float32)
     m2 = _token_mask(rows.get("mask"), old.ndim)
@@ -242,8 +257,8 @@ def prepare(batch, config: GRPOConfig):
         tokens, m2, mode=LOSS_AGGREGATIONS[config.loss_aggregation],
         normalizer=config.max_completion_length)
     _, n_tokens = aggregate_loss_parts(tokens, m2, mode="token_mean")
-    mean_reward, reward_std = common.masked_mean_std(rewards)
-    _, adv_std = common.masked_mean_std(group.advantages)
+    mean_reward, reward_std = masked_mean_std(rewards)
+    _, adv_std = masked_mean_std(group.advantages)
     stats = dict(
         mean_reward=mean_reward, reward_std=reward_std,
         group_advantage_std=adv_std,
@@ -265,11 +280,11 @@ def rows_loss(params, rows, config: GRPOConfig, totals):
     rows' sum over the whole batch's denominators, so shares of disjoint
     shards (micro-batches, devices) add up to the full-batch values.
     """
-    policy = common.require_policy(config)
+    policy = require_policy(config)
     old = jnp.asarray(rows["log_probs"])
-    dist = common.as_distribution(policy(params, rows["observations"]))
-    log_prob, entropy = common.log_prob_and_entropy(dist, rows["actions"],
-                                                    old.ndim)
+    dist = as_distribution(policy(params, rows["observations"]))
+    log_prob, entropy = log_prob_and_entropy(dist, rows["actions"],
+                                             old.ndim)
     if log_prob.shape != old.shape:
         raise ValueError(
             f"the policy's log-probs have shape {tuple(log_prob.shape)} but "
@@ -280,14 +295,14 @@ def rows_loss(params, rows, config: GRPOConfig, totals):
         log_prob, old, entropy = log_prob[:, None], old[:, None], entropy[:, None]
         ref = None if ref is None else ref[:, None]
     adv = rows["advantages"]
-    eps_high = config.epsilon_high
     if mask is not None:  # the policy's own outputs at padded tokens too
         valid = jnp.asarray(mask) > 0
         log_prob = checks.keep_valid(valid, log_prob)
         entropy = checks.keep_valid(valid, entropy)
     per_token = clipped_surrogate_loss(
-        log_prob, old, adv, epsilon_low=config.clip_param,
-        epsilon_high=eps_high, level=config.ratio_level, mask=mask)
+        log_prob, old, adv, clip_param=config.clip_param,
+        clip_param_high=config.clip_param_high, level=config.ratio_level,
+        mask=mask)
     mode = LOSS_AGGREGATIONS[config.loss_aggregation]
     agg = lambda x: aggregate_loss(x, mask, mode=mode,
                                    normalizer=config.max_completion_length,
@@ -311,8 +326,8 @@ def rows_loss(params, rows, config: GRPOConfig, totals):
         kl_penalty=config.beta * kl,
         approx_kl=token_mean(kl_estimate(old, log_prob, mask=mask)),
         clip_fraction=token_mean(clip_fraction(
-            ratio, epsilon_low=config.clip_param, epsilon_high=eps_high,
-            mask=mask)),
+            ratio, clip_param=config.clip_param,
+            clip_param_high=config.clip_param_high, mask=mask)),
         entropy=token_mean(entropy))
     return total, metrics
 
@@ -328,31 +343,31 @@ def loss(params, batch, config: GRPOConfig):
     """
     rows, totals, stats = prepare(batch, config)
     total, metrics = rows_loss(params, rows, config, totals)
-    ok = common.bounds_ok(config)
+    ok = bounds_ok(config)
     return checks.nan_unless(ok, (total, dict(metrics, **stats)))
 
 
 def init(params, config: GRPOConfig, *, key=None,
-         ref_params=None) -> common.TrainState:
+         ref_params=None) -> TrainState:
     """Initial state; ``ref_params`` (optional) scores reference log-probs."""
-    return common.init_state(params, config, key=key, ref_params=ref_params)
+    return init_state(params, config, key=key, ref_params=ref_params)
 
 
-def with_reference_log_probs(state: common.TrainState, batch):
+def with_reference_log_probs(state: TrainState, batch):
     """Adds ``ref_log_probs`` from ``state.ref_params`` if the batch lacks them."""
     if "ref_log_probs" in batch or state.ref_params is None:
         return batch
     config = state.config
-    old = jnp.asarray(common.batch_array(batch, "log_probs"))
-    dist = common.as_distribution(common.require_policy(config)(
-        state.ref_params, common.batch_array(batch, "observations")))
-    ref = common.reduce_to_rank(
-        dist.log_prob(common.batch_array(batch, "actions")), old.ndim,
+    old = jnp.asarray(batch_array(batch, "log_probs"))
+    dist = as_distribution(require_policy(config)(
+        state.ref_params, batch_array(batch, "observations")))
+    ref = reduce_to_rank(
+        dist.log_prob(batch_array(batch, "actions")), old.ndim,
         "log_prob")
     return dict(batch, ref_log_probs=lax.stop_gradient(ref))
 
 
-def update(state: common.TrainState, batch):
+def update(state: TrainState, batch):
     """One GRPO gradient step; returns ``(state, metrics)``.
 
     The KL penalty applies when the batch holds ``ref_log_probs`` or the
@@ -368,7 +383,7 @@ def update(state: common.TrainState, batch):
         def loss_fn(params, micro, config, totals):
             return rows_loss(params, with_reference_log_probs(state, micro),
                              config, totals)
-    state, metrics = common.accumulated_gradient_step(state, loss_fn, rows,
-                                                      totals)
-    return common.nan_unless_valid(state.config, state,
-                                   dict(metrics, **stats))
+    state, metrics = accumulated_gradient_step(state, loss_fn, rows,
+                                               totals)
+    return nan_unless_valid(state.config, state,
+                            dict(metrics, **stats))

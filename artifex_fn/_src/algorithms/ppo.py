@@ -34,7 +34,25 @@ from jax import lax
 from artifex_fn._src import checks
 from artifex_fn._src.advantages import normalize_advantages
 from artifex_fn._src.aggregation import aggregate_loss
-from artifex_fn._src.algorithms import common
+from artifex_fn._src.algorithms.batching import batch_array
+from artifex_fn._src.algorithms.batching import check_keys
+from artifex_fn._src.algorithms.batching import check_leading
+from artifex_fn._src.algorithms.batching import check_shape_of
+from artifex_fn._src.algorithms.batching import clean_padding
+from artifex_fn._src.algorithms.batching import masked_mean_std
+from artifex_fn._src.algorithms.batching import shuffle_indices
+from artifex_fn._src.algorithms.config import Bound
+from artifex_fn._src.algorithms.config import bounds_ok
+from artifex_fn._src.algorithms.config import check_bounds
+from artifex_fn._src.algorithms.config import nan_unless_valid
+from artifex_fn._src.algorithms.config import pytree_config
+from artifex_fn._src.algorithms.gradients import accumulated_grad
+from artifex_fn._src.algorithms.gradients import optimizer_step
+from artifex_fn._src.algorithms.policies import as_distribution
+from artifex_fn._src.algorithms.policies import log_prob_and_entropy
+from artifex_fn._src.algorithms.policies import require_policy
+from artifex_fn._src.algorithms.state import TrainState
+from artifex_fn._src.algorithms.state import init_state
 from artifex_fn._src.divergences import kl_estimate
 from artifex_fn._src.multistep import gae_advantages
 from artifex_fn._src.policy_gradients import clip_fraction
@@ -43,16 +61,16 @@ from artifex_fn._src.policy_gradients import importance_ratio
 from artifex_fn._src.policy_gradients import value_loss
 
 
-@common.pytree_config(static=("num_epochs", "num_minibatches",
-                              "normalize_advantages", "num_micro_batches",
-                              "policy", "optimizer"))
+@pytree_config(static=("num_epochs", "num_minibatches",
+                       "normalize_advantages", "num_micro_batches",
+                       "policy", "optimizer"))
 class PPOConfig:
     """Hyper-parameters of PPO.
 
     Attributes:
       gamma: discount factor for GAE, in ``[0, 1]``.
       gae_lambda: GAE lambda, in ``[0, 1]``.
-      clip_param: clip range epsilon of the surrogate, ``>= 0``.
+      clip_param: clip range epsilon of the surrogate, in ``[0, 1]``.
       vf_coeff: weight of the value loss, ``>= 0``.
       entropy_coeff: weight of the entropy bonus, ``>= 0``.
       max_grad_norm: global-norm gradient clipping (None: no clipping).
@@ -62,8 +80,8 @@ class PPOConfig:
       normalize_advantages: normalise advantages per minibatch.
       value_clip_param: if set, clip the value loss around the stored
         values with this range (PPO baselines' value clipping).
-      epsilon_high: optional upper clip range (clip-higher); defaults to
-        ``clip_param``.
+      clip_param_high: optional upper clip range (clip-higher): ratio
+        ceiling ``1 + clip_param_high``; defaults to ``clip_param``.
       num_micro_batches: accumulate each minibatch's gradient over this
         many micro-batches (must divide the minibatch size); the same
         steps, a ``k``-th of the activations in memory.
@@ -80,24 +98,24 @@ class PPOConfig:
     num_minibatches: int = 1
     normalize_advantages: bool = True
     value_clip_param: float | None = None
-    epsilon_high: float | None = None
+    clip_param_high: float | None = None
     num_micro_batches: int = 1
     policy: Callable[..., Any] | None = None
     optimizer: optax.GradientTransformation | None = None
 
     BOUNDS = dict(
-        gamma=common.Bound(0.0, 1.0), gae_lambda=common.Bound(0.0, 1.0),
-        clip_param=common.Bound(0.0, 1.0), vf_coeff=common.Bound(0.0),
-        entropy_coeff=common.Bound(0.0),
-        max_grad_norm=common.Bound(0.0, lo_open=True, optional=True),
-        value_clip_param=common.Bound(0.0, lo_open=True, optional=True),
-        epsilon_high=common.Bound(0.0, optional=True))
+        gamma=Bound(0.0, 1.0), gae_lambda=Bound(0.0, 1.0),
+        clip_param=Bound(0.0, 1.0), vf_coeff=Bound(0.0),
+        entropy_coeff=Bound(0.0),
+        max_grad_norm=Bound(0.0, lo_open=True, optional=True),
+        value_clip_param=Bound(0.0, lo_open=True, optional=True),
+        clip_param_high=Bound(0.0, optional=True))
 
     def __post_init__(self):
-        common.check_bounds(self)
-        common.check_int("num_epochs", self.num_epochs, 1)
-        common.check_int("num_minibatches", self.num_minibatches, 1)
-        common.check_int("num_micro_batches", self.num_micro_batches, 1)
+        check_bounds(self)
+        checks.check_int(self.num_epochs, "num_epochs", lo=1)
+        checks.check_int(self.num_minibatches, "num_minibatches", lo=1)
+        checks.check_int(self.num_micro_batches, "num_micro_batches", lo=1)
 
 
 REQUIRED_KEYS = ("observations", "actions", "rewards", "log_probs", "values")
@@ -106,12 +124,12 @@ OPTIONAL_KEYS = ("dones", "truncated", "mask", "next_values",
 
 
 def _policy_outputs(config, params, observations, actions):
-    out = common.require_policy(config)(params, observations)
+    out = require_policy(config)(params, observations)
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise ValueError(
             "the PPO policy must return (distribution_or_logits, value).")
-    dist, value = common.as_distribution(out[0]), jnp.asarray(out[1])
-    log_prob, entropy = common.log_prob_and_entropy(dist, actions, 1)
+    dist, value = as_distribution(out[0]), jnp.asarray(out[1])
+    log_prob, entropy = log_prob_and_entropy(dist, actions, 1)
     n = log_prob.shape[0]
     if value.shape not in ((n,), (n, 1)):
         raise ValueError(
@@ -149,17 +167,17 @@ def rows_loss(params, minibatch, config: PPOConfig, totals):
     mask = minibatch["mask"]
     old = minibatch["log_probs"]
     adv = minibatch["advantages"]
-    eps_high = config.epsilon_high
     valid = mask > 0   # the policy's own outputs at padded samples too
     log_prob = checks.keep_valid(valid, log_prob)
     entropy = checks.keep_valid(valid, entropy)
     value = checks.keep_valid(valid, value)
     pg = clipped_surrogate_loss(log_prob, old, adv,
-                                epsilon_low=config.clip_param,
-                                epsilon_high=eps_high, mask=mask)
+                                clip_param=config.clip_param,
+                                clip_param_high=config.clip_param_high,
+                                mask=mask)
     vl = value_loss(value, minibatch["returns"],
                     old_values=minibatch["values"],
-                    clip_epsilon=config.value_clip_param, mask=mask)
+                    value_clip_param=config.value_clip_param, mask=mask)
     # One sample per "sequence": token_mean over [n, 1] is the masked mean.
     m = mask[:, None]
     mean = lambda x: aggregate_loss(x[:, None], m,
@@ -174,8 +192,9 @@ def rows_loss(params, minibatch, config: PPOConfig, totals):
         approx_kl=mean(kl_estimate(old, log_prob, mask=mask)),
         kl_divergence=mean(kl_estimate(old, log_prob, estimator="k1",
                                        mask=mask)),
-        clip_fraction=mean(clip_fraction(ratio, epsilon_low=config.clip_param,
-                                         epsilon_high=eps_high, mask=mask)))
+        clip_fraction=mean(clip_fraction(
+            ratio, clip_param=config.clip_param,
+            clip_param_high=config.clip_param_high, mask=mask)))
     return total, metrics
 
 
@@ -201,8 +220,8 @@ def prepare(batch, config: PPOConfig):
     ``samples`` is a dict of ``[B * T]``-leading arrays used by
     :func:`minibatch_loss`.
     """
-    common.check_batch(batch, required=REQUIRED_KEYS,
-                       optional=OPTIONAL_KEYS, what="PPO")
+    check_keys(batch, required=REQUIRED_KEYS,
+               optional=OPTIONAL_KEYS, what="PPO")
     rewards = jnp.asarray(batch["rewards"])
     if rewards.ndim not in (1, 2):
         raise ValueError(
@@ -214,8 +233,8 @@ def prepare(batch, config: PPOConfig):
     what = "the shape of batch['rewards']"
 
     def as_2d(name):
-        x = common.check_shape_of(batch.get(name), f"batch['{name}']", shape,
-                                  what, broadcast=name in ("dones", "truncated", "mask"))
+        x = check_shape_of(batch.get(name), f"batch['{name}']", shape, what,
+                           broadcast=name in ("dones", "truncated", "mask"))
         if x is None:
             return None
         x = jnp.broadcast_to(x, shape)
@@ -230,14 +249,13 @@ def prepare(batch, config: PPOConfig):
             f"batch['rewards']; got {tuple(values.shape)}.")
     if lead == 1 and values.ndim == 1:  # [B] -> [B, 1]; [B, 2] is V(s_0), V(s_1)
         values = values[:, None]
-    common.check_shape_of(batch["log_probs"], "batch['log_probs']", shape,
-                          what)
-    common.check_shape_of(batch.get("bootstrap_value"),
-                          "batch['bootstrap_value']", shape[:1],
-                          "one value per row of batch['rewards']")
+    check_shape_of(batch["log_probs"], "batch['log_probs']", shape, what)
+    check_shape_of(batch.get("bootstrap_value"),
+                   "batch['bootstrap_value']", shape[:1],
+                   "one value per row of batch['rewards']")
     for key in ("observations", "actions"):
-        common.check_leading(batch[key], shape, f"batch['{key}']",
-                             "the rows and steps of batch['rewards']")
+        check_leading(batch[key], shape, f"batch['{key}']",
+                      "the rows and steps of batch['rewards']")
     mask = as_2d("mask")
     adv = gae_advantages(
         r2, values, gamma=config.gamma, lambda_=config.gae_lambda,
@@ -253,24 +271,24 @@ def prepare(batch, config: PPOConfig):
     returns = adv + v
     log_probs = checks.keep_valid(
         valid, jnp.reshape(jnp.asarray(batch["log_probs"]), r2.shape))
-    observations = common.batch_array(batch, "observations")
-    actions = common.batch_array(batch, "actions")
+    observations = batch_array(batch, "observations")
+    actions = batch_array(batch, "actions")
     if lead == 1:
         flat_mask = None if mask is None else m[:, 0]
     else:
         flat_mask = None if mask is None else m
-    observations = common.clean_padding(observations, flat_mask)
-    actions = common.clean_padding(actions, flat_mask)
+    observations = clean_padding(observations, flat_mask)
+    actions = clean_padding(actions, flat_mask)
     samples = dict(
         observations=_flatten(observations, lead, n),
         actions=_flatten(actions, lead, n),
         log_probs=jnp.reshape(log_probs, (n,)),
         advantages=adv.reshape(n), returns=returns.reshape(n),
         values=v.reshape(n), mask=m.reshape(n))
-    mean_reward, _ = common.masked_mean_std(r2, m)
-    adv_mean, adv_std = common.masked_mean_std(adv, m)
-    _, ret_std = common.masked_mean_std(returns, m)
-    _, res_std = common.masked_mean_std(returns - v, m)
+    mean_reward, _ = masked_mean_std(r2, m)
+    adv_mean, adv_std = masked_mean_std(adv, m)
+    _, ret_std = masked_mean_std(returns, m)
+    _, res_std = masked_mean_std(returns - v, m)
     explained = jnp.where(ret_std > 0,
                           1.0 - res_std ** 2 / jnp.maximum(ret_std ** 2,
                                                            1e-12), 0.0)
@@ -287,17 +305,17 @@ def loss(params, batch, config: PPOConfig):
     """
     samples, stats = prepare(batch, config)
     total, metrics = minibatch_loss(params, samples, config)
-    ok = common.bounds_ok(config)
+    ok = bounds_ok(config)
     return checks.nan_unless(ok, (total, dict(metrics, **stats)))
 
 
 def init(params, config: PPOConfig, *, key=None,
-         ref_params=None) -> common.TrainState:
+         ref_params=None) -> TrainState:
     """Initial state: parameters, optimiser state, step 0, PRNG key."""
-    return common.init_state(params, config, key=key, ref_params=ref_params)
+    return init_state(params, config, key=key, ref_params=ref_params)
 
 
-def update(state: common.TrainState, batch):
+def update(state: TrainState, batch):
     """One PPO phase (epochs x minibatches); returns ``(state, metrics)``.
 
     Metrics: ``loss, policy_loss, value_loss, entropy, approx_kl,
@@ -326,15 +344,15 @@ def update(state: common.TrainState, batch):
     def minibatch_step(carry, minibatch):
         params, opt_state = carry
         minibatch, totals = prepare_minibatch(minibatch, config)
-        grads, metrics = common.accumulated_grad(
+        grads, metrics = accumulated_grad(
             rows_loss, params, minibatch, config.num_micro_batches, config,
             totals, what="minibatch")
-        params, opt_state, grad_norm = common.optimizer_step(
+        params, opt_state, grad_norm = optimizer_step(
             params, opt_state, grads, config.optimizer, config.max_grad_norm)
         return (params, opt_state), dict(metrics, grad_norm=grad_norm)
 
     def epoch(carry, epoch_key):
-        perm = common.shuffle_indices(epoch_key, n)
+        perm = shuffle_indices(epoch_key, n)
         minibatches = jax.tree_util.tree_map(
             lambda x: jnp.reshape(x[perm], (k, n // k) + x.shape[1:]),
             samples)
@@ -346,4 +364,4 @@ def update(state: common.TrainState, batch):
     metrics.update(stats)
     new_state = state.replace(params=params, opt_state=opt_state,
                               step=state.step + 1, key=key)
-    return common.nan_unless_valid(config, new_state, metrics)
+    return nan_unless_valid(config, new_state, metrics)

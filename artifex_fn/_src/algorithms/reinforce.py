@@ -22,13 +22,29 @@ from artifex_fn._src import checks
 from artifex_fn._src.advantages import normalize_advantages
 from artifex_fn._src.aggregation import aggregate_loss
 from artifex_fn._src.aggregation import aggregate_loss_parts
-from artifex_fn._src.algorithms import common
+from artifex_fn._src.algorithms.batching import batch_array
+from artifex_fn._src.algorithms.batching import check_keys
+from artifex_fn._src.algorithms.batching import check_leading
+from artifex_fn._src.algorithms.batching import check_shape_of
+from artifex_fn._src.algorithms.batching import clean_padding
+from artifex_fn._src.algorithms.batching import masked_mean_std
+from artifex_fn._src.algorithms.config import Bound
+from artifex_fn._src.algorithms.config import bounds_ok
+from artifex_fn._src.algorithms.config import check_bounds
+from artifex_fn._src.algorithms.config import nan_unless_valid
+from artifex_fn._src.algorithms.config import pytree_config
+from artifex_fn._src.algorithms.gradients import accumulated_gradient_step
+from artifex_fn._src.algorithms.policies import as_distribution
+from artifex_fn._src.algorithms.policies import log_prob_and_entropy
+from artifex_fn._src.algorithms.policies import require_policy
+from artifex_fn._src.algorithms.state import TrainState
+from artifex_fn._src.algorithms.state import init_state
 from artifex_fn._src.multistep import discounted_returns
 from artifex_fn._src.policy_gradients import policy_gradient_loss
 
 
-@common.pytree_config(static=("normalize_returns", "baseline",
-                              "num_micro_batches", "policy", "optimizer"))
+@pytree_config(static=("normalize_returns", "baseline",
+                       "num_micro_batches", "policy", "optimizer"))
 class REINFORCEConfig:
     """Hyper-parameters of REINFORCE.
 
@@ -57,15 +73,13 @@ class REINFORCEConfig:
     optimizer: optax.GradientTransformation | None = None
 
     BOUNDS = dict(
-        gamma=common.Bound(0.0, 1.0), entropy_coeff=common.Bound(0.0),
-        max_grad_norm=common.Bound(0.0, lo_open=True, optional=True))
+        gamma=Bound(0.0, 1.0), entropy_coeff=Bound(0.0),
+        max_grad_norm=Bound(0.0, lo_open=True, optional=True))
 
     def __post_init__(self):
-        common.check_bounds(self)
-        common.check_int("num_micro_batches", self.num_micro_batches, 1)
-        if self.baseline not in ("none", "mean"):
-            raise ValueError(
-                f"`baseline` must be 'none' or 'mean', got {self.baseline!r}.")
+        check_bounds(self)
+        checks.check_int(self.num_micro_batches, "num_micro_batches", lo=1)
+        checks.check_choice(self.baseline, ("none", "mean"), "baseline")
 
 
 REQUIRED_KEYS = ("observations", "actions", "rewards")
@@ -89,8 +103,8 @@ def prepare(batch, config: REINFORCEConfig):
     is the number of valid steps (the loss's denominator); ``stats`` the
     reward and return statistics.
     """
-    common.check_batch(batch, required=REQUIRED_KEYS,
-                       optional=OPTIONAL_KEYS, what="REINFORCE")
+    check_keys(batch, required=REQUIRED_KEYS,
+               optional=OPTIONAL_KEYS, what="REINFORCE")
     rewards = jnp.asarray(batch["rewards"])
     if rewards.ndim not in (1, 2):
         raise ValueError(
@@ -98,12 +112,12 @@ def prepare(batch, config: REINFORCEConfig):
             f"{tuple(rewards.shape)}.")
     what = "the shape of batch['rewards']"
     for key in ("observations", "actions"):
-        common.check_leading(batch[key], rewards.shape, f"batch['{key}']",
-                             "the rows (and steps) of batch['rewards']")
-    mask = common.check_shape_of(batch.get("mask"), "batch['mask']",
-                                 rewards.shape, what, broadcast=True)
-    dones = common.check_shape_of(batch.get("dones"), "batch['dones']",
-                                  rewards.shape, what, broadcast=True)
+        check_leading(batch[key], rewards.shape, f"batch['{key}']",
+                      "the rows (and steps) of batch['rewards']")
+    mask = check_shape_of(batch.get("mask"), "batch['mask']",
+                          rewards.shape, what, broadcast=True)
+    dones = check_shape_of(batch.get("dones"), "batch['dones']",
+                           rewards.shape, what, broadcast=True)
     valid = None
     if mask is not None:
         mask = jnp.broadcast_to(mask, rewards.shape)
@@ -119,16 +133,16 @@ def prepare(batch, config: REINFORCEConfig):
             valid, weights - _masked_time_mean(weights, mask))
     if config.normalize_returns:
         weights = normalize_advantages(weights, mask=mask)
-    observations = common.batch_array(batch, "observations")
-    actions = common.batch_array(batch, "actions")
-    rows = dict(observations=common.clean_padding(observations, mask),
-                actions=common.clean_padding(actions, mask), weights=weights)
+    observations = batch_array(batch, "observations")
+    actions = batch_array(batch, "actions")
+    rows = dict(observations=clean_padding(observations, mask),
+                actions=clean_padding(actions, mask), weights=weights)
     if mask is not None:
         rows["mask"] = mask
     _, steps = aggregate_loss_parts(jnp.zeros(weights.shape, jnp.float32),
                                     rows.get("mask"))
-    mean_reward, reward_std = common.masked_mean_std(rewards, mask)
-    mean_return, _ = common.masked_mean_std(returns, mask)
+    mean_reward, reward_std = masked_mean_std(rewards, mask)
+    mean_return, _ = masked_mean_std(returns, mask)
     stats = dict(mean_reward=mean_reward, reward_std=reward_std,
                  mean_return=mean_return)
     return rows, dict(steps=steps), stats
@@ -140,11 +154,11 @@ def rows_loss(params, rows, config: REINFORCEConfig, totals):
     Returns ``(loss, metrics)`` with ``loss, policy_loss, entropy``; shares
     of disjoint shards add up to the full-batch values.
     """
-    policy = common.require_policy(config)
+    policy = require_policy(config)
     weights = rows["weights"]
-    dist = common.as_distribution(policy(params, rows["observations"]))
-    log_prob, entropy = common.log_prob_and_entropy(dist, rows["actions"],
-                                                    weights.ndim)
+    dist = as_distribution(policy(params, rows["observations"]))
+    log_prob, entropy = log_prob_and_entropy(dist, rows["actions"],
+                                             weights.ndim)
     mask = rows.get("mask")
     if mask is not None:  # the policy's own outputs at padded steps too
         log_prob = checks.keep_valid(mask > 0, log_prob)
@@ -178,17 +192,17 @@ def loss(params, batch, config: REINFORCEConfig):
     """
     rows, totals, stats = prepare(batch, config)
     total, metrics = rows_loss(params, rows, config, totals)
-    ok = common.bounds_ok(config)
+    ok = bounds_ok(config)
     return checks.nan_unless(ok, (total, dict(metrics, **stats)))
 
 
 def init(params, config: REINFORCEConfig, *, key=None,
-         ref_params=None) -> common.TrainState:
+         ref_params=None) -> TrainState:
     """Initial state: parameters, optimiser state, step 0, key."""
-    return common.init_state(params, config, key=key, ref_params=ref_params)
+    return init_state(params, config, key=key, ref_params=ref_params)
 
 
-def update(state: common.TrainState, batch):
+def update(state: TrainState, batch):
     """One REINFORCE gradient step; returns ``(state, metrics)``.
 
     ``metrics`` holds the :func:`loss` metrics plus ``grad_norm`` (before
@@ -198,7 +212,7 @@ def update(state: common.TrainState, batch):
     whole batch: the same step as with one batch.
     """
     rows, totals, stats = prepare(batch, state.config)
-    state, metrics = common.accumulated_gradient_step(state, rows_loss, rows,
-                                                      totals)
-    return common.nan_unless_valid(state.config, state,
-                                   dict(metrics, **stats))
+    state, metrics = accumulated_gradient_step(state, rows_loss, rows,
+                                               totals)
+    return nan_unless_valid(state.config, state,
+                            dict(metrics, **stats))

@@ -1,5 +1,5 @@
-"""Autoregressive sequence models: teacher forcing, scheduled sampling and
-generation, as ``init``/``update``.
+"""Autoregressive sequence models: teacher forcing and scheduled sampling,
+as ``init``/``update`` (sampling from them: :mod:`artifex_fn._src.sampling`).
 
 A causal model maps tokens ``[B, L]`` to next-token logits ``[B, L, V]``
 (the output at position ``j`` depends on tokens ``<= j`` only). Training
@@ -37,13 +37,17 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from artifex_fn._src import checks
 from artifex_fn._src.aggregation import aggregate_loss
-from artifex_fn._src.algorithms import common
+from artifex_fn._src.algorithms.config import pytree_config
+from artifex_fn._src.algorithms.gradients import keyed_gradient_step
+from artifex_fn._src.algorithms.state import TrainState
+from artifex_fn._src.algorithms.state import init_state
 from artifex_fn._src.log_probs import token_log_probs
 
 
-@common.pytree_config(static=("scheduled_sampling_steps", "pad_token_id",
-                              "apply", "optimizer"))
+@pytree_config(static=("scheduled_sampling_steps", "pad_token_id",
+                       "apply", "optimizer"))
 class AutoregressiveConfig:
     """Hyper-parameters of next-token training.
 
@@ -73,18 +77,18 @@ class AutoregressiveConfig:
     optimizer: optax.GradientTransformation | None = None
 
     def __post_init__(self):
-        common.check_range("scheduled_sampling", self.scheduled_sampling,
-                           0.0, 1.0)
-        common.check_range("scheduled_sampling_final",
-                           self.scheduled_sampling_final, 0.0, 1.0,
-                           optional=True)
-        common.check_int("scheduled_sampling_steps",
-                         self.scheduled_sampling_steps, 1)
-        common.check_int("pad_token_id", self.pad_token_id, 0)
-        common.check_range("label_smoothing", self.label_smoothing, 0.0, 1.0,
-                           hi_open=True)
-        common.check_range("max_grad_norm", self.max_grad_norm, 0.0,
-                           lo_open=True, optional=True)
+        checks.check_hparam(self.scheduled_sampling, "scheduled_sampling",
+                            lo=0.0, hi=1.0)
+        checks.check_hparam(self.scheduled_sampling_final,
+                            "scheduled_sampling_final", lo=0.0, hi=1.0,
+                            optional=True)
+        checks.check_int(self.scheduled_sampling_steps,
+                         "scheduled_sampling_steps", lo=1)
+        checks.check_int(self.pad_token_id, "pad_token_id", lo=0)
+        checks.check_hparam(self.label_smoothing, "label_smoothing", lo=0.0,
+                            hi=1.0, hi_open=True)
+        checks.check_hparam(self.max_grad_norm, "max_grad_norm", lo=0.0,
+                            lo_open=True, optional=True)
         if self.apply is not None and not callable(self.apply):
             raise ValueError("`apply` must be callable (params, tokens) -> "
                              "logits.")
@@ -167,21 +171,22 @@ def _split_batch(batch, config):
     return tokens, jnp.asarray(mask).astype(jnp.float32)
 
 
-def mix_predictions(inputs, predictions, valid, probability, key):
+def mix_predictions(inputs, predictions, mask, sampling_probability, key):
     """Scheduled-sampling inputs: ``predictions`` replace ``inputs`` at
     random positions.
 
     ``predictions[:, j]`` is the model's guess for ``inputs[:, j + 1]``.
-    Position ``j + 1`` takes it with probability ``probability`` when
-    ``valid[:, j + 1]``; position 0 is never replaced.
+    Position ``j + 1`` takes it with probability ``sampling_probability``
+    where ``mask[:, j + 1]`` is set (zero marks padding); position 0 is
+    never replaced.
 
     Returns:
       ``(mixed inputs [B, L], replaced [B, L] bool)``.
     """
     shifted = jnp.concatenate([inputs[:, :1], predictions[:, :-1]], axis=1)
-    coin = jax.random.bernoulli(key, probability, inputs.shape)
+    coin = jax.random.bernoulli(key, sampling_probability, inputs.shape)
     first = jnp.arange(inputs.shape[1]) == 0
-    replace = coin & (valid > 0) & ~first
+    replace = coin & (mask > 0) & ~first
     return jnp.where(replace, shifted.astype(inputs.dtype), inputs), replace
 
 
@@ -230,97 +235,16 @@ def loss(params, batch, config: AutoregressiveConfig, key: jax.Array):
 
 
 def init(params, config: AutoregressiveConfig, *,
-         key=None) -> common.TrainState:
+         key=None) -> TrainState:
     """Initial :class:`~artifex_fn.TrainState` (validates the optimizer)."""
     _require_apply(config)
-    return common.init_state(params, config, key=key)
+    return init_state(params, config, key=key)
 
 
-def update(state: common.TrainState, batch):
+def update(state: TrainState, batch):
     """One gradient step; scheduled-sampling ``p`` follows ``state.step``."""
     if state.config.uses_scheduled_sampling:
         batch = dict(batch if isinstance(batch, dict) else dict(tokens=batch),
                      sampling_probability=scheduled_sampling_probability(
                          state.config, state.step))
-    return common.keyed_gradient_step(state, loss, batch)
-
-
-def sample_next_token(key: jax.Array, logits: jax.Array, *,
-                      temperature: float | jax.Array = 1.0,
-                      top_k: int | None = None) -> jax.Array:
-    """Draws one token per row from ``logits [B, V]``.
-
-    ``temperature == 0`` (a Python number) is greedy decoding; otherwise
-    logits are divided by it. ``top_k`` restricts the draw to the ``k``
-    largest logits of each row (Fan et al. 2018), renormalised.
-    """
-    if top_k is not None:
-        common.check_int("top_k", top_k, 1)
-    if isinstance(temperature, (int, float)) and temperature == 0:
-        return jnp.argmax(logits, axis=-1)
-    if top_k is None or top_k >= logits.shape[-1]:
-        return jax.random.categorical(key, logits / temperature, axis=-1)
-    values, indices = lax.top_k(logits, top_k)
-    choice = jax.random.categorical(key, values / temperature, axis=-1)
-    return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0]
-
-
-def generate(apply: Callable, params, prompts: jax.Array, key: jax.Array, *,
-             max_new_tokens: int, temperature: float | jax.Array = 1.0,
-             top_k: int | None = None, eos_token_id: int | None = None,
-             pad_token_id: int = 0):
-    """Samples ``max_new_tokens`` tokens after each prompt.
-
-    One ``lax.fori_loop``; every step reruns the model on the fixed-length
-    buffer ``[B, Lp + N - 1]`` (no key-value cache) and reads the logits
-    at the current position. After a row emits ``eos_token_id`` its later
-    tokens are ``pad_token_id``.
-
-    Args:
-      apply: ``(params, tokens [B, L]) -> logits [B, L, V]`` (causal).
-      params: forwarded to ``apply``.
-      prompts: ``[B, Lp]`` integer ids, ``Lp >= 1``.
-      key: PRNG key.
-      max_new_tokens: ``N >= 1``.
-      temperature: ``0`` for greedy decoding, else ``> 0``.
-      top_k: optional top-k sampling.
-      eos_token_id: optional end token (kept in the completion).
-      pad_token_id: written after the end.
-
-    Returns:
-      ``(completions [B, N], mask [B, N])``: mask is 1 up to and including
-      the first EOS.
-    """
-    common.check_int("max_new_tokens", max_new_tokens, 1)
-    common.check_range("temperature", temperature, 0.0)
-    prompts = jnp.asarray(prompts)
-    if (prompts.ndim != 2 or prompts.shape[1] < 1
-            or not jnp.issubdtype(prompts.dtype, jnp.integer)):
-        raise ValueError(
-            f"`prompts` must be integer ids [B, Lp] with Lp >= 1, got "
-            f"{prompts.dtype}{list(prompts.shape)}.")
-    b, lp = prompts.shape
-    n = max_new_tokens
-    tokens = jnp.concatenate(
-        [prompts, jnp.full((b, n), pad_token_id, prompts.dtype)], axis=1)
-
-    def body(i, carry):
-        tokens, done = carry
-        logits = logits_of(apply, params, tokens[:, :-1])
-        step_logits = lax.dynamic_index_in_dim(logits, lp - 1 + i, axis=1,
-                                               keepdims=False)
-        tok = sample_next_token(jax.random.fold_in(key, i), step_logits,
-                                temperature=temperature, top_k=top_k)
-        tok = jnp.where(done, pad_token_id, tok).astype(tokens.dtype)
-        tokens = lax.dynamic_update_index_in_dim(tokens, tok, lp + i, axis=1)
-        if eos_token_id is not None:
-            done = done | (tok == eos_token_id)
-        return tokens, done
-
-    tokens, _ = lax.fori_loop(0, n, body, (tokens, jnp.zeros((b,), bool)))
-    completions = tokens[:, lp:]
-    if eos_token_id is None:
-        return completions, jnp.ones((b, n), jnp.float32)
-    is_eos = completions == eos_token_id
-    after = jnp.cumsum(is_eos, axis=1) - is_eos
-    return completions, (after == 0).astype(jnp.float32)
+    return keyed_gradient_step(state, loss, batch)

@@ -30,15 +30,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from artifex_fn._src.algorithms import common
-from artifex_fn._src.families.diffusion_sampling import SCHEDULES
+from artifex_fn._src import checks
+from artifex_fn._src.algorithms.batching import batch_array
+from artifex_fn._src.algorithms.config import pytree_config
+from artifex_fn._src.algorithms.gradients import keyed_gradient_step
+from artifex_fn._src.algorithms.state import TrainState
+from artifex_fn._src.algorithms.state import init_state
 from artifex_fn._src.families.diffusion_sampling import NoiseSchedule
+from artifex_fn._src.families.diffusion_sampling import SCHEDULES
 from artifex_fn._src.families.diffusion_sampling import noise_schedule
 from artifex_fn._src.families.diffusion_sampling import q_sample
 
 
-@common.pytree_config(static=("num_timesteps", "schedule", "apply",
-                              "optimizer"))
+@pytree_config(static=("num_timesteps", "schedule", "apply",
+                       "optimizer"))
 class DiffusionConfig:
     """Hyper-parameters of DDPM training.
 
@@ -68,30 +73,28 @@ class DiffusionConfig:
     optimizer: optax.GradientTransformation | None = None
 
     def __post_init__(self):
-        common.check_int("num_timesteps", self.num_timesteps, 1)
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"`schedule` must be one of {list(SCHEDULES)}, "
-                             f"got {self.schedule!r}.")
-        common.check_range("beta_start", self.beta_start, 0.0, 1.0,
-                           lo_open=True, hi_open=True)
-        common.check_range("beta_end", self.beta_end, 0.0, 1.0,
-                           lo_open=True, hi_open=True)
-        if (common._is_number(self.beta_start)
-                and common._is_number(self.beta_end)
+        checks.check_int(self.num_timesteps, "num_timesteps", lo=1)
+        checks.check_choice(self.schedule, SCHEDULES, "schedule")
+        checks.check_hparam(self.beta_start, "beta_start", lo=0.0, hi=1.0,
+                            lo_open=True, hi_open=True)
+        checks.check_hparam(self.beta_end, "beta_end", lo=0.0, hi=1.0,
+                            lo_open=True, hi_open=True)
+        if (isinstance(self.beta_start, (int, float))
+                and isinstance(self.beta_end, (int, float))
                 and self.beta_start > self.beta_end):
             raise ValueError(
                 f"`beta_start` ({self.beta_start}) must be <= `beta_end` "
                 f"({self.beta_end}).")
-        common.check_range("cosine_s", self.cosine_s, 0.0)
-        common.check_range("max_beta", self.max_beta, 0.0, 1.0,
-                           lo_open=True, hi_open=True)
-        common.check_range("ema_decay", self.ema_decay, 0.0, 1.0)
-        common.check_range("max_grad_norm", self.max_grad_norm, 0.0,
-                           lo_open=True, optional=True)
+        checks.check_hparam(self.cosine_s, "cosine_s", lo=0.0)
+        checks.check_hparam(self.max_beta, "max_beta", lo=0.0, hi=1.0,
+                            lo_open=True, hi_open=True)
+        checks.check_hparam(self.ema_decay, "ema_decay", lo=0.0, hi=1.0)
+        checks.check_hparam(self.max_grad_norm, "max_grad_norm", lo=0.0,
+                            lo_open=True, optional=True)
 
 
 @chex.dataclass(frozen=True)
-class DiffusionState(common.TrainState):
+class DiffusionState(TrainState):
     """A ``TrainState`` plus ``ema_params``, the parameters' moving average."""
     ema_params: Any = None
 
@@ -113,7 +116,7 @@ def _require_apply(config):
 
 def _data_of(batch):
     if isinstance(batch, dict):
-        return jnp.asarray(common.batch_array(batch, "x"))
+        return jnp.asarray(batch_array(batch, "x"))
     return jnp.asarray(batch)
 
 
@@ -168,15 +171,16 @@ def ema_decay_at(ema_decay, step):
     return jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
 
 
-def ema_update(ema_params, params, decay):
-    """``decay * ema + (1 - decay) * params``, leaf by leaf."""
+def ema_update(ema_params, params, ema_decay):
+    """``ema_decay * ema + (1 - ema_decay) * params``, leaf by leaf."""
     return jax.tree_util.tree_map(
-        lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+        lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema_params,
+        params)
 
 
 def init(params, config: DiffusionConfig, *, key=None) -> DiffusionState:
     """Initial :class:`DiffusionState`; ``ema_params`` starts at ``params``."""
-    state = common.init_state(params, config, key=key)
+    state = init_state(params, config, key=key)
     return DiffusionState(**{f: getattr(state, f) for f in (
         "params", "opt_state", "step", "key", "ref_params", "config")},
         ema_params=params)
@@ -189,6 +193,6 @@ def update(state: DiffusionState, batch):
     ``ema_decay`` (the decay used, see :func:`ema_decay_at`).
     """
     decay = ema_decay_at(state.config.ema_decay, state.step)
-    state, metrics = common.keyed_gradient_step(state, loss, batch)
+    state, metrics = keyed_gradient_step(state, loss, batch)
     ema = ema_update(state.ema_params, state.params, decay)
     return state.replace(ema_params=ema), dict(metrics, ema_decay=decay)

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from artifex_fn._src.algorithms import common
-from artifex_fn._src.algorithms.common import distrax
+from artifex_fn._src import checks
+from artifex_fn._src.algorithms.policies import distrax
 
 SCHEDULES = ("linear", "cosine")
 VARIANCES = ("posterior", "beta")
@@ -87,10 +87,8 @@ def noise_schedule(num_timesteps: int, *, schedule: str = "linear",
     >>> [round(float(a), 4) for a in s.alpha_bars]  # cumprod(1 - beta)
     [0.9, 0.72, 0.504, 0.3024]
     """
-    common.check_int("num_timesteps", num_timesteps, 1)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"`schedule` must be one of {list(SCHEDULES)}, got "
-                         f"{schedule!r}.")
+    checks.check_int(num_timesteps, "num_timesteps", lo=1)
+    checks.check_choice(schedule, SCHEDULES, "schedule")
     n = num_timesteps
     if schedule == "linear":
         betas = jnp.linspace(jnp.asarray(beta_start, jnp.float32),
@@ -150,9 +148,7 @@ def posterior_mean(x_t, t, eps, schedule: NoiseSchedule):
 
 def step_std(t, schedule: NoiseSchedule, *, variance: str = "posterior"):
     """Reverse-step std ``sqrt(beta_tilde_t)`` or ``sqrt(beta_t)`` at ``t``."""
-    if variance not in VARIANCES:
-        raise ValueError(f"`variance` must be one of {list(VARIANCES)}, got "
-                         f"{variance!r}.")
+    checks.check_choice(variance, VARIANCES, "variance")
     table = (schedule.posterior_variance if variance == "posterior"
              else schedule.betas)
     return jnp.sqrt(table[t])

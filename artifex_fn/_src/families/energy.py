@@ -40,10 +40,14 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from artifex_fn._src.algorithms import common
+from artifex_fn._src import checks
+from artifex_fn._src.algorithms.config import pytree_config
+from artifex_fn._src.algorithms.gradients import keyed_gradient_step
+from artifex_fn._src.algorithms.state import TrainState
+from artifex_fn._src.algorithms.state import init_state
 
 
-@common.pytree_config(static=("num_langevin_steps", "apply", "optimizer"))
+@pytree_config(static=("num_langevin_steps", "apply", "optimizer"))
 class EnergyConfig:
     """Hyper-parameters of contrastive-divergence training.
 
@@ -79,15 +83,16 @@ class EnergyConfig:
     optimizer: optax.GradientTransformation | None = None
 
     def __post_init__(self):
-        common.check_int("num_langevin_steps", self.num_langevin_steps, 1)
-        common.check_range("step_size", self.step_size, 0.0, lo_open=True)
-        common.check_range("noise_scale", self.noise_scale, 0.0)
-        common.check_range("alpha", self.alpha, 0.0)
-        common.check_range("persistent", self.persistent, 0.0, 1.0)
-        common.check_range("init_scale", self.init_scale, 0.0, lo_open=True)
+        checks.check_int(self.num_langevin_steps, "num_langevin_steps", lo=1)
+        checks.check_hparam(self.step_size, "step_size", lo=0.0, lo_open=True)
+        checks.check_hparam(self.noise_scale, "noise_scale", lo=0.0)
+        checks.check_hparam(self.alpha, "alpha", lo=0.0)
+        checks.check_hparam(self.persistent, "persistent", lo=0.0, hi=1.0)
+        checks.check_hparam(self.init_scale, "init_scale", lo=0.0,
+                            lo_open=True)
         for name in ("grad_clip", "sample_clip", "max_grad_norm"):
-            common.check_range(name, getattr(self, name), 0.0, lo_open=True,
-                               optional=True)
+            checks.check_hparam(getattr(self, name), name, lo=0.0,
+                                lo_open=True, optional=True)
         if self.apply is not None and not callable(self.apply):
             raise ValueError("`apply` must be callable (params, x) -> [B].")
 
@@ -141,7 +146,7 @@ def langevin_sample(apply: Callable, params, x0: jax.Array, key: jax.Array,
     Returns:
       ``[B, ...]`` samples ``x_K``.
     """
-    common.check_int("num_steps", num_steps, 0)
+    checks.check_int(num_steps, "num_steps", lo=0)
     x0 = jnp.asarray(x0)
     if not jnp.issubdtype(x0.dtype, jnp.floating):
         raise ValueError(f"`x0` must be floating point, got {x0.dtype}.")
@@ -165,14 +170,17 @@ def langevin_sample(apply: Callable, params, x0: jax.Array, key: jax.Array,
     return lax.stop_gradient(lax.fori_loop(0, num_steps, body, x0))
 
 
-def initial_samples(key: jax.Array, n: int, shape: tuple[int, ...],
-                    config: EnergyConfig, buffer: jax.Array | None = None):
-    """Chain starts ``[n, *shape]``: uniform noise or replay-buffer draws.
+def initial_samples(key: jax.Array, num_samples: int,
+                    shape: tuple[int, ...], config: EnergyConfig,
+                    buffer: jax.Array | None = None):
+    """Chain starts ``[num_samples, *shape]``: uniform noise or
+    replay-buffer draws.
 
     Each row independently comes from ``buffer`` (uniformly chosen entry)
     with probability ``config.persistent``, else from
     ``U[-init_scale, init_scale]``.
     """
+    n = num_samples
     k_noise, k_pick, k_idx = jax.random.split(key, 3)
     noise = jax.random.uniform(k_noise, (n,) + tuple(shape), jnp.float32,
                                -1.0, 1.0) * config.init_scale
@@ -189,18 +197,19 @@ def initial_samples(key: jax.Array, n: int, shape: tuple[int, ...],
     return jnp.where(use, buffer[idx], noise)
 
 
-def sample_negatives(params, config: EnergyConfig, key: jax.Array, n: int,
-                     shape: tuple[int, ...], *,
+def sample_negatives(params, config: EnergyConfig, key: jax.Array,
+                     num_samples: int, shape: tuple[int, ...], *,
                      buffer: jax.Array | None = None,
                      num_steps: int | None = None) -> jax.Array:
-    """``n`` Langevin samples ``[n, *shape]`` of the model (no gradient).
+    """``num_samples`` Langevin samples ``[num_samples, *shape]`` of the
+    model (no gradient).
 
     Chains start from :func:`initial_samples` and run
     ``num_steps`` (default ``config.num_langevin_steps``) steps.
     """
     apply = _require_apply(config)
     k_init, k_run = jax.random.split(key)
-    x0 = initial_samples(k_init, n, shape, config, buffer)
+    x0 = initial_samples(k_init, num_samples, shape, config, buffer)
     return langevin_sample(
         apply, params, x0, k_run,
         num_steps=config.num_langevin_steps if num_steps is None
@@ -279,15 +288,15 @@ def loss(params, batch, config: EnergyConfig, key: jax.Array):
     return total, metrics
 
 
-def init(params, config: EnergyConfig, *, key=None) -> common.TrainState:
+def init(params, config: EnergyConfig, *, key=None) -> TrainState:
     """Initial :class:`~artifex_fn.TrainState` (validates the optimizer)."""
     _require_apply(config)
-    return common.init_state(params, config, key=key)
+    return init_state(params, config, key=key)
 
 
-def update(state: common.TrainState, batch):
+def update(state: TrainState, batch):
     """One CD gradient step (fresh negatives unless the batch has them)."""
-    return common.keyed_gradient_step(state, loss, batch)
+    return keyed_gradient_step(state, loss, batch)
 
 
 def push_to_buffer(buffer: jax.Array, samples: jax.Array, key: jax.Array):
@@ -305,7 +314,7 @@ def push_to_buffer(buffer: jax.Array, samples: jax.Array, key: jax.Array):
     return buffer.at[idx].set(samples.astype(buffer.dtype))
 
 
-def persistent_update(state: common.TrainState, batch, buffer: jax.Array):
+def persistent_update(state: TrainState, batch, buffer: jax.Array):
     """Update with a replay buffer of negatives (Du & Mordatch 2019).
 
     Samples ``B`` negatives with chains started from ``buffer`` (fraction

@@ -31,13 +31,18 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from artifex_fn._src.algorithms import common
+from artifex_fn._src import checks
+from artifex_fn._src.algorithms.batching import batch_array
+from artifex_fn._src.algorithms.config import pytree_config
+from artifex_fn._src.algorithms.gradients import keyed_gradient_step
+from artifex_fn._src.algorithms.state import TrainState
+from artifex_fn._src.algorithms.state import init_state
 
 PATHS = ("rectified", "ot")
 ODE_METHODS = ("euler", "midpoint", "rk4")
 
 
-@common.pytree_config(static=("path", "ot_iters", "apply", "optimizer"))
+@pytree_config(static=("path", "ot_iters", "apply", "optimizer"))
 class FlowConfig:
     """Hyper-parameters of (OT-)conditional flow matching.
 
@@ -62,15 +67,13 @@ class FlowConfig:
     optimizer: optax.GradientTransformation | None = None
 
     def __post_init__(self):
-        common.check_range("sigma_min", self.sigma_min, 0.0, 1.0,
-                           hi_open=True)
-        if self.path not in PATHS:
-            raise ValueError(f"`path` must be one of {list(PATHS)}, got "
-                             f"{self.path!r}.")
-        common.check_range("ot_reg", self.ot_reg, 0.0, lo_open=True)
-        common.check_int("ot_iters", self.ot_iters, 1)
-        common.check_range("max_grad_norm", self.max_grad_norm, 0.0,
-                           lo_open=True, optional=True)
+        checks.check_hparam(self.sigma_min, "sigma_min", lo=0.0, hi=1.0,
+                            hi_open=True)
+        checks.check_choice(self.path, PATHS, "path")
+        checks.check_hparam(self.ot_reg, "ot_reg", lo=0.0, lo_open=True)
+        checks.check_int(self.ot_iters, "ot_iters", lo=1)
+        checks.check_hparam(self.max_grad_norm, "max_grad_norm", lo=0.0,
+                            lo_open=True, optional=True)
 
 
 def _require_apply(config):
@@ -147,7 +150,7 @@ def ot_pairing(x0, x1, key, *, reg=0.05, num_iters: int = 100):
 
 def _data_of(batch):
     if isinstance(batch, dict):
-        return jnp.asarray(common.batch_array(batch, "x"))
+        return jnp.asarray(batch_array(batch, "x"))
     return jnp.asarray(batch)
 
 
@@ -195,17 +198,17 @@ def loss(params, batch, config: FlowConfig, key):
     return value, dict(loss=value, pair_cost=pair_cost)
 
 
-def init(params, config: FlowConfig, *, key=None) -> common.TrainState:
-    """Initial :class:`~artifex_fn._src.algorithms.common.TrainState`."""
-    return common.init_state(params, config, key=key)
+def init(params, config: FlowConfig, *, key=None) -> TrainState:
+    """Initial :class:`~artifex_fn.TrainState`."""
+    return init_state(params, config, key=key)
 
 
-def update(state: common.TrainState, batch):
+def update(state: TrainState, batch):
     """One gradient step on :func:`loss`; returns ``(state, metrics)``.
 
     Metrics: ``loss``, ``pair_cost`` and ``grad_norm``.
     """
-    return common.keyed_gradient_step(state, loss, batch)
+    return keyed_gradient_step(state, loss, batch)
 
 
 def sample_ode(apply: Callable, params, x0, *, num_steps: int = 50,
@@ -231,10 +234,8 @@ def sample_ode(apply: Callable, params, x0, *, num_steps: int = 50,
     >>> jnp.round(x, 4)  # exp(-1)
     Array([[0.3679]], dtype=float32)
     """
-    common.check_int("num_steps", num_steps, 1)
-    if method not in ODE_METHODS:
-        raise ValueError(f"`method` must be one of {list(ODE_METHODS)}, got "
-                         f"{method!r}.")
+    checks.check_int(num_steps, "num_steps", lo=1)
+    checks.check_choice(method, ODE_METHODS, "method")
     x0 = jnp.asarray(x0)
     b = x0.shape[0]
     h = (t1 - t0) / num_steps

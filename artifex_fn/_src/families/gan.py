@@ -35,19 +35,23 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from artifex_fn._src.algorithms import common
+from artifex_fn._src import checks
+from artifex_fn._src.algorithms.batching import batch_array
+from artifex_fn._src.algorithms.config import pytree_config
+from artifex_fn._src.algorithms.gradients import optimizer_step
+from artifex_fn._src.algorithms.state import TrainState
 
-_LOSSES = ("non_saturating", "minimax", "hinge", "least_squares")
+LOSS_TYPES = ("non_saturating", "minimax", "hinge", "least_squares")
 _PARTS = ("generator", "discriminator")
 
 
-@common.pytree_config(static=("loss", "d_steps", "latent_dim", "generator",
-                              "discriminator", "g_optimizer", "d_optimizer"))
+@pytree_config(static=("loss_type", "d_steps", "latent_dim", "generator",
+                       "discriminator", "g_optimizer", "d_optimizer"))
 class GANConfig:
     """Hyper-parameters and model functions of a GAN.
 
     Attributes:
-      loss: ``"non_saturating"``, ``"minimax"``, ``"hinge"`` or
+      loss_type: ``"non_saturating"``, ``"minimax"``, ``"hinge"`` or
         ``"least_squares"``.
       d_steps: discriminator steps per generator step, ``>= 1``.
       latent_dim: size ``D`` of the noise ``z ~ N(0, I_D)``.
@@ -58,8 +62,8 @@ class GANConfig:
         ``[B, 1]``).
       g_optimizer, d_optimizer: optax ``GradientTransformation`` s.
     """
-    loss: Literal["non_saturating", "minimax", "hinge",
-                  "least_squares"] = "non_saturating"
+    loss_type: Literal["non_saturating", "minimax", "hinge",
+                       "least_squares"] = "non_saturating"
     d_steps: int = 1
     latent_dim: int = 2
     max_grad_norm: float | None = None
@@ -69,13 +73,11 @@ class GANConfig:
     d_optimizer: optax.GradientTransformation | None = None
 
     def __post_init__(self):
-        if self.loss not in _LOSSES:
-            raise ValueError(f"`loss` must be one of {_LOSSES}, got "
-                             f"{self.loss!r}.")
-        common.check_int("d_steps", self.d_steps, 1)
-        common.check_int("latent_dim", self.latent_dim, 1)
-        common.check_range("max_grad_norm", self.max_grad_norm, 0.0,
-                           lo_open=True, optional=True)
+        checks.check_choice(self.loss_type, LOSS_TYPES, "loss_type")
+        checks.check_int(self.d_steps, "d_steps", lo=1)
+        checks.check_int(self.latent_dim, "latent_dim", lo=1)
+        checks.check_hparam(self.max_grad_norm, "max_grad_norm", lo=0.0,
+                            lo_open=True, optional=True)
         for name in ("generator", "discriminator"):
             fn = getattr(self, name)
             if fn is not None and not callable(fn):
@@ -87,13 +89,8 @@ class GANConfig:
 # ---------------------------------------------------------------------------
 
 
-def _check_loss(loss):
-    if loss not in _LOSSES:
-        raise ValueError(f"`loss` must be one of {_LOSSES}, got {loss!r}.")
-
-
 def discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array, *,
-                       loss: str = "non_saturating") -> jax.Array:
+                       loss_type: str = "non_saturating") -> jax.Array:
     """The discriminator's loss on real and generated logits.
 
     .. math::
@@ -112,17 +109,17 @@ def discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array, *,
     Args:
       real_logits: ``[B]`` discriminator outputs on data.
       fake_logits: ``[B']`` discriminator outputs on generated samples.
-      loss: the loss family (see the module docstring).
+      loss_type: the loss family (see the module docstring).
 
     Returns:
       Scalar loss.
     """
-    _check_loss(loss)
+    checks.check_choice(loss_type, LOSS_TYPES, "loss_type")
     real, fake = jnp.asarray(real_logits), jnp.asarray(fake_logits)
-    if loss in ("non_saturating", "minimax"):
+    if loss_type in ("non_saturating", "minimax"):
         return jnp.mean(jax.nn.softplus(-real)) + jnp.mean(
             jax.nn.softplus(fake))
-    if loss == "hinge":
+    if loss_type == "hinge":
         return jnp.mean(jax.nn.relu(1.0 - real)) + jnp.mean(
             jax.nn.relu(1.0 + fake))
     return 0.5 * jnp.mean(jnp.square(real - 1.0)) + 0.5 * jnp.mean(
@@ -130,7 +127,7 @@ def discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array, *,
 
 
 def generator_loss(fake_logits: jax.Array, *,
-                   loss: str = "non_saturating") -> jax.Array:
+                   loss_type: str = "non_saturating") -> jax.Array:
     """The generator's loss on the discriminator's logits of its samples.
 
     .. math::
@@ -144,18 +141,18 @@ def generator_loss(fake_logits: jax.Array, *,
 
     Args:
       fake_logits: ``[B]`` discriminator outputs on generated samples.
-      loss: the loss family.
+      loss_type: the loss family.
 
     Returns:
       Scalar loss.
     """
-    _check_loss(loss)
+    checks.check_choice(loss_type, LOSS_TYPES, "loss_type")
     fake = jnp.asarray(fake_logits)
-    if loss == "non_saturating":
+    if loss_type == "non_saturating":
         return jnp.mean(jax.nn.softplus(-fake))
-    if loss == "minimax":
+    if loss_type == "minimax":
         return -jnp.mean(jax.nn.softplus(fake))
-    if loss == "hinge":
+    if loss_type == "hinge":
         return -jnp.mean(fake)
     return 0.5 * jnp.mean(jnp.square(fake - 1.0))
 
@@ -188,13 +185,14 @@ def _logits(config, params_d, x):
 
 def _data(batch):
     if isinstance(batch, dict):
-        return jnp.asarray(common.batch_array(batch, "x"))
+        return jnp.asarray(batch_array(batch, "x"))
     return jnp.asarray(batch)
 
 
-def noise(key, n: int, latent_dim: int) -> jax.Array:
-    """``n`` latent vectors ``z ~ N(0, I)`` of shape ``[n, latent_dim]``."""
-    return jax.random.normal(key, (n, latent_dim))
+def noise(key, num_samples: int, latent_dim: int) -> jax.Array:
+    """``num_samples`` latent vectors ``z ~ N(0, I)``, shape
+    ``[num_samples, latent_dim]``."""
+    return jax.random.normal(key, (num_samples, latent_dim))
 
 
 def discriminator_objective(params_d, params_g, real, z, config: GANConfig):
@@ -206,7 +204,8 @@ def discriminator_objective(params_d, params_g, real, z, config: GANConfig):
     fake = lax.stop_gradient(_require(config, "generator")(params_g, z))
     real_logits = _logits(config, params_d, real)
     fake_logits = _logits(config, params_d, fake)
-    d_loss = discriminator_loss(real_logits, fake_logits, loss=config.loss)
+    d_loss = discriminator_loss(real_logits, fake_logits,
+                                loss_type=config.loss_type)
     accuracy = 0.5 * (jnp.mean((real_logits > 0).astype(jnp.float32))
                       + jnp.mean((fake_logits < 0).astype(jnp.float32)))
     return d_loss, dict(d_loss=d_loss, real_logit=jnp.mean(real_logits),
@@ -218,7 +217,7 @@ def generator_objective(params_g, params_d, z, config: GANConfig):
     """``(loss, metrics)`` of the generator against a fixed discriminator."""
     fake_logits = _logits(config, params_d,
                           _require(config, "generator")(params_g, z))
-    g_loss = generator_loss(fake_logits, loss=config.loss)
+    g_loss = generator_loss(fake_logits, loss_type=config.loss_type)
     return g_loss, dict(g_loss=g_loss)
 
 
@@ -257,7 +256,7 @@ def _split(params):
     return params["generator"], params["discriminator"]
 
 
-def init(params, config: GANConfig, *, key=None) -> common.TrainState:
+def init(params, config: GANConfig, *, key=None) -> TrainState:
     """Initial :class:`TrainState` of both players.
 
     Args:
@@ -282,14 +281,14 @@ def init(params, config: GANConfig, *, key=None) -> common.TrainState:
         key = jax.random.key_data(key)
     opt_state = dict(generator=config.g_optimizer.init(g),
                      discriminator=config.d_optimizer.init(d))
-    return common.TrainState(params=dict(generator=g, discriminator=d),
-                             opt_state=opt_state,
-                             step=jnp.zeros((), jnp.int32),
-                             key=jnp.asarray(key), ref_params=None,
-                             config=config)
+    return TrainState(params=dict(generator=g, discriminator=d),
+                      opt_state=opt_state,
+                      step=jnp.zeros((), jnp.int32),
+                      key=jnp.asarray(key), ref_params=None,
+                      config=config)
 
 
-def update(state: common.TrainState, batch):
+def update(state: TrainState, batch):
     """``d_steps`` discriminator steps, then one generator step.
 
     Args:
@@ -314,7 +313,7 @@ def update(state: common.TrainState, batch):
         z = noise(k, n, config.latent_dim)
         grads, metrics = jax.grad(discriminator_objective, has_aux=True)(
             params_d, g, real, z, config)
-        params_d, opt_d, norm = common.optimizer_step(
+        params_d, opt_d, norm = optimizer_step(
             params_d, opt_d, grads, config.d_optimizer, config.max_grad_norm)
         return (params_d, opt_d), dict(metrics, d_grad_norm=norm)
 
@@ -325,7 +324,7 @@ def update(state: common.TrainState, batch):
     z = noise(g_key, n, config.latent_dim)
     grads, g_metrics = jax.grad(generator_objective, has_aux=True)(
         g, d, z, config)
-    g, opt_g, g_norm = common.optimizer_step(
+    g, opt_g, g_norm = optimizer_step(
         g, state.opt_state["generator"], grads, config.g_optimizer,
         config.max_grad_norm)
     metrics = dict(d_metrics, **g_metrics, g_grad_norm=g_norm,
@@ -350,7 +349,7 @@ def sample(params, config: GANConfig, key, *, num_samples: int) -> jax.Array:
     Returns:
       ``[num_samples, ...]`` generated samples.
     """
-    common.check_int("num_samples", num_samples, 1)
+    checks.check_int(num_samples, "num_samples", lo=1)
     if isinstance(params, dict) and set(params) == set(_PARTS):
         params = params["generator"]
     z = noise(key, num_samples, config.latent_dim)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from artifex_fn._src.algorithms import common
+from artifex_fn._src import checks
 
 
 class CausalBlock(nnx.Module):
@@ -64,7 +64,7 @@ class TinyCausalLM(nnx.Module):
                             ("d_model", d_model), ("num_heads", num_heads),
                             ("num_layers", num_layers),
                             ("mlp_ratio", mlp_ratio)):
-            common.check_int(name, value, 1)
+            checks.check_int(value, name, lo=1)
         if d_model % num_heads:
             raise ValueError(f"`num_heads` ({num_heads}) must divide "
                              f"`d_model` ({d_model}).")

@@ -29,13 +29,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from artifex_fn._src.algorithms import common
+from artifex_fn._src import checks
+from artifex_fn._src.algorithms.batching import batch_array
+from artifex_fn._src.algorithms.config import pytree_config
+from artifex_fn._src.algorithms.gradients import keyed_gradient_step
+from artifex_fn._src.algorithms.state import TrainState
+from artifex_fn._src.algorithms.state import init_state
 
 _LIKELIHOODS = ("bernoulli", "gaussian")
 
 
-@common.pytree_config(static=("likelihood", "encode", "decode",
-                              "optimizer"))
+@pytree_config(static=("likelihood", "encode", "decode",
+                       "optimizer"))
 class VAEConfig:
     """Hyper-parameters and model functions of a VAE.
 
@@ -66,19 +71,17 @@ class VAEConfig:
     optimizer: optax.GradientTransformation | None = None
 
     def __post_init__(self):
-        common.check_range("beta", self.beta, 0.0)
-        common.check_range("kl_anneal_steps", self.kl_anneal_steps, 0.0)
+        checks.check_hparam(self.beta, "beta", lo=0.0)
+        checks.check_hparam(self.kl_anneal_steps, "kl_anneal_steps", lo=0.0)
         if isinstance(self.kl_anneal_steps, float) and not (
                 self.kl_anneal_steps.is_integer()):
             raise ValueError("`kl_anneal_steps` must be a whole number of "
                              f"steps, got {self.kl_anneal_steps!r}.")
-        common.check_range("free_bits", self.free_bits, 0.0)
-        common.check_range("obs_std", self.obs_std, 0.0, lo_open=True)
-        common.check_range("max_grad_norm", self.max_grad_norm, 0.0,
-                           lo_open=True, optional=True)
-        if self.likelihood not in _LIKELIHOODS:
-            raise ValueError(f"`likelihood` must be one of {_LIKELIHOODS}, "
-                             f"got {self.likelihood!r}.")
+        checks.check_hparam(self.free_bits, "free_bits", lo=0.0)
+        checks.check_hparam(self.obs_std, "obs_std", lo=0.0, lo_open=True)
+        checks.check_hparam(self.max_grad_norm, "max_grad_norm", lo=0.0,
+                            lo_open=True, optional=True)
+        checks.check_choice(self.likelihood, _LIKELIHOODS, "likelihood")
         for name in ("encode", "decode"):
             fn = getattr(self, name)
             if fn is not None and not callable(fn):
@@ -219,7 +222,7 @@ def output_mean(outputs: jax.Array, likelihood: str = "bernoulli"):
 
 def _data(batch):
     if isinstance(batch, dict):
-        return jnp.asarray(common.batch_array(batch, "x"))
+        return jnp.asarray(batch_array(batch, "x"))
     return jnp.asarray(batch)
 
 
@@ -287,20 +290,20 @@ def loss(params, batch, config: VAEConfig, key, *, step=None):
                        kl_weight=weight, elbo=-(rec + kl))
 
 
-def init(params, config: VAEConfig, *, key=None) -> common.TrainState:
+def init(params, config: VAEConfig, *, key=None) -> TrainState:
     """Initial :class:`TrainState`: parameters, optimiser state, step 0, key."""
     _require(config, "encode")
     _require(config, "decode")
-    return common.init_state(params, config, key=key)
+    return init_state(params, config, key=key)
 
 
-def update(state: common.TrainState, batch):
+def update(state: TrainState, batch):
     """One gradient step on the negative ELBO; returns ``(state, metrics)``.
 
     The KL weight uses ``state.step`` (see :func:`kl_weight`); metrics are
     those of :func:`loss` plus ``grad_norm``.
     """
-    return common.keyed_gradient_step(
+    return keyed_gradient_step(
         state, functools.partial(loss, step=state.step), batch)
 
 
@@ -322,8 +325,8 @@ def sample(params, config: VAEConfig, key, *, num_samples: int,
 
     Returns ``[num_samples, ...]`` (the decoder's output shape).
     """
-    common.check_int("num_samples", num_samples, 1)
-    common.check_int("latent_dim", latent_dim, 1)
+    checks.check_int(num_samples, "num_samples", lo=1)
+    checks.check_int(latent_dim, "latent_dim", lo=1)
     z = jax.random.normal(key, (num_samples, latent_dim))
     return output_mean(_require(config, "decode")(params, z),
                        config.likelihood)

@@ -71,9 +71,6 @@ from etils import epath
 
 from artifex_fn.training.callbacks.base import Callback
 
-__all__ = ("CheckpointConfig", "CheckpointCorruptError", "ModelCheckpoint",
-           "restore_checkpoint")
-
 _BEST = "best"
 _LAST = "last"
 # Files of an Orbax checkpoint (one StandardCheckpointHandler item).

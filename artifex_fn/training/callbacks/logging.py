@@ -40,7 +40,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from artifex_fn._src.algorithms.common import check_int
+from artifex_fn.checks import check_int
 from artifex_fn.training.callbacks.base import Callback
 
 _WANDB_MODES = ("online", "offline", "disabled", "shared")
@@ -103,7 +103,7 @@ class _PeriodicLogger(Callback):
     """
 
     def __init__(self, log_every_n_steps: int):
-        check_int("log_every_n_steps", log_every_n_steps, 1)
+        check_int(log_every_n_steps, "log_every_n_steps", lo=1)
         self.log_every_n_steps = log_every_n_steps
         self._is_open = False
         self._last = None  # (step, metrics) of the latest unwritten step.
@@ -194,7 +194,7 @@ class WandbLoggerConfig:
         if not isinstance(self.project, str) or not self.project:
             raise ValueError(
                 f"`project` must be a non-empty string, got {self.project!r}.")
-        check_int("log_every_n_steps", self.log_every_n_steps, 1)
+        check_int(self.log_every_n_steps, "log_every_n_steps", lo=1)
         if self.mode is not None and self.mode not in _WANDB_MODES:
             raise ValueError(
                 f"`mode` must be None or one of {_WANDB_MODES}, got "
@@ -299,7 +299,7 @@ class TensorBoardLoggerConfig:
                 self.log_dir):
             raise ValueError(
                 f"`log_dir` must be a non-empty path, got {self.log_dir!r}.")
-        check_int("log_every_n_steps", self.log_every_n_steps, 1)
+        check_int(self.log_every_n_steps, "log_every_n_steps", lo=1)
         if not isinstance(self.prefix, str):
             raise ValueError(
                 f"`prefix` must be a string, got {self.prefix!r}.")

@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from artifex_fn._src.algorithms.common import check_int
+from artifex_fn.checks import check_int
 from artifex_fn.training.callbacks.base import Callback
 
 
@@ -41,7 +41,7 @@ class ProfilingConfig:
                 self.log_dir):
             raise ValueError(
                 f"`log_dir` must be a non-empty path, got {self.log_dir!r}.")
-        check_int("start_step", self.start_step, 0)
+        check_int(self.start_step, "start_step", lo=0)
         end = self.end_step
         if (not isinstance(end, int) or isinstance(end, bool)
                 or end <= self.start_step):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from artifex_fn._src.algorithms.common import check_int
+from artifex_fn.checks import check_int
 from artifex_fn.training.callbacks.base import Callback
 from artifex_fn.training.callbacks.logging import scalar_metrics
 
@@ -53,8 +53,8 @@ class ProgressBarCallback(Callback):
                  desc: str = "train", file=None,
                  tqdm_kwargs: Mapping[str, Any] | None = None):
         if total is not None:
-            check_int("total", total, 0)
-        check_int("refresh_every_n_steps", refresh_every_n_steps, 1)
+            check_int(total, "total", lo=0)
+        check_int(refresh_every_n_steps, "refresh_every_n_steps", lo=1)
         if metrics is not None:
             if isinstance(metrics, str) or not all(
                     isinstance(m, str) for m in metrics):

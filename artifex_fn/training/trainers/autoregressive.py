@@ -1,33 +1,29 @@
-"""NNX trainer for autoregressive token models, and a tiny causal
-transformer.
+"""NNX trainer for autoregressive token models.
 
 :class:`AutoregressiveTrainer` trains ``model(tokens [B, L]) -> logits
 [B, L, V]`` with the next-token loss of
 :mod:`artifex_fn.families.autoregressive` (teacher forcing or scheduled
-sampling) and samples from it with :meth:`AutoregressiveTrainer.generate`.
-:class:`TinyCausalLM` is a small GPT-style model (Radford et al. 2018)
-whose ``__call__`` is exactly that map, so the same module can be handed
-to :class:`~artifex_fn.training.GRPOTrainer` or
-:class:`~artifex_fn.training.DPOTrainer` as the policy.
+sampling) and samples from it with :meth:`AutoregressiveTrainer.generate`
+(:func:`artifex_fn.sampling.generate`). The same module can be handed to
+:class:`~artifex_fn.training.GRPOTrainer` or
+:class:`~artifex_fn.training.DPOTrainer` as the policy
+(:class:`artifex_fn.families.autoregressive.TinyCausalLM` is such a model).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from artifex_fn._src.algorithms import common
-from artifex_fn._src.families import autoregressive as _ar
-from artifex_fn._src.families.networks import CausalBlock  # noqa: F401
-from artifex_fn._src.families.networks import TinyCausalLM  # noqa: F401
-from artifex_fn.training.trainer import Trainer
-from artifex_fn.training.trainer import key_data
-
-AutoregressiveConfig = _ar.AutoregressiveConfig
+from artifex_fn import sampling
+from artifex_fn.checks import check_hparam
+from artifex_fn.families import autoregressive as _ar
+from artifex_fn.training.trainers.base import Trainer
+from artifex_fn.training.trainers.base import key_data
 
 
 def _call(model, tokens):
@@ -41,31 +37,27 @@ class AutoregressiveTrainer(Trainer):
       model: ``nnx.Module`` with ``model(tokens [B, L]) -> logits [B, L, V]``
         (or logits under ``apply_fn``).
       optimizer: ``nnx.Optimizer(model, tx, wrt=nnx.Param)``.
-      config: :class:`AutoregressiveConfig` with ``apply=None`` and
-        ``optimizer`` None or the optimizer's ``tx``.
+      config: :class:`~artifex_fn.families.autoregressive.AutoregressiveConfig`
+        with ``apply`` and ``optimizer`` None; ``max_grad_norm`` clips the
+        gradient.
       apply_fn: optional ``(model, tokens) -> logits``.
       key: seed or PRNG key (scheduled sampling, generation).
 
     ``train_step(batch)`` with ``{"tokens": [B, L], "mask"?: [B, L]}``.
     Metrics: ``loss, nll, perplexity, accuracy, num_tokens,
     sampling_probability, grad_norm``. The scheduled-sampling probability
-    follows ``trainer.step`` (passed as an array: no recompilation); the
-    other numbers of the config are read when the step is first compiled.
+    follows ``trainer.step``. The config's numbers are traced (assigning a
+    new config does not recompile; switching scheduled sampling on or off
+    compiles once).
     """
 
-    def __init__(self, model, optimizer,
-                 config: AutoregressiveConfig | None = None, *,
-                 apply_fn=None, key=None):
-        config = AutoregressiveConfig() if config is None else config
-        if not isinstance(config, AutoregressiveConfig):
-            raise TypeError("`config` must be an AutoregressiveConfig, got "
-                            f"{type(config).__name__}.")
-        if config.apply is not None:
-            raise ValueError("`config.apply` must be None: the trainer's "
-                             "model is the network (or pass `apply_fn`).")
-        if config.optimizer is not None and config.optimizer is not optimizer.tx:
-            raise ValueError("`config.optimizer` must be None: the trainer "
-                             "uses the nnx.Optimizer's transformation.")
+    config_type = _ar.AutoregressiveConfig
+    model_fields = ("apply",)
+    model_fields_hint = ("the trainer's model is the network (or pass "
+                         "`apply_fn`)")
+
+    def __init__(self, model, optimizer, config=None, *, apply_fn=None,
+                 key=None):
         if apply_fn is not None and not callable(apply_fn):
             raise TypeError("`apply_fn` must be callable (model, tokens).")
         super().__init__(model, optimizer, config, key=key)
@@ -74,33 +66,37 @@ class AutoregressiveTrainer(Trainer):
             "max_new_tokens", "top_k", "eos_token_id", "pad_token_id",
             "greedy"))
 
-    def _full_config(self):
-        return dataclasses.replace(self.config, apply=self.apply_fn,
-                                   optimizer=self.optimizer.tx)
+    def static_flags(self) -> tuple:
+        return (self.config.uses_scheduled_sampling,)
+
+    def trace_config(self, config, flags):
+        (uses_scheduled_sampling,) = flags
+        if not uses_scheduled_sampling:   # the plain teacher-forced loss
+            config = dataclasses.replace(config, scheduled_sampling=0.0)
+        return config
+
+    def loss_and_metrics(self, model, batch, key, config, step):
+        """Next-token loss of ``model``; scheduled sampling at ``step``."""
+        if not isinstance(batch, dict):
+            batch = dict(tokens=batch)
+        config = dataclasses.replace(config, apply=self.apply_fn)
+        if step is not None and config.scheduled_sampling_final is not None:
+            batch = dict(batch, sampling_probability=(
+                _ar.scheduled_sampling_probability(config, step)))
+        return _ar.loss(model, batch, config, key)
 
     def compute_loss(self, model, batch, key):
         """Next-token loss of ``model`` on ``batch``."""
-        return _ar.loss(model, batch, self._full_config(), key)
-
-    def train_step(self, batch) -> dict[str, jax.Array]:
-        """One compiled gradient step; returns device metrics."""
-        if not isinstance(batch, dict):
-            batch = dict(tokens=batch)
-        config = self.config
-        if config.scheduled_sampling_final is not None:
-            start = config.scheduled_sampling
-            final = config.scheduled_sampling_final
-            frac = min(self.step / config.scheduled_sampling_steps, 1.0)
-            batch = dict(batch, sampling_probability=np.float32(
-                start + frac * (final - start)))
-        return super().train_step(batch)
+        return self.loss_and_metrics(
+            model, batch, key,
+            self.trace_config(self.config_arg(), self.static_flags()), None)
 
     def _pure_generate(self, params, rest, prompts, key, temperature, *,
                        max_new_tokens, top_k, eos_token_id, pad_token_id,
                        greedy):
         model = nnx.merge(self.graphdef, params, rest)
-        return _ar.generate(
-            self.apply_fn, model, prompts, key,
+        return sampling.generate(
+            functools.partial(self.apply_fn, model), prompts, key,
             max_new_tokens=max_new_tokens,
             temperature=0 if greedy else temperature, top_k=top_k,
             eos_token_id=eos_token_id, pad_token_id=pad_token_id)
@@ -124,7 +120,7 @@ class AutoregressiveTrainer(Trainer):
         Returns:
           ``(completions [B, N], mask [B, N])``.
         """
-        common.check_range("temperature", temperature, 0.0)
+        check_hparam(temperature, "temperature", lo=0.0)
         if key is None:
             self.key, key = jax.random.split(self.key)
         else:

@@ -18,14 +18,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from artifex_fn._src.families import diffusion as _diffusion
-from artifex_fn._src.families import diffusion_sampling as _sampling
-from artifex_fn.training.trainer import Trainer
-from artifex_fn.training.trainer import key_data
-
-DiffusionConfig = _diffusion.DiffusionConfig
-
-_CONFIG = "_diffusion_config"
+from artifex_fn.families import diffusion as _diffusion
+from artifex_fn.training.trainers.base import Trainer
+from artifex_fn.training.trainers.base import data_batch
+from artifex_fn.training.trainers.base import key_data
 
 
 def _model_apply(model, x_t, t):
@@ -43,12 +39,11 @@ class DiffusionTrainer(Trainer):
     Args:
       model: ``nnx.Module`` with ``model(x_t, t) -> eps_hat``; an optional
         ``data_shape`` attribute is the default shape of one sample.
-      optimizer: ``nnx.Optimizer(model, tx, wrt=nnx.Param)``. For gradient
-        clipping chain ``optax.clip_by_global_norm`` into ``tx``.
-      config: :class:`DiffusionConfig` with ``apply``, ``optimizer`` and
-        ``max_grad_norm`` left None. Its numeric fields are traced, so
-        assigning a new config with other betas or EMA decay does not
-        recompile.
+      optimizer: ``nnx.Optimizer(model, tx, wrt=nnx.Param)``.
+      config: :class:`~artifex_fn.families.diffusion.DiffusionConfig` with
+        ``apply`` and ``optimizer`` left None; ``max_grad_norm`` clips the
+        gradient. Its numeric fields are traced, so assigning a new config
+        with other betas or EMA decay does not recompile.
       key: seed or PRNG key for the timesteps and noise of each step.
 
     Attributes:
@@ -70,65 +65,36 @@ class DiffusionTrainer(Trainer):
         samples = trainer.sample(512, key=0, shape=(2,))
     """
 
+    config_type = _diffusion.DiffusionConfig
+    model_fields = ("apply",)
+    model_fields_hint = "the trainer calls `model(x_t, t)`"
+
     def __init__(self, model, optimizer, config=None, *, key=None):
-        if config is None:
-            config = DiffusionConfig()
-        if not isinstance(config, DiffusionConfig):
-            raise TypeError("`config` must be a DiffusionConfig, got "
-                            f"{type(config).__name__}.")
-        if config.apply is not None:
-            raise ValueError("`config.apply` must be None: the trainer calls "
-                             "`model(x_t, t)`.")
-        if config.optimizer is not None and config.optimizer is not getattr(
-                optimizer, "tx", None):
-            raise ValueError("`config.optimizer` must be None: the trainer "
-                             "uses the nnx.Optimizer's transformation.")
-        if config.max_grad_norm is not None:
-            raise ValueError(
-                "`config.max_grad_norm` must be None for DiffusionTrainer: "
-                "chain optax.clip_by_global_norm into the optimizer instead.")
         super().__init__(model, optimizer, config, key=key)
         self.ema_params = self._params.read()
-        self._config_cache = (None, None)
         self._ema = jax.jit(_ema_step)
         self._sample = jax.jit(self._pure_sample, static_argnames=(
             "n", "shape", "variance"))
 
-    # -- configs ----------------------------------------------------------
-    def _config_arg(self):
-        """The config without its static callables (cached per config)."""
-        if self._config_cache[0] is not self.config:
-            self._config_cache = (self.config, dataclasses.replace(
-                self.config, apply=None, optimizer=None))
-        return self._config_cache[1]
-
     # -- the step ---------------------------------------------------------
+    def loss_and_metrics(self, model, batch, key, config, step):
+        """The DDPM simple loss of ``model``."""
+        del step
+        config = dataclasses.replace(config, apply=_model_apply)
+        return _diffusion.loss(model, data_batch(batch), config, key)
+
     def compute_loss(self, model, batch, key):
         """``(loss, metrics)`` of the pure DDPM loss for ``model``."""
-        config = self._config_arg()
-        if isinstance(batch, dict) and _CONFIG in batch:
-            config = batch[_CONFIG]
-            batch = {k: v for k, v in batch.items() if k != _CONFIG}
-        config = dataclasses.replace(config, apply=_model_apply)
-        return _diffusion.loss(model, batch, config, key)
+        return self.loss_and_metrics(model, batch, key, self.config_arg(),
+                                     None)
 
     def train_step(self, batch, *args, **kwargs) -> dict[str, jax.Array]:
         """One compiled DDPM step on ``x0`` or ``{"x": x0, ...}``, then EMA."""
-        if args or kwargs:
-            raise TypeError(
-                "DiffusionTrainer.train_step takes only the batch.")
-        if isinstance(batch, dict):
-            if "x" not in batch:
-                raise ValueError("batch is missing the key 'x'.")
-            wrapped = dict(batch)
-        else:
-            wrapped = {"x": batch}
-        config = self._config_arg()
-        wrapped[_CONFIG] = config
         step = np.int32(self.step)
-        metrics = super().train_step(wrapped)
+        metrics = super().train_step(batch, *args, **kwargs)
         self.ema_params, decay = self._ema(
-            self.ema_params, self._params.read(), config.ema_decay, step)
+            self.ema_params, self._params.read(), self.config_arg().ema_decay,
+            step)
         return dict(metrics, ema_decay=decay)
 
     # -- state ------------------------------------------------------------
@@ -151,7 +117,7 @@ class DiffusionTrainer(Trainer):
         model = nnx.merge(self.graphdef, params, rest)
         k_T, k_chain = jax.random.split(key)
         x_T = jax.random.normal(k_T, (n,) + shape)
-        return _sampling.sample_chain(
+        return _diffusion.sample_chain(
             _model_apply, model, x_T, k_chain,
             _diffusion.schedule_of(config), variance=variance)
 
@@ -176,16 +142,16 @@ class DiffusionTrainer(Trainer):
             if shape is None:
                 raise ValueError("pass `shape` or give the model a "
                                  "`data_shape` attribute.")
-        if variance not in _sampling.VARIANCES:
+        if variance not in _diffusion.VARIANCES:
             raise ValueError(f"`variance` must be one of "
-                             f"{list(_sampling.VARIANCES)}, got {variance!r}.")
+                             f"{list(_diffusion.VARIANCES)}, got {variance!r}.")
         if key is None:
             self.key, key = jax.random.split(self.key)
         params, rest, _, _ = self._read()
         if use_ema:
             params = self.ema_params
         x0, trajectory, log_probs = self._sample(
-            params, rest, self._config_arg(), key_data(key), n=int(n),
+            params, rest, self.config_arg(), key_data(key), n=int(n),
             shape=tuple(int(s) for s in shape), variance=variance)
         return (x0, trajectory, log_probs) if return_chain else x0
 

@@ -16,12 +16,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from artifex_fn._src.algorithms import common
-from artifex_fn._src.families import energy as _energy
-from artifex_fn.training.trainer import Trainer
-from artifex_fn.training.trainer import key_data
-
-EnergyConfig = _energy.EnergyConfig
+from artifex_fn.checks import check_int
+from artifex_fn.families import energy as _energy
+from artifex_fn.training.trainers.base import Trainer
+from artifex_fn.training.trainers.base import data_batch
+from artifex_fn.training.trainers.base import key_data
 
 
 def _call(model, x):
@@ -39,8 +38,9 @@ class EnergyTrainer(Trainer):
       model: ``nnx.Module``; ``model.energy(x)`` (if defined) or
         ``model(x)`` returns energies ``[B]`` for data ``x [B, ...]``.
       optimizer: ``nnx.Optimizer(model, tx, wrt=nnx.Param)``.
-      config: :class:`EnergyConfig` with ``apply=None`` (the model is the
-        energy) and ``optimizer`` None or the optimizer's ``tx``.
+      config: :class:`~artifex_fn.families.energy.EnergyConfig` with
+        ``apply`` and ``optimizer`` None (the model is the energy; the
+        optimiser's ``tx``); ``max_grad_norm`` clips the gradient.
       buffer_size: size of the replay buffer used when
         ``config.persistent > 0``.
       data_shape: shape of one sample; inferred from the first batch when
@@ -49,25 +49,19 @@ class EnergyTrainer(Trainer):
 
     ``train_step(batch)`` with ``{"x": [B, ...]}`` (or the array). Metrics:
     ``loss, cd_loss, reg_loss, energy_pos, energy_neg, energy_gap,
-    grad_norm``. The config's numbers are read when the step is first
-    compiled; build a new trainer to change them.
+    grad_norm``. Numeric fields of the config are traced: assigning a new
+    config does not recompile (a new ``num_langevin_steps`` compiles once).
     """
 
-    def __init__(self, model, optimizer, config: EnergyConfig | None = None,
-                 *, buffer_size: int = 10_000,
+    config_type = _energy.EnergyConfig
+    model_fields = ("apply",)
+    model_fields_hint = ("the trainer's energy is the model (define "
+                         "`energy(x)` or `__call__(x)`)")
+
+    def __init__(self, model, optimizer, config=None, *,
+                 buffer_size: int = 10_000,
                  data_shape: tuple[int, ...] | None = None, key=None):
-        config = EnergyConfig() if config is None else config
-        if not isinstance(config, EnergyConfig):
-            raise TypeError(
-                f"`config` must be an EnergyConfig, got {type(config).__name__}.")
-        if config.apply is not None:
-            raise ValueError(
-                "`config.apply` must be None: the trainer's energy is the "
-                "model (define `energy(x)` or `__call__(x)`).")
-        if config.optimizer is not None and config.optimizer is not optimizer.tx:
-            raise ValueError("`config.optimizer` must be None: the trainer "
-                             "uses the nnx.Optimizer's transformation.")
-        common.check_int("buffer_size", buffer_size, 1)
+        check_int(buffer_size, "buffer_size", lo=1)
         super().__init__(model, optimizer, config, key=key)
         self.apply_fn = (_call_energy if callable(
             getattr(type(model), "energy", None)) else _call)
@@ -80,8 +74,7 @@ class EnergyTrainer(Trainer):
 
     # -- pure pieces --------------------------------------------------------
     def _full_config(self, config):
-        return dataclasses.replace(config, apply=self.apply_fn,
-                                   optimizer=self.optimizer.tx)
+        return dataclasses.replace(config, apply=self.apply_fn)
 
     def _pure_sample(self, params, rest, config, key, buffer, *, n, shape,
                      num_steps):
@@ -90,9 +83,15 @@ class EnergyTrainer(Trainer):
             model, self._full_config(config), key, n, shape, buffer=buffer,
             num_steps=num_steps)
 
+    def loss_and_metrics(self, model, batch, key, config, step):
+        """CD loss of ``model`` on ``{"x", "negatives"?}``."""
+        del step
+        return _energy.loss(model, batch, self._full_config(config), key)
+
     def compute_loss(self, model, batch, key):
         """CD loss of ``model`` on ``{"x", "negatives"?}``."""
-        return _energy.loss(model, batch, self._full_config(self.config), key)
+        return self.loss_and_metrics(model, batch, key, self.config_arg(),
+                                     None)
 
     # -- host side ------------------------------------------------------------
     def _uses_buffer(self) -> bool:
@@ -105,8 +104,7 @@ class EnergyTrainer(Trainer):
                 "the data shape is unknown: pass `data_shape=` to the "
                 "trainer or run a train_step first.")
         params, rest, _, _ = self._read()
-        config = dataclasses.replace(self.config, apply=None, optimizer=None)
-        return self._sample(params, rest, config, key, buffer, n=n,
+        return self._sample(params, rest, self.config_arg(), key, buffer, n=n,
                             shape=self.data_shape, num_steps=num_steps)
 
     def sample_negatives(self, n: int, key=None, *,
@@ -121,7 +119,7 @@ class EnergyTrainer(Trainer):
           use_buffer: start a ``config.persistent`` fraction of the chains
             from the replay buffer (if there is one), as in training.
         """
-        common.check_int("n", n, 1)
+        check_int(n, "n", lo=1)
         if key is None:
             self.key, key = jax.random.split(self.key)
         else:
@@ -133,7 +131,7 @@ class EnergyTrainer(Trainer):
     def train_step(self, batch) -> dict[str, jax.Array]:
         """Samples negatives, updates the buffer, takes one CD step."""
         batch = self._place_batch(batch)
-        x = _energy.positives_of(batch)
+        x = data_batch(batch)["x"]
         if self.data_shape is None:
             self.data_shape = tuple(x.shape[1:])
         elif tuple(x.shape[1:]) != self.data_shape:

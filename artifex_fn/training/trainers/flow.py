@@ -15,13 +15,10 @@ import dataclasses
 import jax
 from flax import nnx
 
-from artifex_fn._src.families import flow as _flow
-from artifex_fn.training.trainer import Trainer
-from artifex_fn.training.trainer import key_data
-
-FlowConfig = _flow.FlowConfig
-
-_CONFIG = "_flow_config"
+from artifex_fn.families import flow as _flow
+from artifex_fn.training.trainers.base import Trainer
+from artifex_fn.training.trainers.base import data_batch
+from artifex_fn.training.trainers.base import key_data
 
 
 def _model_apply(model, x_t, t):
@@ -34,11 +31,11 @@ class FlowTrainer(Trainer):
     Args:
       model: ``nnx.Module`` with ``model(x_t, t) -> v_hat``; an optional
         ``data_shape`` attribute is the default shape of one sample.
-      optimizer: ``nnx.Optimizer(model, tx, wrt=nnx.Param)``. For gradient
-        clipping chain ``optax.clip_by_global_norm`` into ``tx``.
-      config: :class:`FlowConfig` with ``apply``, ``optimizer`` and
-        ``max_grad_norm`` left None. Numeric fields are traced, so
-        assigning a config with another ``sigma_min`` does not recompile.
+      optimizer: ``nnx.Optimizer(model, tx, wrt=nnx.Param)``.
+      config: :class:`~artifex_fn.families.flow.FlowConfig` with ``apply``
+        and ``optimizer`` left None; ``max_grad_norm`` clips the gradient.
+        Numeric fields are traced, so assigning a config with another
+        ``sigma_min`` does not recompile.
       key: seed or PRNG key for the noise, times and OT pairings.
 
     ``train_step(batch)`` takes ``x1 [B, ...]`` or ``{"x": x1}``
@@ -54,56 +51,25 @@ class FlowTrainer(Trainer):
         samples = trainer.sample(512, key=0, shape=(2,), num_steps=20)
     """
 
+    config_type = _flow.FlowConfig
+    model_fields = ("apply",)
+    model_fields_hint = "the trainer calls `model(x_t, t)`"
+
     def __init__(self, model, optimizer, config=None, *, key=None):
-        if config is None:
-            config = FlowConfig()
-        if not isinstance(config, FlowConfig):
-            raise TypeError("`config` must be a FlowConfig, got "
-                            f"{type(config).__name__}.")
-        if config.apply is not None:
-            raise ValueError("`config.apply` must be None: the trainer calls "
-                             "`model(x_t, t)`.")
-        if config.optimizer is not None and config.optimizer is not getattr(
-                optimizer, "tx", None):
-            raise ValueError("`config.optimizer` must be None: the trainer "
-                             "uses the nnx.Optimizer's transformation.")
-        if config.max_grad_norm is not None:
-            raise ValueError(
-                "`config.max_grad_norm` must be None for FlowTrainer: chain "
-                "optax.clip_by_global_norm into the optimizer instead.")
         super().__init__(model, optimizer, config, key=key)
-        self._config_cache = (None, None)
         self._sample = jax.jit(self._pure_sample, static_argnames=(
             "n", "shape", "num_steps", "method"))
 
-    def _config_arg(self):
-        """The config without its static callables (cached per config)."""
-        if self._config_cache[0] is not self.config:
-            self._config_cache = (self.config, dataclasses.replace(
-                self.config, apply=None, optimizer=None))
-        return self._config_cache[1]
+    def loss_and_metrics(self, model, batch, key, config, step):
+        """The flow-matching loss of ``model`` on ``x1`` or ``{"x": x1}``."""
+        del step
+        config = dataclasses.replace(config, apply=_model_apply)
+        return _flow.loss(model, data_batch(batch), config, key)
 
     def compute_loss(self, model, batch, key):
         """``(loss, metrics)`` of :func:`artifex_fn.families.flow.loss`."""
-        config = self._config_arg()
-        if isinstance(batch, dict) and _CONFIG in batch:
-            config = batch[_CONFIG]
-            batch = {k: v for k, v in batch.items() if k != _CONFIG}
-        config = dataclasses.replace(config, apply=_model_apply)
-        return _flow.loss(model, batch, config, key)
-
-    def train_step(self, batch, *args, **kwargs):
-        """One compiled flow-matching step on ``x1`` or ``{"x": x1, ...}``."""
-        if args or kwargs:
-            raise TypeError("FlowTrainer.train_step takes only the batch.")
-        if isinstance(batch, dict):
-            if "x" not in batch:
-                raise ValueError("batch is missing the key 'x'.")
-            wrapped = dict(batch)
-        else:
-            wrapped = {"x": batch}
-        wrapped[_CONFIG] = self._config_arg()
-        return super().train_step(wrapped)
+        return self.loss_and_metrics(model, batch, key, self.config_arg(),
+                                     None)
 
     def _pure_sample(self, params, rest, key, *, n, shape, num_steps,
                      method):

@@ -21,25 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from artifex_fn._src.algorithms import common
-from artifex_fn._src.families import gan as _gan
-from artifex_fn.training._binding import VariableBinding
-from artifex_fn.training.trainer import Trainer
-from artifex_fn.training.trainer import key_data
-
-GANConfig = _gan.GANConfig
+from artifex_fn import TrainState
+from artifex_fn.families import gan as _gan
+from artifex_fn.training.trainers.base import Trainer
+from artifex_fn.training.trainers.base import VariableBinding
+from artifex_fn.training.trainers.base import check_optimizer_matches
+from artifex_fn.training.trainers.base import check_optimizer_type
+from artifex_fn.training.trainers.base import key_data
 
 _D_KEYS = ("d_params", "d_rest", "d_opt_state", "d_optimizer_step")
-
-
-def _same_layout(a, b) -> bool:
-    """Same tree structure and leaf shapes/dtypes."""
-    if jax.tree_util.tree_structure(a) != jax.tree_util.tree_structure(b):
-        return False
-    return all(jnp.shape(x) == jnp.shape(y)
-               and jnp.result_type(x) == jnp.result_type(y)
-               for x, y in zip(jax.tree_util.tree_leaves(a),
-                               jax.tree_util.tree_leaves(b)))
 
 
 def _apply(graphdef, rest, params, inputs):
@@ -71,70 +61,50 @@ class GANTrainer(Trainer):
 
         trainer = GANTrainer(
             gen, nnx.Optimizer(gen, optax.adam(1e-3), wrt=nnx.Param),
-            GANConfig(loss="hinge", latent_dim=8),
+            GANConfig(loss_type="hinge", latent_dim=8),
             discriminator=disc,
             d_optimizer=nnx.Optimizer(disc, optax.adam(1e-3), wrt=nnx.Param))
         trainer.fit(batches)
         x = trainer.sample(256)
     """
 
+    config_type = _gan.GANConfig
+    model_fields = ("generator", "discriminator")
+    model_fields_hint = "the trainer calls the modules"
+    optimizer_field = "g_optimizer"
+
     def __init__(self, generator, g_optimizer, config=None, *, discriminator,
                  d_optimizer, key=None):
         if config is None:
-            config = GANConfig(latent_dim=int(getattr(generator, "latent_dim",
-                                                      2)))
-        if not isinstance(config, GANConfig):
-            raise TypeError(
-                f"`config` must be a GANConfig, got {type(config).__name__}.")
-        for name in ("generator", "discriminator"):
-            if getattr(config, name) is not None:
-                raise ValueError(f"`config.{name}` must be None: the trainer "
-                                 "calls the modules.")
-        for name, opt in (("g_optimizer", g_optimizer),
-                          ("d_optimizer", d_optimizer)):
-            value = getattr(config, name)
-            if value is not None and value is not getattr(opt, "tx", None):
-                raise ValueError(f"`config.{name}` must be None: the trainer "
-                                 "uses the nnx.Optimizer's transformation.")
+            config = _gan.GANConfig(
+                latent_dim=int(getattr(generator, "latent_dim", 2)))
         if not isinstance(discriminator, nnx.Module):
             raise TypeError("`discriminator` must be a flax.nnx.Module, got "
                             f"{type(discriminator).__name__}.")
-        if not isinstance(d_optimizer, nnx.Optimizer):
-            raise TypeError("`d_optimizer` must be an nnx.Optimizer built for "
-                            "the discriminator.")
-        super().__init__(generator, g_optimizer, config, key=key)
+        check_optimizer_type("d_optimizer", d_optimizer)
         self.discriminator = discriminator
         self.d_optimizer = d_optimizer
+        super().__init__(generator, g_optimizer, config, key=key)
         self.d_graphdef = nnx.graphdef(discriminator)
         self._d_params = VariableBinding(discriminator, d_optimizer.wrt)
         self._d_rest = VariableBinding(discriminator,
                                        nnx.Not(d_optimizer.wrt))
         self._d_opt_state = VariableBinding.of_tree(d_optimizer.opt_state)
         self._d_opt_step = VariableBinding.of_tree(d_optimizer.step)
-        if not _same_layout(
-                jax.eval_shape(d_optimizer.tx.init, self._d_params.read()),
-                self._d_opt_state.read()):
-            raise ValueError("`d_optimizer` was not built for "
-                             "`discriminator`: build it as nnx.Optimizer("
-                             "discriminator, tx, wrt=nnx.Param).")
+        check_optimizer_matches("d_optimizer", "discriminator", d_optimizer,
+                                self._d_params, self._d_opt_state)
         for binding in (self._d_params, self._d_rest, self._d_opt_state,
                         self._d_opt_step):
             binding.strong_types()
-        self._config_cache = (None, None)
         self._step_fn = jax.jit(self._pure_step)
         self._loss_fn = jax.jit(self._pure_loss)
         self._sample_fn = jax.jit(self._pure_sample,
                                   static_argnames=("num_samples",))
 
-    # -- configs ----------------------------------------------------------
-    def _config_arg(self):
-        """The config without its static callables (cached per config)."""
-        if self._config_cache[0] is not self.config:
-            self._config_cache = (self.config, dataclasses.replace(
-                self.config, generator=None, discriminator=None,
-                g_optimizer=None, d_optimizer=None))
-        return self._config_cache[1]
+    def _other_optimizers(self):
+        return {"d_optimizer": self.d_optimizer}
 
+    # -- configs ----------------------------------------------------------
     def _full_config(self, config, g_rest, d_rest):
         return dataclasses.replace(
             config,
@@ -150,7 +120,7 @@ class GANTrainer(Trainer):
     def _pure_step(self, g_state, d_state, step, key, config, batch):
         g_params, g_rest, g_opt, g_opt_step = g_state
         d_params, d_rest, d_opt, d_opt_step = d_state
-        state = common.TrainState(
+        state = TrainState(
             params=dict(generator=g_params, discriminator=d_params),
             opt_state=dict(generator=g_opt, discriminator=d_opt),
             step=step, key=key, ref_params=None,
@@ -183,7 +153,7 @@ class GANTrainer(Trainer):
         g_state, d_state = self._read(), self._read_d()
         (g_params, g_opt, g_opt_step, d_params, d_opt, d_opt_step, self.key,
          metrics) = self._step_fn(g_state, d_state, np.int32(self.step),
-                                  self.key, self._config_arg(), batch)
+                                  self.key, self.config_arg(), batch)
         self._write(g_params, g_opt, g_opt_step)
         self._d_params.write(d_params)
         self._d_opt_state.write(d_opt)
@@ -204,7 +174,7 @@ class GANTrainer(Trainer):
         g_params = nnx.as_pure(nnx.state(model, wrt))
         g_rest = nnx.as_pure(nnx.state(model, nnx.Not(wrt)))
         return self._loss_fn(g_params, g_rest, self._d_params.read(),
-                             self._d_rest.read(), self._config_arg(), batch,
+                             self._d_rest.read(), self.config_arg(), batch,
                              key_data(key))
 
     def sample(self, n: int, key=None) -> jax.Array:
@@ -217,7 +187,7 @@ class GANTrainer(Trainer):
         if key is None:
             self.key, key = jax.random.split(self.key)
         g_params, g_rest, _, _ = self._read()
-        return self._sample_fn(g_params, g_rest, self._config_arg(),
+        return self._sample_fn(g_params, g_rest, self.config_arg(),
                                key_data(key), num_samples=int(n))
 
     generate = sample

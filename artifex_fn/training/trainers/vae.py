@@ -18,16 +18,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from artifex_fn._src.families import vae as _vae
-from artifex_fn.training.trainer import Trainer
-from artifex_fn.training.trainer import key_data
-
-VAEConfig = _vae.VAEConfig
-
-_STEP, _CONFIG = "_vae_step", "_vae_config"
+from artifex_fn.families import vae as _vae
+from artifex_fn.training.trainers.base import Trainer
+from artifex_fn.training.trainers.base import data_batch
+from artifex_fn.training.trainers.base import key_data
 
 
 def _model_encode(model, x):
@@ -44,12 +40,12 @@ class VAETrainer(Trainer):
     Args:
       model: ``nnx.Module`` with ``encode`` and ``decode`` (see the module
         docstring).
-      optimizer: ``nnx.Optimizer(model, tx, wrt=nnx.Param)``. For gradient
-        clipping chain ``optax.clip_by_global_norm`` into ``tx``.
-      config: :class:`VAEConfig` with ``encode``, ``decode``, ``optimizer``
-        and ``max_grad_norm`` left None (the trainer uses the model's
-        methods and the optimizer's transformation). Numeric fields are
-        traced, so assigning a new config does not recompile.
+      optimizer: ``nnx.Optimizer(model, tx, wrt=nnx.Param)``.
+      config: :class:`~artifex_fn.families.vae.VAEConfig` with ``encode``,
+        ``decode`` and ``optimizer`` left None (the trainer uses the model's
+        methods and the optimizer's transformation); ``max_grad_norm``
+        clips the gradient. Numeric fields are traced, so assigning a new
+        config does not recompile.
       key: seed or PRNG key for the reparameterisation noise.
 
     ``train_step(batch)`` takes ``x [B, ...]`` or ``{"x": x}`` and returns
@@ -66,40 +62,18 @@ class VAETrainer(Trainer):
         images = trainer.sample(16, key=0)
     """
 
+    config_type = _vae.VAEConfig
+    model_fields = ("encode", "decode")
+    model_fields_hint = "the trainer calls the model's encode/decode methods"
+
     def __init__(self, model, optimizer, config=None, *, key=None):
-        if config is None:
-            config = VAEConfig()
-        if not isinstance(config, VAEConfig):
-            raise TypeError(
-                f"`config` must be a VAEConfig, got {type(config).__name__}.")
-        if config.encode is not None or config.decode is not None:
-            raise ValueError(
-                "`config.encode` and `config.decode` must be None: the "
-                "trainer calls the model's encode/decode methods.")
-        if config.optimizer is not None and config.optimizer is not getattr(
-                optimizer, "tx", None):
-            raise ValueError("`config.optimizer` must be None: the trainer "
-                             "uses the nnx.Optimizer's transformation.")
-        if config.max_grad_norm is not None:
-            raise ValueError(
-                "`config.max_grad_norm` must be None for VAETrainer: chain "
-                "optax.clip_by_global_norm into the optimizer instead.")
         for name in ("encode", "decode"):
             if not callable(getattr(type(model), name, None)):
                 raise TypeError(f"`model` must define a `{name}` method.")
         super().__init__(model, optimizer, config, key=key)
-        self._config_cache = (None, None)
         self._reconstruct = jax.jit(self._pure_reconstruct)
         self._sample = jax.jit(self._pure_sample,
                                static_argnames=("num_samples", "latent_dim"))
-
-    # -- configs ----------------------------------------------------------
-    def _config_arg(self):
-        """The config without its static callables (cached per config)."""
-        if self._config_cache[0] is not self.config:
-            self._config_cache = (self.config, dataclasses.replace(
-                self.config, encode=None, decode=None, optimizer=None))
-        return self._config_cache[1]
 
     @staticmethod
     def _full_config(config):
@@ -107,30 +81,16 @@ class VAETrainer(Trainer):
                                    decode=_model_decode)
 
     # -- the step ---------------------------------------------------------
+    def loss_and_metrics(self, model, batch, key, config, step):
+        """The negative ELBO with the KL warm-up at ``step``."""
+        return _vae.loss(model, data_batch(batch)["x"], self._full_config(config),
+                         key, step=step)
+
     def compute_loss(self, model, batch, key):
-        """``(loss, metrics)`` of :func:`artifex_fn.families.vae.loss`.
-
-        ``batch`` is ``x`` or ``{"x": x}``; called directly (outside
-        ``train_step``) the KL weight is the full ``beta``.
-        """
-        step = None
-        config = self._config_arg()
-        if isinstance(batch, dict) and _STEP in batch:
-            step, config = batch[_STEP], batch[_CONFIG]
-            batch = batch["x"]
-        return _vae.loss(model, batch, self._full_config(config), key,
-                         step=step)
-
-    def train_step(self, batch, *args, **kwargs) -> dict[str, jax.Array]:
-        """One compiled negative-ELBO step on ``x`` or ``{"x": x}``."""
-        if args or kwargs:
-            raise TypeError("VAETrainer.train_step takes only the batch.")
-        if isinstance(batch, dict) and "x" not in batch:
-            raise ValueError("batch is missing the key 'x'.")
-        x = batch["x"] if isinstance(batch, dict) else batch
-        wrapped = {"x": x, _STEP: np.int32(self.step),
-                   _CONFIG: self._config_arg()}
-        return super().train_step(wrapped)
+        """``(loss, metrics)`` of :func:`artifex_fn.families.vae.loss` on
+        ``x`` or ``{"x": x}``, with the full KL weight ``beta``."""
+        return _vae.loss(model, data_batch(batch)["x"],
+                         self._full_config(self.config_arg()), key)
 
     # -- inference --------------------------------------------------------
     def _pure_reconstruct(self, params, rest, config, x, key):
@@ -153,7 +113,7 @@ class VAETrainer(Trainer):
         """
         params, rest, _, _ = self._read()
         key = None if key is None else key_data(key)
-        return self._reconstruct(params, rest, self._config_arg(),
+        return self._reconstruct(params, rest, self.config_arg(),
                                  jnp.asarray(x), key)
 
     def sample(self, n: int, key=None, *, latent_dim: int | None = None):
@@ -172,5 +132,5 @@ class VAETrainer(Trainer):
         if key is None:
             self.key, key = jax.random.split(self.key)
         params, rest, _, _ = self._read()
-        return self._sample(params, rest, self._config_arg(), key_data(key),
+        return self._sample(params, rest, self.config_arg(), key_data(key),
                             num_samples=int(n), latent_dim=int(latent_dim))

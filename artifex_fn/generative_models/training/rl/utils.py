@@ -13,12 +13,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from artifex_fn._src.advantages import normalize_advantages
-from artifex_fn._src.divergences import entropy_from_log_probs
-from artifex_fn._src.divergences import kl_from_log_probs
-from artifex_fn._src.multistep import discounted_returns
-from artifex_fn._src.multistep import gae_advantages
-from artifex_fn._src.policy_gradients import clipped_surrogate_loss
+from artifex_fn import clipped_surrogate_loss
+from artifex_fn import discounted_returns
+from artifex_fn import entropy_from_log_probs
+from artifex_fn import gae_advantages
+from artifex_fn import kl_from_log_probs
+from artifex_fn import normalize_advantages
 
 __all__ = (
     "compute_clipped_surrogate_loss",
@@ -149,4 +149,4 @@ def compute_clipped_surrogate_loss(log_probs: jax.Array,
       Array(-2., dtype=float32)
     """
     return jnp.mean(clipped_surrogate_loss(
-        log_probs, old_log_probs, advantages, epsilon_low=clip_param))
+        log_probs, old_log_probs, advantages, clip_param=clip_param))

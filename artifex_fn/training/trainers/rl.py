@@ -13,10 +13,9 @@ observations) -> outputs``. Variables outside
 the optimiser's ``wrt`` filter (batch statistics, RNG counters) are passed
 to the model read-only.
 
-Hyper-parameters in the config are traced arguments of the compiled step,
-so assigning ``trainer.config = dataclasses.replace(trainer.config,
-beta=0.05)`` takes effect without recompiling; static fields (integers that
-set shapes, strings) recompile once per new value.
+The config reaches the compiled steps as in every trainer (see
+:mod:`artifex_fn.training.trainers.base`): numbers traced, functions
+static, the ``policy`` and ``optimizer`` fields filled by the trainer.
 """
 
 from __future__ import annotations
@@ -33,19 +32,15 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from artifex_fn import TrainState
 from artifex_fn import dpo as _dpo
 from artifex_fn import grpo as _grpo
 from artifex_fn import ppo as _ppo
 from artifex_fn import reinforce as _reinforce
-from artifex_fn._src.algorithms import common
-from artifex_fn.training import sampling
-from artifex_fn.training._binding import VariableBinding
-from artifex_fn.training.trainer import Trainer
-
-REINFORCEConfig = _reinforce.REINFORCEConfig
-PPOConfig = _ppo.PPOConfig
-GRPOConfig = _grpo.GRPOConfig
-DPOConfig = _dpo.DPOConfig
+from artifex_fn import sampling
+from artifex_fn.training.trainers.base import Trainer
+from artifex_fn.training.trainers.base import VariableBinding
+from artifex_fn.training.trainers.base import key_data
 
 
 def _apply(graphdef, state, apply_fn, params, observations):
@@ -106,26 +101,17 @@ class _RLTrainer(Trainer):
     """Shared machinery of the algorithm trainers."""
 
     _algorithm: Any = None
-    _config_type: type = object
+    model_fields = ("policy",)
+
+    @property
+    def model_fields_hint(self) -> str:
+        name = self._algorithm.__name__.rsplit(".", 1)[-1]
+        return (f"the trainer's policy is the model. Use the functional API "
+                f"(artifex_fn.{name}) with your own policy function")
 
     def __init__(self, model, optimizer, config=None, *, reference_model=None,
                  generation: sampling.GenerationConfig | None = None,
                  apply_fn=None, key=None):
-        if config is None:
-            config = self._config_type()
-        if not isinstance(config, self._config_type):
-            raise TypeError(f"`config` must be a {self._config_type.__name__}, "
-                            f"got {type(config).__name__}.")
-        if config.policy is not None:
-            raise ValueError(
-                "`config.policy` must be None: the trainer's policy is the "
-                "model. Use the functional API (artifex_fn."
-                f"{self._algorithm.__name__.rsplit('.', 1)[-1]}) with your "
-                "own policy function.")
-        if config.optimizer is not None and config.optimizer is not optimizer.tx:
-            raise ValueError(
-                "`config.optimizer` must be None: the trainer uses the "
-                "nnx.Optimizer's transformation.")
         super().__init__(model, optimizer, config, key=key)
         self.generation = generation or sampling.GenerationConfig()
         self.apply_fn = resolve_apply_fn(model, apply_fn)
@@ -140,7 +126,6 @@ class _RLTrainer(Trainer):
             self._ref_graphdef = nnx.graphdef(reference_model)
             self._ref = VariableBinding(reference_model)
             self._ref_apply_fn = resolve_apply_fn(reference_model, apply_fn)
-        self._config_cache = (None, None)
         self._update = jax.jit(self._pure_update)
         self._evaluate = jax.jit(self._pure_evaluate)
         self.last_rollout = None
@@ -167,7 +152,7 @@ class _RLTrainer(Trainer):
         """Adds the reference model's log-probs the batch lacks."""
         if ref_state is None:
             return batch
-        ref = common.TrainState(
+        ref = TrainState(
             params=None, opt_state=None, step=None, key=None,
             ref_params=ref_state,
             config=dataclasses.replace(config, policy=self._ref_policy()))
@@ -180,7 +165,7 @@ class _RLTrainer(Trainer):
                      ref_state, config, batch):
         config = self._full_config(config, rest)
         batch = self._with_reference(config, ref_state, batch)
-        state = common.TrainState(params=params, opt_state=opt_state,
+        state = TrainState(params=params, opt_state=opt_state,
                                   step=step, key=key, ref_params=None,
                                   config=config)
         new, metrics = self._algorithm.update(state, batch)
@@ -188,20 +173,13 @@ class _RLTrainer(Trainer):
                 opt_step + self._num_updates(config), new.key, metrics)
 
     # -- host side --------------------------------------------------------
-    def _config_arg(self):
-        """The config without its static callables (cached per config)."""
-        if self._config_cache[0] is not self.config:
-            self._config_cache = (self.config, dataclasses.replace(
-                self.config, policy=None, optimizer=None))
-        return self._config_cache[1]
-
     def _ref_arg(self):
         return None if self.reference_model is None else self._ref.read()
 
     def _prepare(self, batch):
         if not isinstance(batch, dict):
             raise TypeError(f"`batch` must be a dict, got {type(batch).__name__}.")
-        return batch, self._config_arg()
+        return batch, self.config_arg()
 
     def train_step(self, batch) -> dict[str, jax.Array]:
         """One update on a collected batch; returns device metrics."""
@@ -241,7 +219,7 @@ class REINFORCETrainer(_RLTrainer):
     mean_return, grad_norm``.
     """
     _algorithm = _reinforce
-    _config_type = REINFORCEConfig
+    config_type = _reinforce.REINFORCEConfig
 
 
 class PPOTrainer(_RLTrainer):
@@ -254,7 +232,7 @@ class PPOTrainer(_RLTrainer):
     advantage_std, explained_variance, grad_norm``.
     """
     _algorithm = _ppo
-    _config_type = PPOConfig
+    config_type = _ppo.PPOConfig
 
     def _num_updates(self, config) -> int:
         return config.num_epochs * config.num_minibatches
@@ -303,14 +281,13 @@ class GRPOTrainer(_RLTrainer):
     ``train_step(batch)`` trains on pre-collected groups (keys as in
     :mod:`artifex_fn.grpo`; ``batch["group_size"]`` may override
     ``num_generations``). ``train_step(batch, reward_fn, key)`` generates:
-    each row of ``batch["observations"]`` (or ``"conditions"`` /
-    ``"prompts"``) is repeated ``num_generations`` times, sampled from the
+    each row of ``batch["observations"]`` is repeated ``num_generations`` times, sampled from the
     current policy, scored by ``reward_fn(samples, conditions)``, and used
     for one update with its behaviour (and reference) log-probs.
     ``trainer.last_rollout`` then holds the samples, rewards and mask.
     """
     _algorithm = _grpo
-    _config_type = GRPOConfig
+    config_type = _grpo.GRPOConfig
 
     def __init__(self, model, optimizer, config=None, *, reference_model=None,
                  generation=None, jit_reward: bool = True, apply_fn=None,
@@ -335,12 +312,11 @@ class GRPOTrainer(_RLTrainer):
     @staticmethod
     def _prompts(batch):
         if isinstance(batch, dict):
-            for name in ("observations", "conditions", "prompts"):
-                if name in batch:
-                    return batch[name]
-            raise ValueError(
-                "a generation batch needs 'observations' (or 'conditions' / "
-                f"'prompts'); got keys {sorted(batch)}.")
+            if "observations" not in batch:
+                raise ValueError(
+                    "a generation batch needs the prompts (or conditions) "
+                    f"under 'observations'; got keys {sorted(batch)}.")
+            return batch["observations"]
         return batch
 
     def _pure_sample(self, params, rest, config, prompts, key):
@@ -351,7 +327,7 @@ class GRPOTrainer(_RLTrainer):
         model_apply = functools.partial(_apply, self.graphdef, rest,
                                         self.apply_fn, params)
         if gen.autoregressive:
-            completions, mask = sampling.sample_tokens(
+            completions, mask = sampling.generate(
                 model_apply, conditions, key,
                 max_new_tokens=gen.max_new_tokens,
                 eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
@@ -421,7 +397,7 @@ class GRPOTrainer(_RLTrainer):
             return super().train_step(batch)
         if not callable(reward_fn):
             raise TypeError("`reward_fn` must be callable.")
-        config = self._config_arg()
+        config = self.config_arg()
         if isinstance(batch, dict) and "group_size" in batch:
             config = dataclasses.replace(
                 config, num_generations=_grpo.group_size_of(batch, config))
@@ -429,7 +405,7 @@ class GRPOTrainer(_RLTrainer):
         if key is None:
             self.key, key = jax.random.split(self.key)
         else:
-            key = _key_data(key)
+            key = key_data(key)
         params, rest, opt_state, opt_step = self._read()
         ref = self._ref_arg()
         if self.jit_reward:
@@ -472,7 +448,7 @@ class DPOTrainer(_RLTrainer):
     a warning.
     """
     _algorithm = _dpo
-    _config_type = DPOConfig
+    config_type = _dpo.DPOConfig
 
     def __init__(self, model, optimizer, config=None, *, reference_model=None,
                  generation=None, apply_fn=None, key=None):
@@ -505,13 +481,6 @@ def _describe(out) -> str:
         return (f"a {type(out).__name__} of {len(out)}: "
                 + ", ".join(_describe(x) for x in out))
     return type(out).__name__
-
-
-def _key_data(key):
-    key = jnp.asarray(key) if not hasattr(key, "dtype") else key
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(key)
-    return key
 
 
 class _ByIdentity:
