@@ -54,7 +54,7 @@ def main():
     _, base_steps, base_init, base_update = cartpole_baseline.make_train(
         dict(cartpole_baseline.CONFIG, total_timesteps=steps))
     program = cartpole.ppo_program(dict(total_timesteps=steps))
-    hp = {k: jnp.float32(v) for k, v in cartpole.PPO_HPARAMS.items()}
+    hp = {k: jnp.float32(v) for k, v in cartpole.HPARAMS["ppo"].items()}
     n_iter = program.num_iterations
     assert n_iter * program.samples_per_iteration == base_steps
 
@@ -136,7 +136,7 @@ def main():
     for seeds in (1, 8):
         times = []
         for _ in range(max(1, args.repeats - 1)):
-            result = runner.run(program, hparams=cartpole.PPO_HPARAMS,
+            result = runner.run(program, hparams=cartpole.HPARAMS["ppo"],
                                 num_seeds=seeds, chunks=20, progress=False)
             times.append(result.run_seconds)
         runner_rows.append((seeds, result.compile_seconds,

@@ -26,7 +26,8 @@ CONFIG = dict(num_envs=4, num_steps=128, total_timesteps=500_000,
 
 
 def _dense(key, i, o, gain):
-    # QR-free: batched LAPACK QR can deadlock XLA's CPU runtime (cartpole.py)
+    # QR-free: batched LAPACK QR deadlocks jaxlib 0.10.2's CPU runtime
+    # (the workaround in cartpole.orthogonal)
     w = orthogonal(gain)(key, (i, o))
     return dict(w=w, b=jnp.zeros(o))
 

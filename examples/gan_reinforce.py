@@ -33,22 +33,22 @@ Run ``python examples/gan_reinforce.py [--quick] [--seed N] [--plot out.png]``.
 
 from __future__ import annotations
 
-import argparse
 import time
 
+import distrax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from artifex_fn._src.algorithms.common import distrax
+from artifex_fn.experiments.demo import example_main
+from artifex_fn.families.gan import GANConfig
+from artifex_fn.reinforce import REINFORCEConfig
 from artifex_fn.toy_data import gaussian_mixture_2d
 from artifex_fn.toy_data import mixture_coverage
-from artifex_fn.training import REINFORCEConfig
+from artifex_fn.training import GANTrainer
 from artifex_fn.training import REINFORCETrainer
-from artifex_fn.training.trainers.gan import GANConfig
-from artifex_fn.training.trainers.gan import GANTrainer
 
 LATENT, HIDDEN = 4, 64
 POLICY_STD = 0.1     # std of the policy around G(z)
@@ -85,9 +85,17 @@ class Generator(nnx.Module):
         return distrax.MultivariateNormalDiag(self.net(z), self.std[...])
 
 
-@nnx.jit
 def evaluate(generator, discriminator, key):
-    """``G(z)`` for 2000 held-out ``z`` and its mean ``log sigmoid(D(G(z)))``."""
+    """``G(z)`` for 2000 held-out ``z`` and its numbers (see :func:`run`)."""
+    x, reward = _samples(generator, discriminator, key)
+    cover = mixture_coverage(x)
+    return x, dict(discriminator_reward=float(reward),
+                   modes_covered=int(cover["modes_covered"]),
+                   high_quality=float(cover["high_quality"]))
+
+
+@nnx.jit
+def _samples(generator, discriminator, key):
     x = generator(jax.random.normal(key, (2000, LATENT)))
     return x, jnp.mean(jax.nn.log_sigmoid(discriminator(x)[:, 0]))
 
@@ -113,11 +121,11 @@ def run(*, quick: bool = False, seed: int = 0,
         plot: str | None = None) -> dict:
     """Pre-trains the GAN, fine-tunes the generator, returns numbers.
 
-    Returns a dict with ``reward_before``/``reward_after`` (mean
-    ``log sigmoid(D(G(z)))`` on held-out noise), ``modes_before`` /
-    ``modes_after`` and ``high_quality_before`` / ``high_quality_after``
-    (:func:`~artifex_fn.toy_data.mixture_coverage` of ``G(z)``),
-    ``kl_last`` (estimated KL to the pre-trained policy) and ``seconds``.
+    ``before``/``after`` hold ``discriminator_reward`` (mean ``log
+    sigmoid(D(G(z)))`` on held-out noise), ``modes_covered`` and
+    ``high_quality`` (:func:`~artifex_fn.toy_data.mixture_coverage` of
+    ``G(z)``); plus ``kl_to_pretrained`` (the KL guard's estimate over the
+    last 10 rollouts) and ``seconds``.
     """
     start = time.time()
     pre_steps, rl_steps, batch = (300, 200, 256) if quick else (300, 600, 256)
@@ -132,14 +140,13 @@ def run(*, quick: bool = False, seed: int = 0,
     adam = optax.adam(1e-3, b1=0.5)
     gan = GANTrainer(
         generator, nnx.Optimizer(generator, adam, wrt=nnx.Param),
-        GANConfig(loss="non_saturating", d_steps=5, latent_dim=LATENT),
+        GANConfig(loss_type="non_saturating", d_steps=5, latent_dim=LATENT),
         discriminator=discriminator,
         d_optimizer=nnx.Optimizer(discriminator, adam, wrt=nnx.Param),
         key=k_gan)
     gan.fit(lambda i: data[i], num_steps=pre_steps)
 
-    x_before, reward_before = evaluate(generator, discriminator, k_eval)
-    cover_before = mixture_coverage(x_before)
+    x_before, before = evaluate(generator, discriminator, k_eval)
 
     # 2. REINFORCE on the generator; the discriminator and reference are
     #    frozen (no trainer holds their variables).
@@ -155,17 +162,11 @@ def run(*, quick: bool = False, seed: int = 0,
                                          jax.random.fold_in(k_rl, t), batch)
         rl.train_step(rl_batch)
         history.append((d_reward, kl))
-    x_after, reward_after = evaluate(generator, discriminator, k_eval)
-    cover_after = mixture_coverage(x_after)
+    x_after, after = evaluate(generator, discriminator, k_eval)
     history = np.asarray(jax.device_get(history))
-    result = dict(
-        reward_before=float(reward_before), reward_after=float(reward_after),
-        modes_before=int(cover_before["modes_covered"]),
-        modes_after=int(cover_after["modes_covered"]),
-        high_quality_before=float(cover_before["high_quality"]),
-        high_quality_after=float(cover_after["high_quality"]),
-        kl_last=float(np.mean(history[-10:, 1])),
-        seconds=time.time() - start)
+    result = dict(before=before, after=after,
+                  kl_to_pretrained=float(np.mean(history[-10:, 1])),
+                  seconds=time.time() - start)
     if plot is not None:
         _plot(plot, data[:8].reshape(-1, 2), x_before, x_after, history)
     return result
@@ -192,24 +193,5 @@ def _plot(path, real, before, after, history):
     plt.close(fig)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="short run (about 20 s)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", default=None, help="save a figure here")
-    args = parser.parse_args()
-    r = run(quick=args.quick, seed=args.seed, plot=args.plot)
-    print(f"{'':34s}{'before':>10s}{'after':>10s}")
-    print(f"{'discriminator reward':34s}{r['reward_before']:10.3f}"
-          f"{r['reward_after']:10.3f}")
-    print(f"{'modes covered (of 8)':34s}{r['modes_before']:10d}"
-          f"{r['modes_after']:10d}")
-    print(f"{'high-quality samples':34s}{r['high_quality_before']:10.3f}"
-          f"{r['high_quality_after']:10.3f}")
-    print(f"KL to the pre-trained policy: {r['kl_last']:.3f} "
-          f"({r['seconds']:.1f} s)")
-
-
 if __name__ == "__main__":
-    main()
+    example_main(run, __doc__)

@@ -20,21 +20,21 @@ Run ``python examples/vae_ppo.py [--quick] [--seed N] [--plot out.png]``.
 
 from __future__ import annotations
 
-import argparse
 import time
 
+import distrax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from artifex_fn._src.algorithms.common import distrax
+from artifex_fn.experiments.demo import example_main
+from artifex_fn.families.vae import VAEConfig
+from artifex_fn.ppo import PPOConfig
 from artifex_fn.toy_data import digits_8x8
-from artifex_fn.training import PPOConfig
 from artifex_fn.training import PPOTrainer
-from artifex_fn.training.trainers.vae import VAEConfig
-from artifex_fn.training.trainers.vae import VAETrainer
+from artifex_fn.training import VAETrainer
 
 LATENT, HIDDEN, PIXELS = 8, 64, 64
 
@@ -120,10 +120,9 @@ def run(*, quick: bool = False, seed: int = 0,
         plot: str | None = None) -> dict:
     """Pre-trains the VAE, fine-tunes its encoder with PPO, returns numbers.
 
-    Returns a dict with ``pretrain_elbo`` (last step), ``error_before`` and
-    ``error_after`` (held-out reconstruction error from the mean latent),
-    ``reward_first``/``reward_last`` (mean PPO reward of the first and
-    last rollouts) and ``seconds``.
+    ``before``/``after`` hold ``reconstruction_error`` (held-out, from the
+    mean latent) and ``ppo_reward`` (mean reward of the first rollout / of
+    the last five); plus ``pretrain_elbo`` (last step) and ``seconds``.
     """
     start = time.time()
     pre_steps, ppo_steps, batch = (300, 60, 256) if quick else (1500, 300, 256)
@@ -161,11 +160,12 @@ def run(*, quick: bool = False, seed: int = 0,
             errors.append((t, heldout_error(encoder, decoder, test_x)))
     error_after = float(heldout_error(encoder, decoder, test_x))
     rewards = np.asarray(jax.device_get(rewards))
-    result = dict(pretrain_elbo=float(metrics["elbo"]),
-                  error_before=error_before, error_after=error_after,
-                  reward_first=float(rewards[0]),
-                  reward_last=float(np.mean(rewards[-5:])),
-                  seconds=time.time() - start)
+    result = dict(
+        before=dict(reconstruction_error=error_before,
+                    ppo_reward=float(rewards[0])),
+        after=dict(reconstruction_error=error_after,
+                   ppo_reward=float(np.mean(rewards[-5:]))),
+        pretrain_elbo=float(metrics["elbo"]), seconds=time.time() - start)
     if plot is not None:
         _plot(plot, rewards, errors, vae, test_x[:8], error_before)
     return result
@@ -196,22 +196,5 @@ def _plot(path, rewards, errors, vae, images, error_before):
     plt.close(fig)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="short run (about 20 s)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", default=None, help="save a figure here")
-    args = parser.parse_args()
-    r = run(quick=args.quick, seed=args.seed, plot=args.plot)
-    print(f"pre-trained VAE: ELBO {r['pretrain_elbo']:.2f} nats/image")
-    print(f"{'':32s}{'before':>10s}{'after':>10s}")
-    print(f"{'held-out reconstruction error':32s}{r['error_before']:10.3f}"
-          f"{r['error_after']:10.3f}")
-    print(f"{'PPO mean reward':32s}{r['reward_first']:10.3f}"
-          f"{r['reward_last']:10.3f}")
-    print(f"({r['seconds']:.1f} s)")
-
-
 if __name__ == "__main__":
-    main()
+    example_main(run, __doc__)

@@ -207,8 +207,9 @@ def _grid_point_equals_a_separate_run(config, rows):
 
 
 def test_cli_spreads_seeds_over_host_devices(tmp_path):
-    """In a fresh process ``--devices 2`` splits the CPU into two XLA
-    devices and the runner puts one seed on each."""
+    """In a fresh process (``python -m artifex_fn.experiments.cli``, the
+    console script's entry point) ``--devices 2`` splits the CPU into two
+    XLA devices and the runner puts one seed on each."""
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR="", JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = " ".join(
         f for f in env.get("XLA_FLAGS", "").split()
@@ -227,13 +228,6 @@ def test_cli_spreads_seeds_over_host_devices(tmp_path):
     assert all(math.isfinite(x) for x in summary["points"][0]["after_per_seed"])
 
 
-def test_console_script_entry_point():
-    proc = subprocess.run([sys.executable, "-m", "artifex_fn.experiments.cli",
-                           "train", "--help"], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0 and "--sweep" in proc.stdout
-
-
 # --- runner semantics ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -243,7 +237,7 @@ def small_ppo():
 
 def test_bad_seed_count(small_ppo):
     with pytest.raises(ValueError, match="num_seeds"):
-        runner.run(small_ppo, hparams=cartpole.PPO_HPARAMS, num_seeds=0)
+        runner.run(small_ppo, hparams=cartpole.HPARAMS["ppo"], num_seeds=0)
 
 
 # --- the CartPole programs ----------------------------------------------------
@@ -316,12 +310,12 @@ def test_auto_reset_step_equals_gymnax_step():
 def test_single_run_equals_plain_steps(small_ppo):
     """One seed and no sweep runs the program unbatched; the metrics and
     parameters keep the [1, 1] grid axes and equal plain jitted steps."""
-    res = runner.run(small_ppo, hparams=cartpole.PPO_HPARAMS, num_seeds=1,
+    res = runner.run(small_ppo, hparams=cartpole.HPARAMS["ppo"], num_seeds=1,
                      chunks=3, progress=False)
     assert res.metrics["loss"].shape == (1, 1, 3)
     assert res.after["eval_return"].shape == (1, 1)
     assert res.devices == 1
-    hp = {k: jnp.float32(v) for k, v in cartpole.PPO_HPARAMS.items()}
+    hp = {k: jnp.float32(v) for k, v in cartpole.HPARAMS["ppo"].items()}
     carry = small_ppo.init(jax.random.split(jax.random.PRNGKey(0), 1)[0], hp)
     step = jax.jit(small_ppo.step)
     losses = []
@@ -335,14 +329,14 @@ def test_single_run_equals_plain_steps(small_ppo):
         assert a.shape == (1, 1) + b.shape
         np.testing.assert_allclose(a[0, 0], b, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="shard_seeds"):
-        runner.run(small_ppo, hparams=cartpole.PPO_HPARAMS, num_seeds=1,
+        runner.run(small_ppo, hparams=cartpole.HPARAMS["ppo"], num_seeds=1,
                    shard_seeds="yes", progress=False)
 
 
 def test_ppo_cartpole_learns_quickly():
     """2 seeds, 40k steps: the evaluation return at least triples."""
     program = cartpole.ppo_program(dict(total_timesteps=40_960, eval_envs=16))
-    res = runner.run(program, hparams=dict(cartpole.PPO_HPARAMS, lr=1e-3),
+    res = runner.run(program, hparams=dict(cartpole.HPARAMS["ppo"], lr=1e-3),
                      num_seeds=2, chunks=1, progress=False)
     before, after = res.before["eval_return"], res.after["eval_return"]
     assert np.all(before < 40)
@@ -354,7 +348,7 @@ def test_ppo_cartpole_learns_quickly():
 def test_reinforce_cartpole_runs_and_improves():
     program = cartpole.reinforce_program(dict(total_episodes=16 * 30,
                                               eval_envs=16))
-    res = runner.run(program, hparams=cartpole.REINFORCE_HPARAMS,
+    res = runner.run(program, hparams=cartpole.HPARAMS["reinforce"],
                      num_seeds=2, chunks=1, progress=False)
     assert res.metrics["episode_return"].shape == (2, 1, 30)
     for k, v in res.metrics.items():
@@ -367,8 +361,12 @@ def test_reinforce_cartpole_runs_and_improves():
 def test_program_rejects_bad_settings():
     with pytest.raises(ValueError, match="num_minibatches"):
         cartpole.ppo_program(dict(num_envs=3, num_steps=5, num_minibatches=4))
-    with pytest.raises(ValueError, match="ppo or reinforce"):
-        cartpole.program("grpo")
+    with pytest.raises(ValueError, match="valid: ppo, reinforce"):
+        experiments.get_task("cartpole").program("grpo", {})
+    with pytest.raises(ValueError, match=r"unknown lm/grpo settings \['nope'\]"):
+        lm.grpo_program(dict(nope=1))
+    with pytest.raises(ValueError, match="num_envs must be an integer"):
+        cartpole.reinforce_program(dict(num_envs=0))
 
 
 # --- the generative tasks, tiny budgets ---------------------------------------
@@ -407,6 +405,15 @@ def test_generative_task_runs_over_seeds_and_sweep(task, algo):
     # Both grid points start from the same pre-trained model per seed.
     np.testing.assert_allclose(res.before[program.score][:, 0],
                                res.before[program.score][:, 1])
+
+
+def test_diffusion_reward_region():
+    from artifex_fn.experiments import diffusion
+    from artifex_fn.toy_data import mixture_means
+    # Modes at 45 and 90 degrees are inside, the others outside.
+    np.testing.assert_array_equal(diffusion.in_region(mixture_means()),
+                                  [0, 1, 1, 0, 0, 0, 0, 0])
+    assert float(diffusion.in_region(jnp.array([0.0, -1.0]))) == 0.0
 
 
 @pytest.mark.parametrize("shape", [(4, 64), (64, 64), (64, 2), (64, 1)])

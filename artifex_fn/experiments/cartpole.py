@@ -17,53 +17,55 @@ REINFORCE (Williams 1992) collects ``num_envs`` whole episodes per update
 (up to the 500-step limit, padding masked) and calls
 :func:`artifex_fn.reinforce.update` with a per-time-step mean baseline.
 
-Hyper-parameters in :data:`PPO_HPARAMS` / :data:`REINFORCE_HPARAMS` are
-traced (sweepable with ``vmap``); :data:`PPO_SETTINGS` /
-:data:`REINFORCE_SETTINGS` change shapes or loop lengths and are static.
+Hyper-parameters in :data:`HPARAMS` are traced (sweepable with ``vmap``);
+:data:`SETTINGS` change shapes or loop lengths and are static. With
+``anneal_lr`` the learning rate falls linearly to 0 over the run, one value
+per iteration (an optax schedule on top of the traced peak ``lr``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from artifex_fn._src.algorithms import ppo
-from artifex_fn._src.algorithms import reinforce
+from artifex_fn import ppo
+from artifex_fn import reinforce
 from artifex_fn.experiments._program import Program
+from artifex_fn.experiments._program import adam
+from artifex_fn.experiments._program import resolve_settings
+from artifex_fn.experiments._program import with_learning_rate
 from artifex_fn.experiments.tasks import Range
 
 # The standard CartPole PPO configuration.
-PPO_SETTINGS = dict(num_envs=4, num_steps=128, total_timesteps=500_000,
-                    num_epochs=4, num_minibatches=4, hidden=64,
-                    anneal_lr=True, value_clip=True, eval_envs=32)
-PPO_HPARAMS = dict(lr=2.5e-4, gamma=0.99, gae_lambda=0.95, clip_param=0.2,
-                   vf_coeff=0.5, entropy_coeff=0.01, max_grad_norm=0.5)
-
-REINFORCE_SETTINGS = dict(num_envs=16, max_steps=500, total_episodes=4_000,
-                          hidden=64, anneal_lr=False, eval_envs=32)
-REINFORCE_HPARAMS = dict(lr=1e-2, gamma=0.99, entropy_coeff=0.0,
-                         max_grad_norm=1.0)
+SETTINGS = dict(
+    ppo=dict(num_envs=4, num_steps=128, total_timesteps=500_000,
+             num_epochs=4, num_minibatches=4, hidden=64, anneal_lr=True,
+             value_clip=True, eval_envs=32),
+    reinforce=dict(num_envs=16, max_steps=500, total_episodes=4_000,
+                   hidden=64, anneal_lr=False, eval_envs=32))
+HPARAMS = dict(
+    ppo=dict(lr=2.5e-4, gamma=0.99, gae_lambda=0.95, clip_param=0.2,
+             vf_coeff=0.5, entropy_coeff=0.01, max_grad_norm=0.5),
+    reinforce=dict(lr=1e-2, gamma=0.99, entropy_coeff=0.0,
+                   max_grad_norm=1.0))
 
 # The valid values of each setting and hyper-parameter, checked before
 # anything is traced (the traced values never reach the configs' checks).
 _COUNT, _FLAG = Range.count(), Range.flag()
-PPO_RANGES = dict(
-    num_envs=_COUNT, num_steps=_COUNT, total_timesteps=_COUNT,
-    num_epochs=_COUNT, num_minibatches=_COUNT, hidden=_COUNT,
-    anneal_lr=_FLAG, value_clip=_FLAG, eval_envs=_COUNT,
-    lr=Range.positive(), gamma=Range.unit(), gae_lambda=Range.unit(),
-    clip_param=Range.non_negative(), vf_coeff=Range.non_negative(),
-    entropy_coeff=Range.non_negative(), max_grad_norm=Range.positive())
-REINFORCE_RANGES = dict(
-    num_envs=_COUNT, max_steps=_COUNT, total_episodes=_COUNT, hidden=_COUNT,
-    anneal_lr=_FLAG, eval_envs=_COUNT,
+_SHARED_RANGES = dict(
+    num_envs=_COUNT, hidden=_COUNT, anneal_lr=_FLAG, eval_envs=_COUNT,
     lr=Range.positive(), gamma=Range.unit(),
     entropy_coeff=Range.non_negative(), max_grad_norm=Range.positive())
+RANGES = dict(
+    ppo=dict(_SHARED_RANGES, num_steps=_COUNT, total_timesteps=_COUNT,
+             num_epochs=_COUNT, num_minibatches=_COUNT, value_clip=_FLAG,
+             gae_lambda=Range.unit(), clip_param=Range.non_negative(),
+             vf_coeff=Range.non_negative()),
+    reinforce=dict(_SHARED_RANGES, max_steps=_COUNT, total_episodes=_COUNT))
 
 
 def check_settings(algo: str, settings: dict) -> None:
@@ -92,10 +94,13 @@ def orthogonal(scale: float = 1.0):
     The same matrix as ``jax.nn.initializers.orthogonal(scale)`` for the
     same key (up to rounding): a Gaussian matrix is drawn as there and
     orthonormalised by classical Gram-Schmidt applied twice, which is its
-    QR factor with a positive diagonal. It avoids LAPACK's QR on purpose:
-    batched over seeds (``vmap``), XLA's CPU runtime in jaxlib 0.10 runs two
-    batched QR calls concurrently, each waiting on the same two-thread pool
-    for the other's work, and the program deadlocks.
+    QR factor with a positive diagonal.
+
+    Workaround for a deadlock in jaxlib 0.10.2 (CPU; pinned in
+    constraints.txt): batched over seeds (``vmap``), XLA's CPU runtime runs
+    two batched LAPACK QR calls concurrently, each waiting on the same
+    two-thread pool for the other's work. Recheck before moving back to
+    ``jax.nn.initializers.orthogonal`` on a newer jaxlib.
     """
 
     def init(key, shape, dtype=jnp.float32):
@@ -214,7 +219,8 @@ class ActorCritic(nnx.Module):
 
 
 def _model_fns(hidden: int, obs_dim: int = 4, num_actions: int = 2):
-    """Returns ``(init_params(key), apply(params, obs) -> (logits, value))``."""
+    """``(init_params(key), apply(params, obs) -> (logits, value),
+    policy(params, obs) -> logits)``."""
     graphdef, _ = nnx.split(ActorCritic(obs_dim, num_actions, hidden,
                                         rngs=nnx.Rngs(0)))
 
@@ -225,44 +231,64 @@ def _model_fns(hidden: int, obs_dim: int = 4, num_actions: int = 2):
     def apply(params, obs):
         return nnx.merge(graphdef, params)(obs)
 
-    return init_params, apply
+    return init_params, apply, lambda params, obs: apply(params, obs)[0]
 
 
-def _optimizer():
-    # The learning rate lives in the optimiser state (inject_hyperparams), so
-    # it can be traced, swept and annealed while the transformation is static.
-    return optax.inject_hyperparams(optax.adam)(learning_rate=0.0, eps=1e-5)
+def _optimizer(s, num_updates: int, steps_per_update: int):
+    """Adam at the traced ``lr``; with ``anneal_lr`` scaled by an optax
+    linear schedule from 1 to 0, one value per iteration (its
+    ``steps_per_update`` optimiser steps)."""
+    if not s["anneal_lr"]:
+        return adam(eps=1e-5)
+    linear = optax.linear_schedule(1.0, 0.0, num_updates)
+    return adam(eps=1e-5, schedule=lambda count: linear(
+        count // steps_per_update))
 
 
-def _set_lr(opt_state, lr):
-    return opt_state._replace(
-        hyperparams={**opt_state.hyperparams, "learning_rate": lr})
+def _episodes(env, env_params, policy, num_envs: int, max_steps: int):
+    """``(params, key) -> trajectory`` of ``num_envs`` fresh episodes.
 
+    Runs ``max_steps`` steps without resets; the trajectory holds ``[E, T]``
+    arrays ``obs``, ``action`` (sampled from ``policy(params, obs)``
+    logits with Gumbel noise drawn before the scan), ``reward`` (0 after
+    the episode's end), ``terminated`` and ``mask`` (1 while it runs).
+    """
+    def episodes(params, key):
+        k_reset, k_act, k_step = jax.random.split(key, 3)
+        obs, env_state = jax.vmap(env.reset, (0, None))(
+            jax.random.split(k_reset, num_envs), env_params)
 
-def _evaluate(env, env_params, apply, num_envs: int):
-    """Mean undiscounted return of ``num_envs`` fresh episodes (sampled actions)."""
-    max_steps = int(env_params.max_steps_in_episode)
-
-    def evaluate(params, key):
-        key, reset_key = jax.random.split(key)
-        obs, state = jax.vmap(env.reset, (0, None))(
-            jax.random.split(reset_key, num_envs), env_params)
-
-        def body(carry, step_key):
-            obs, state, alive, total = carry
-            logits, _ = apply(params, obs)
-            k1, k2 = jax.random.split(step_key)
-            action = jax.random.categorical(k1, logits)
-            obs, state, reward, terminated, _ = jax.vmap(
+        def env_step(c, noise):
+            obs, env_state, alive = c
+            gumbel, step_keys = noise
+            action = jnp.argmax(policy(params, obs) + gumbel, axis=-1)
+            next_obs, env_state, reward, terminated, _ = jax.vmap(
                 env.step_env, (0, 0, 0, None))(
-                    jax.random.split(k2, num_envs), state, action, env_params)
-            total = total + reward * alive
+                    step_keys, env_state, action, env_params)
+            transition = dict(obs=obs, action=action, reward=reward * alive,
+                              terminated=terminated, mask=alive)
             alive = alive * (1.0 - terminated.astype(jnp.float32))
-            return (obs, state, alive, total), None
+            return (next_obs, env_state, alive), transition
 
-        init = (obs, state, jnp.ones(num_envs), jnp.zeros(num_envs))
-        (_, _, _, total), _ = jax.lax.scan(
-            body, init, jax.random.split(key, max_steps))
+        noise = (jax.random.gumbel(k_act, (max_steps, num_envs, 2)),
+                 jax.random.split(k_step, max_steps * num_envs).reshape(
+                     max_steps, num_envs, -1))
+        _, traj = jax.lax.scan(env_step, (obs, env_state, jnp.ones(num_envs)),
+                               noise)
+        return jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1), traj)
+
+    return episodes
+
+
+def _evaluate(env, env_params, policy, num_envs: int):
+    """``evaluate(carry, key, hparams)``: the mean undiscounted return of
+    ``num_envs`` fresh episodes (sampled actions)."""
+    episodes = _episodes(env, env_params, policy, num_envs,
+                         int(env_params.max_steps_in_episode))
+
+    def evaluate(carry, key, hp):
+        del hp
+        total = jnp.sum(episodes(carry["train"].params, key)["reward"], 1)
         return dict(eval_return=jnp.mean(total),
                     eval_return_min=jnp.min(total))
 
@@ -271,18 +297,17 @@ def _evaluate(env, env_params, apply, num_envs: int):
 
 def ppo_program(settings: dict | None = None) -> Program:
     """PPO on CartPole-v1 (see the module docstring)."""
-    s = dict(PPO_SETTINGS, **(settings or {}))
+    s = resolve_settings("cartpole/ppo", SETTINGS["ppo"], RANGES["ppo"],
+                         settings)
+    check_settings("ppo", s)
     env, env_params = _env()
     num_envs, num_steps = s["num_envs"], s["num_steps"]
     batch = num_envs * num_steps
     num_updates = max(1, s["total_timesteps"] // batch)
-    if batch % s["num_minibatches"]:
-        raise ValueError(
-            f"`num_minibatches`={s['num_minibatches']} must divide "
-            f"num_envs*num_steps={batch}.")
-    init_params, apply = _model_fns(s["hidden"])
-    optimizer = _optimizer()
-    evaluate_params = _evaluate(env, env_params, apply, s["eval_envs"])
+    init_params, apply, policy = _model_fns(s["hidden"])
+    optimizer = _optimizer(s, num_updates,
+                           s["num_epochs"] * s["num_minibatches"])
+    evaluate = _evaluate(env, env_params, policy, s["eval_envs"])
     env_step_fn = _auto_reset_step(env, env_params)
 
     def config(hp):
@@ -298,13 +323,12 @@ def ppo_program(settings: dict | None = None) -> Program:
     def init(key, hp):
         k_params, k_env, k_state, k_run = jax.random.split(key, 4)
         params = init_params(k_params)
-        state = ppo.init(params, config(hp), key=k_state)
-        state = state.replace(opt_state=_set_lr(state.opt_state, hp["lr"]))
+        state = with_learning_rate(ppo.init(params, config(hp), key=k_state),
+                                   hp["lr"])
         obs, env_state = jax.vmap(env.reset, (0, None))(
             jax.random.split(k_env, num_envs), env_params)
         return dict(train=state, obs=obs, env_state=env_state, key=k_run,
-                    ep_return=jnp.zeros(num_envs),
-                    last_return=jnp.zeros(()), iteration=jnp.zeros((), jnp.int32))
+                    ep_return=jnp.zeros(num_envs), last_return=jnp.zeros(()))
 
     def step(carry, hp):
         train = carry["train"]
@@ -348,11 +372,6 @@ def ppo_program(settings: dict | None = None) -> Program:
                       log_probs=traj["log_prob"], values=traj["value"],
                       rewards=traj["reward"], dones=traj["terminated"],
                       truncated=truncated, next_values=next_values)
-        if s["anneal_lr"]:
-            frac = 1.0 - carry["iteration"].astype(jnp.float32) / num_updates
-        else:
-            frac = 1.0
-        train = train.replace(opt_state=_set_lr(train.opt_state, hp["lr"] * frac))
         train, metrics = ppo.update(train, batch_)
         last_return = jnp.where(done_count > 0,
                                 done_sum / jnp.maximum(done_count, 1),
@@ -360,16 +379,10 @@ def ppo_program(settings: dict | None = None) -> Program:
         metrics = dict(metrics, episode_return=last_return,
                        episodes=done_count.astype(jnp.float32))
         carry = dict(train=train, obs=obs, env_state=env_state, key=key,
-                     ep_return=ep_return, last_return=last_return,
-                     iteration=carry["iteration"] + 1)
+                     ep_return=ep_return, last_return=last_return)
         return carry, metrics
 
-    def evaluate(carry, key, hp):
-        del hp
-        return evaluate_params(carry["train"].params, key)
-
     return Program(init=init, step=step, evaluate=evaluate,
-                   params=lambda c: c["train"].params,
                    num_iterations=num_updates, samples_per_iteration=batch,
                    curve="episode_return", score="eval_return",
                    description="PPO on CartPole-v1 (gymnax)")
@@ -377,16 +390,15 @@ def ppo_program(settings: dict | None = None) -> Program:
 
 def reinforce_program(settings: dict | None = None) -> Program:
     """REINFORCE on CartPole-v1 with whole episodes (see the module docstring)."""
-    s = dict(REINFORCE_SETTINGS, **(settings or {}))
+    s = resolve_settings("cartpole/reinforce", SETTINGS["reinforce"],
+                         RANGES["reinforce"], settings)
     env, env_params = _env()
     num_envs, max_steps = s["num_envs"], s["max_steps"]
     num_updates = max(1, s["total_episodes"] // num_envs)
-    init_params, apply = _model_fns(s["hidden"])
-    optimizer = _optimizer()
-    evaluate_params = _evaluate(env, env_params, apply, s["eval_envs"])
-
-    def policy(params, obs):
-        return apply(params, obs)[0]
+    init_params, _, policy = _model_fns(s["hidden"])
+    optimizer = _optimizer(s, num_updates, 1)
+    evaluate = _evaluate(env, env_params, policy, s["eval_envs"])
+    episodes = _episodes(env, env_params, policy, num_envs, max_steps)
 
     def config(hp):
         return reinforce.REINFORCEConfig(
@@ -397,76 +409,22 @@ def reinforce_program(settings: dict | None = None) -> Program:
     def init(key, hp):
         k_params, k_state, k_run = jax.random.split(key, 3)
         state = reinforce.init(init_params(k_params), config(hp), key=k_state)
-        state = state.replace(opt_state=_set_lr(state.opt_state, hp["lr"]))
-        return dict(train=state, key=k_run,
-                    iteration=jnp.zeros((), jnp.int32))
+        return dict(train=with_learning_rate(state, hp["lr"]), key=k_run)
 
     def step(carry, hp):
-        train = carry["train"]
-        params = train.params
-        key, reset_key, rollout_key = jax.random.split(carry["key"], 3)
-        obs, env_state = jax.vmap(env.reset, (0, None))(
-            jax.random.split(reset_key, num_envs), env_params)
-
-        def env_step(c, noise):
-            obs, env_state, alive = c
-            gumbel, step_keys = noise
-            logits = policy(params, obs)
-            action = jnp.argmax(logits + gumbel, axis=-1)
-            next_obs, env_state, reward, terminated, _ = jax.vmap(
-                env.step_env, (0, 0, 0, None))(
-                    step_keys, env_state, action, env_params)
-            transition = dict(obs=obs, action=action, reward=reward * alive,
-                              terminated=terminated, mask=alive)
-            alive = alive * (1.0 - terminated.astype(jnp.float32))
-            return (next_obs, env_state, alive), transition
-
-        k_act, k_step = jax.random.split(rollout_key)
-        noise = (jax.random.gumbel(k_act, (max_steps, num_envs, 2)),
-                 jax.random.split(k_step, max_steps * num_envs).reshape(
-                     max_steps, num_envs, -1))
-        _, traj = jax.lax.scan(env_step, (obs, env_state, jnp.ones(num_envs)),
-                               noise)
-        traj = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1), traj)
+        key, k_episodes = jax.random.split(carry["key"])
+        traj = episodes(carry["train"].params, k_episodes)
         batch_ = dict(observations=traj["obs"], actions=traj["action"],
                       rewards=traj["reward"], dones=traj["terminated"],
                       mask=traj["mask"])
-        if s["anneal_lr"]:
-            frac = 1.0 - carry["iteration"].astype(jnp.float32) / num_updates
-        else:
-            frac = 1.0
-        train = train.replace(opt_state=_set_lr(train.opt_state, hp["lr"] * frac))
-        train, metrics = reinforce.update(train, batch_)
+        train, metrics = reinforce.update(carry["train"], batch_)
         episode_return = jnp.mean(jnp.sum(traj["reward"], axis=1))
         metrics = dict(metrics, episode_return=episode_return,
                        episodes=jnp.asarray(num_envs, jnp.float32))
-        return dict(train=train, key=key,
-                    iteration=carry["iteration"] + 1), metrics
-
-    def evaluate(carry, key, hp):
-        del hp
-        return evaluate_params(carry["train"].params, key)
+        return dict(train=train, key=key), metrics
 
     return Program(init=init, step=step, evaluate=evaluate,
-                   params=lambda c: c["train"].params,
                    num_iterations=num_updates,
                    samples_per_iteration=num_envs * max_steps,
                    curve="episode_return", score="eval_return",
                    description="REINFORCE on CartPole-v1 (gymnax)")
-
-
-def program(algo: str, settings: dict | None = None) -> Program:
-    """The CartPole program for ``algo`` in ``{"ppo", "reinforce"}``."""
-    if algo == "ppo":
-        return ppo_program(settings)
-    if algo == "reinforce":
-        return reinforce_program(settings)
-    raise ValueError(f"cartpole supports --algo ppo or reinforce, got {algo!r}.")
-
-
-HPARAMS: dict[str, dict[str, Any]] = dict(ppo=PPO_HPARAMS,
-                                          reinforce=REINFORCE_HPARAMS)
-SETTINGS: dict[str, dict[str, Any]] = dict(ppo=PPO_SETTINGS,
-                                           reinforce=REINFORCE_SETTINGS)
-RANGES: dict[str, dict[str, Range]] = dict(ppo=PPO_RANGES,
-                                           reinforce=REINFORCE_RANGES)

@@ -31,9 +31,10 @@ def _host_devices(requested: str, parser) -> None:
 
     The runner then spreads the seeds over them (one core each): the
     seeds of a small network like CartPole's keep a core busy each, and one
-    program's operations are too small to use two cores. No effect on GPUs
-    and TPUs, when ``XLA_FLAGS`` already sets a device count, or when JAX's
-    backends already exist in this process.
+    program's operations are too small to use two cores. Sets JAX's
+    ``jax_num_cpu_devices`` option; no effect on GPUs and TPUs, when
+    ``XLA_FLAGS`` already sets a device count, or when JAX's backends
+    already exist in this process (the option then refuses a change).
     """
     if requested == "auto":
         n = min(os.cpu_count() or 1, 8)
@@ -45,17 +46,14 @@ def _host_devices(requested: str, parser) -> None:
         if n < 1:
             parser.error(f"--devices must be 'auto' or an int >= 1, got "
                          f"{requested!r}.")
-    flags = os.environ.get("XLA_FLAGS", "")
-    if n <= 1 or "xla_force_host_platform_device_count" in flags:
+    if n <= 1 or "xla_force_host_platform_device_count" in os.environ.get(
+            "XLA_FLAGS", ""):
         return
+    import jax
     try:
-        from jax._src import xla_bridge
-        if xla_bridge.backends_are_initialized():
-            return
-    except (ImportError, AttributeError):  # pragma: no cover - jax internals
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:   # the backends exist: too late to split the CPU
         pass
-    os.environ["XLA_FLAGS"] = (
-        flags + f" --xla_force_host_platform_device_count={n}").strip()
 
 
 def _parse_assignment(text: str, flag: str, parser):

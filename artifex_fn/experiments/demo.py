@@ -10,11 +10,14 @@ curve and a checkpoint under ``--out``:
 3. GRPO (DDPO) on a 2-D diffusion model, rewarded when its samples land in
    a wedge holding 2 of the 8 modes of its training data.
 
-It ends with a table of the before/after figures.
+It ends with a table of the before/after figures. :func:`example_main` is
+the command line of the scripts in ``examples/``.
 """
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import os
 import time
 
@@ -72,3 +75,31 @@ def _table(rows) -> str:
         lines.append(f"| {name} | {score} | {before:.3f} | {after:.3f} | "
                      f"{worst:.3f} | {seeds} | {wall:.0f} |")
     return "\n".join(lines)
+
+
+def example_main(run, doc: str, argv=None) -> dict:
+    """The command line of the scripts in ``examples/``.
+
+    Parses ``--quick``, ``--seed N`` and, when ``run`` takes ``plot``,
+    ``--plot PATH``; calls ``run`` with them and prints the table of its
+    result's ``before`` and ``after`` dicts (same keys), then its other
+    numbers (``seconds``, ...). Returns the result.
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="the short run that the tests check")
+    parser.add_argument("--seed", type=int, default=0)
+    if "plot" in inspect.signature(run).parameters:
+        parser.add_argument("--plot", metavar="PATH",
+                            help="save a figure there")
+    result = run(**vars(parser.parse_args(argv)))
+    width = max(len(name) for name in result["before"]) + 2
+    print(f"{'':{width}}{'before':>10}{'after':>10}")
+    for name, before in result["before"].items():
+        print(f"{name:{width}}" + "".join(
+            f"{v:10d}" if isinstance(v, int) else f"{v:10.3f}"
+            for v in (before, result["after"][name])))
+    for name, value in result.items():
+        if isinstance(value, (int, float)):
+            print(f"{name}: {value:.4g}")
+    return result

@@ -5,8 +5,8 @@ steps learns the 8-mode ring :func:`artifex_fn.toy_data.gaussian_mixture_2d`
 (modes at angles ``k * 45`` degrees, radius 2, std 0.1). The noise predictor
 ``eps_theta(x_t, t)`` is a small MLP with a learned timestep embedding,
 trained by ``lax.scan`` over :func:`artifex_fn.families.diffusion.update`
-(loss ``E ||eps - eps_theta(x_t, t)||^2``, Adam with a cosine-decayed step
-size, an EMA of the weights). The schedule is Nichol & Dhariwal's cosine
+(loss ``E ||eps - eps_theta(x_t, t)||^2``, Adam with a step size
+cosine-decayed by an optax schedule, an EMA of the weights). The schedule is Nichol & Dhariwal's cosine
 with betas clipped at ``max_beta = 0.5`` instead of 0.999: with 20 steps the
 last beta would otherwise be ~1 and the first reverse step would scale the
 predicted noise by ``1 / sqrt(1 - beta_T) ~ 32``, so that tiny weight changes
@@ -108,12 +108,15 @@ eval_samples=128, num_groups=4, group_size=4)`` (``num_pairs`` for dpo);
 compilation then dominates. To keep that short, the network's weights come
 from one normal draw and the pre-training data, timesteps and noise are
 drawn before the loop (``pretrain_steps * pretrain_batch * 5`` floats).
+The pre-training, chains, reward and evaluation are public:
+``examples/diffusion_grpo.py`` fine-tunes the same model with the NNX
+trainers.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +127,11 @@ from jax import lax
 from artifex_fn import dpo
 from artifex_fn import grpo
 from artifex_fn.experiments._program import Program
+from artifex_fn.experiments._program import adam
+from artifex_fn.experiments._program import gaussian_init
+from artifex_fn.experiments._program import resolve_settings
+from artifex_fn.experiments._program import scalars
+from artifex_fn.experiments._program import with_learning_rate
 from artifex_fn.experiments.tasks import Range
 from artifex_fn.families import diffusion
 from artifex_fn.families.diffusion import EpsMLP
@@ -136,14 +144,14 @@ EMA_DECAY = 0.999
 # Final pre-training step size as a fraction of the peak (cosine decay).
 PRETRAIN_LR_FLOOR = 0.05
 
-_COMMON_SETTINGS = dict(hidden=128, pretrain_steps=800, pretrain_batch=512,
-                        inner_updates=2, eval_samples=1024)
-GRPO_SETTINGS = dict(_COMMON_SETTINGS, iterations=30, num_groups=32,
-                     group_size=8)
-GRPO_HPARAMS = dict(lr=3e-4, beta=0.01, clip_param=0.2, pretrain_lr=5e-3)
-DPO_SETTINGS = dict(_COMMON_SETTINGS, iterations=30, num_pairs=128,
-                    group_size=4)
-DPO_HPARAMS = dict(lr=3e-4, beta=1.0, label_smoothing=0.0, pretrain_lr=5e-3)
+MODEL_SETTINGS = dict(hidden=128, pretrain_steps=800, pretrain_batch=512)
+_COMMON_SETTINGS = dict(MODEL_SETTINGS, inner_updates=2, eval_samples=1024,
+                        iterations=30)
+SETTINGS = dict(grpo=dict(_COMMON_SETTINGS, num_groups=32, group_size=8),
+                dpo=dict(_COMMON_SETTINGS, num_pairs=128, group_size=4))
+HPARAMS = dict(
+    grpo=dict(lr=3e-4, beta=0.01, clip_param=0.2, pretrain_lr=5e-3),
+    dpo=dict(lr=3e-4, beta=1.0, label_smoothing=0.0, pretrain_lr=5e-3))
 
 # The valid values of each setting and hyper-parameter, checked before
 # anything is traced. A group needs two chains (GRPO: the advantage of a
@@ -156,10 +164,11 @@ _COMMON_RANGES = dict(hidden=_COUNT, pretrain_steps=_COUNT,
                       eval_samples=_COUNT, iterations=_COUNT,
                       group_size=Range.count(2), lr=Range.positive(),
                       pretrain_lr=Range.positive())
-GRPO_RANGES = dict(_COMMON_RANGES, num_groups=_COUNT,
-                   beta=Range.non_negative(), clip_param=Range.non_negative())
-DPO_RANGES = dict(_COMMON_RANGES, num_pairs=_COUNT, beta=Range.positive(),
-                  label_smoothing=Range(0.0, 0.5, hi_open=True))
+RANGES = dict(
+    grpo=dict(_COMMON_RANGES, num_groups=_COUNT, beta=Range.non_negative(),
+              clip_param=Range.non_negative()),
+    dpo=dict(_COMMON_RANGES, num_pairs=_COUNT, beta=Range.positive(),
+             label_smoothing=Range(0.0, 0.5, hi_open=True)))
 
 
 def in_region(x):
@@ -168,66 +177,31 @@ def in_region(x):
     return ((angle >= WEDGE[0]) & (angle <= WEDGE[1])).astype(jnp.float32)
 
 
-def _model_fns(hidden: int):
-    """``(init_params(key), eps_apply(params, x_t, t))`` for :class:`EpsMLP`.
+def ddpm_config(**fields) -> diffusion.DiffusionConfig:
+    """The DDPM: ``T = 20`` steps, cosine betas clipped at 0.5, EMA."""
+    return diffusion.DiffusionConfig(
+        num_timesteps=NUM_TIMESTEPS, schedule="cosine", max_beta=0.5,
+        ema_decay=EMA_DECAY, **fields)
 
-    ``init_params`` fills the module's parameter tree from ONE normal draw:
-    kernels ``[fan_in, fan_out]`` get std ``1 / sqrt(fan_in)`` (LeCun
-    normal), the ``t`` embedding ``[T, hidden]`` std ``1 / sqrt(hidden)``,
-    biases zeros: the scales NNX's default initialisers use, without one
-    PRNG call per layer (each such call adds a threefry kernel to compile).
-    """
-    graphdef, template = nnx.split(
+
+def schedule() -> diffusion.NoiseSchedule:
+    return diffusion.schedule_of(ddpm_config())
+
+
+def model_fns(hidden: int):
+    """``(graphdef, init_params(key), eps_apply(params, x_t, t))`` for
+    :class:`EpsMLP` (see
+    :func:`~artifex_fn.experiments._program.gaussian_init`)."""
+    graphdef, init_params = gaussian_init(
         EpsMLP(NUM_TIMESTEPS, hidden, rngs=nnx.Rngs(0)))
-    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-
-    def scale(path, leaf):
-        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        if "bias" in names:
-            return 0.0
-        if "embedding" in names:
-            return 1.0 / math.sqrt(leaf.shape[1])
-        return 1.0 / math.sqrt(leaf.shape[0])
-
-    shapes = [leaf.shape for _, leaf in paths_leaves]
-    scales = [scale(path, leaf) for path, leaf in paths_leaves]
-    sizes = [math.prod(shape) for shape in shapes]
-    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-
-    def init_params(key):
-        z = jax.random.normal(key, (sum(sizes),))
-        leaves = [s_ * z[o:o + n].reshape(shape)
-                  for s_, o, n, shape in zip(scales, offsets, sizes, shapes)]
-        return jax.tree_util.tree_unflatten(treedef, leaves)
 
     def eps_apply(params, x_t, t):
         return nnx.merge(graphdef, params)(x_t, t)
 
-    return init_params, eps_apply
+    return graphdef, init_params, eps_apply
 
 
-def _optimizer():
-    # The step size lives in the optimiser state (inject_hyperparams) so it
-    # can be traced and swept while the transformation stays static.
-    return optax.inject_hyperparams(optax.adam)(learning_rate=0.0)
-
-
-def _set_lr(opt_state, lr):
-    return opt_state._replace(
-        hyperparams={**opt_state.hyperparams, "learning_rate": lr})
-
-
-def _scalars(metrics):
-    return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-
-
-def _diffusion_config(eps_apply):
-    return diffusion.DiffusionConfig(
-        num_timesteps=NUM_TIMESTEPS, schedule="cosine", max_beta=0.5,
-        ema_decay=EMA_DECAY, apply=eps_apply, optimizer=_optimizer())
-
-
-def _pretrain(key, hp, s, init_params, eps_apply):
+def pretrain(key, s, init_params, eps_apply, pretrain_lr):
     """DDPM pre-training by ``lax.scan``.
 
     ``pretrain_steps`` Adam steps on fresh batches ``[pretrain_batch, 2]``
@@ -235,10 +209,14 @@ def _pretrain(key, hp, s, init_params, eps_apply):
     ``PRETRAIN_LR_FLOOR`` of it. Returns ``(ema_params, losses
     [pretrain_steps])``.
     """
-    config = _diffusion_config(eps_apply)
-    k_params, k_state, k_data, k_t, k_noise = jax.random.split(key, 5)
-    state = diffusion.init(init_params(k_params), config, key=k_state)
     steps, batch = s["pretrain_steps"], s["pretrain_batch"]
+    config = ddpm_config(apply=eps_apply, optimizer=adam(
+        schedule=optax.cosine_decay_schedule(1.0, steps,
+                                             alpha=PRETRAIN_LR_FLOOR)))
+    k_params, k_state, k_data, k_t, k_noise = jax.random.split(key, 5)
+    state = with_learning_rate(
+        diffusion.init(init_params(k_params), config, key=k_state),
+        pretrain_lr)
     # All data, timesteps and noise drawn up front (three PRNG calls to
     # compile instead of four inside the loop body).
     data = dict(
@@ -246,58 +224,83 @@ def _pretrain(key, hp, s, init_params, eps_apply):
         t=jax.random.randint(k_t, (steps, batch), 0, NUM_TIMESTEPS),
         noise=jax.random.normal(k_noise, (steps, batch, 2)))
 
-    def body(state, inputs):
-        i, minibatch = inputs
-        frac = 0.5 * (1.0 + jnp.cos(jnp.pi * i / steps))
-        lr = hp["pretrain_lr"] * (PRETRAIN_LR_FLOOR
-                                  + (1.0 - PRETRAIN_LR_FLOOR) * frac)
-        state = state.replace(opt_state=_set_lr(state.opt_state, lr))
+    def body(state, minibatch):
         state, metrics = diffusion.update(state, minibatch)
         return state, metrics["loss"]
 
-    state, losses = lax.scan(
-        body, state, (jnp.arange(steps, dtype=jnp.float32), data))
+    state, losses = lax.scan(body, state, data)
     return state.ema_params, losses
 
 
-def _grouped_chains(eps_apply, params, schedule, k_T, k_chain, num_starts,
-                    group):
-    """``num_starts * group`` chains; each run of ``group`` shares its ``x_T``."""
+def pretrained_model(key, *, pretrain_lr: float = 5e-3, **settings):
+    """A pre-trained :class:`EpsMLP` (an NNX module, the EMA weights) and
+    its loss curve; ``settings`` override :data:`MODEL_SETTINGS`."""
+    s = dict(MODEL_SETTINGS, **settings)
+    graphdef, init_params, eps_apply = model_fns(s["hidden"])
+    params, losses = jax.jit(functools.partial(
+        pretrain, s=s, init_params=init_params, eps_apply=eps_apply))(
+            key, pretrain_lr=pretrain_lr)
+    return nnx.merge(graphdef, params), losses
+
+
+def grouped_chains(eps_apply, params, key, num_starts: int, group: int):
+    """``num_starts * group`` chains (:func:`diffusion.sample_chain`); each
+    run of ``group`` consecutive chains shares its ``x_T``."""
+    k_T, k_chain = jax.random.split(key)
     x_T = jnp.repeat(jax.random.normal(k_T, (num_starts, 2)), group, axis=0)
-    return diffusion.sample_chain(eps_apply, params, x_T, k_chain, schedule)
+    return diffusion.sample_chain(eps_apply, params, x_T, k_chain,
+                                  schedule())
 
 
-def _make_evaluate(eps_apply, schedule, num_samples: int):
-    def evaluate(params, ref_params, key):
-        x_T_key, chain_key = jax.random.split(key)
-        x_T = jax.random.normal(x_T_key, (num_samples, 2))
-        x0, trajectory, _ = diffusion.sample_chain(eps_apply, params, x_T,
-                                                   chain_key, schedule)
-        kl = diffusion.chain_kl(eps_apply, params, ref_params, trajectory,
-                                schedule)
-        cov = mixture_coverage(x0)
-        return _scalars(dict(
-            in_region=jnp.mean(in_region(x0)),
-            modes_covered=cov["modes_covered"],
-            high_quality=cov["high_quality"],
-            mode_entropy=cov["mode_entropy"],
-            kl_to_pretrained=jnp.mean(kl)))
-    return evaluate
+def evaluate_chains(eps_apply, params, ref_params, key, n: int):
+    """Metrics of ``n`` fresh chains: ``in_region`` (fraction in the
+    wedge), ``modes_covered``, ``high_quality``, ``mode_entropy`` and
+    ``kl_to_pretrained`` (see the module docstring)."""
+    x0, trajectory, _ = grouped_chains(eps_apply, params, key, n, 1)
+    kl = diffusion.chain_kl(eps_apply, params, ref_params, trajectory,
+                            schedule())
+    cov = mixture_coverage(x0)
+    return scalars(dict(
+        in_region=jnp.mean(in_region(x0)),
+        modes_covered=cov["modes_covered"], high_quality=cov["high_quality"],
+        mode_entropy=cov["mode_entropy"], kl_to_pretrained=jnp.mean(kl)))
 
 
-def _program(algo: str, s: dict) -> Program:
-    init_params, eps_apply = _model_fns(s["hidden"])
-    schedule = diffusion.schedule_of(_diffusion_config(eps_apply))
-    policy = diffusion.ddpo_policy(eps_apply, schedule)
-    optimizer = _optimizer()
-    evaluate_params = _make_evaluate(eps_apply, schedule, s["eval_samples"])
+def _pairs(trajectory, num_starts: int, group: int):
+    """Online Diffusion-DPO pairs: per start, a best and a worst chain;
+    ties masked (see the module docstring). Returns ``(pairs, metrics)``."""
+    rewards = in_region(trajectory[-1]).reshape(num_starts, group)
+    # Only the (observation, action) layout of ddpo_batch is used here:
+    # both sides are re-scored by the policy and the reference.
+    chains = diffusion.ddpo_batch(
+        trajectory, jnp.zeros(trajectory.shape[:2])[1:])
+    chains = jax.tree_util.tree_map(
+        lambda x: x.reshape((num_starts, group) + x.shape[1:]),
+        dict(observations=chains["observations"], actions=chains["actions"]))
+    decisive = (jnp.max(rewards, 1) > jnp.min(rewards, 1)).astype(
+        jnp.float32)
+    mask = jnp.broadcast_to(decisive[:, None], (num_starts, NUM_TIMESTEPS))
+
+    def side(index):
+        return dict(jax.tree_util.tree_map(
+            lambda x: jax.vmap(lambda xi, i: xi[i])(x, index), chains),
+            mask=mask)
+
+    pairs = dict(chosen=side(jnp.argmax(rewards, axis=1)),
+                 rejected=side(jnp.argmin(rewards, axis=1)))
+    return pairs, dict(mean_reward=jnp.mean(rewards),
+                       decisive_pairs=jnp.mean(decisive))
+
+
+def _program(algo: str, settings) -> Program:
+    s = resolve_settings(f"diffusion/{algo}", SETTINGS[algo], RANGES[algo],
+                         settings)
+    _, init_params, eps_apply = model_fns(s["hidden"])
+    policy = diffusion.ddpo_policy(eps_apply, schedule())
+    optimizer = adam()
     group = s["group_size"]
-    if algo == "grpo":
-        num_starts = s["num_groups"]
-    else:
-        num_starts = s["num_pairs"]
-        if group < 2:
-            raise ValueError(f"dpo needs `group_size` >= 2, got {group}.")
+    num_starts = s["num_groups"] if algo == "grpo" else s["num_pairs"]
+    module = grpo if algo == "grpo" else dpo
 
     def config(hp):
         if algo == "grpo":
@@ -311,97 +314,45 @@ def _program(algo: str, s: dict) -> Program:
 
     def init(key, hp):
         k_pre, k_state, k_run = jax.random.split(key, 3)
-        params, _ = _pretrain(k_pre, hp, s, init_params, eps_apply)
-        module = grpo if algo == "grpo" else dpo
+        params, _ = pretrain(k_pre, s, init_params, eps_apply,
+                             hp["pretrain_lr"])
         state = module.init(params, config(hp), key=k_state,
                             ref_params=params)
-        state = state.replace(opt_state=_set_lr(state.opt_state, hp["lr"]))
-        return dict(train=state, key=k_run)
-
-    def grpo_batch(state, k_T, k_chain):
-        _, trajectory, log_probs = _grouped_chains(
-            eps_apply, state.params, schedule, k_T, k_chain, num_starts, group)
-        batch = diffusion.ddpo_batch(trajectory, log_probs,
-                                     in_region(trajectory[-1]))
-        # Reference log-probs once per rollout, not once per inner update.
-        return grpo.with_reference_log_probs(state, batch), {}
-
-    def dpo_batch(state, k_T, k_chain):
-        _, trajectory, _ = _grouped_chains(
-            eps_apply, state.params, schedule, k_T, k_chain, num_starts, group)
-        rewards = in_region(trajectory[-1]).reshape(num_starts, group)
-        # Only the (observation, action) layout of ddpo_batch is used here:
-        # both sides are re-scored by the policy and the reference.
-        chains = diffusion.ddpo_batch(
-            trajectory, jnp.zeros(trajectory.shape[:2])[1:])
-        chains = jax.tree_util.tree_map(
-            lambda x: x.reshape((num_starts, group) + x.shape[1:]),
-            dict(observations=chains["observations"],
-                 actions=chains["actions"]))
-        best = jnp.argmax(rewards, axis=1)
-        worst = jnp.argmin(rewards, axis=1)
-        decisive = (jnp.max(rewards, 1) > jnp.min(rewards, 1)).astype(
-            jnp.float32)
-        mask = jnp.broadcast_to(decisive[:, None], (num_starts, NUM_TIMESTEPS))
-
-        def side(index):
-            return dict(jax.tree_util.tree_map(
-                lambda x: jax.vmap(lambda xi, i: xi[i])(x, index), chains),
-                mask=mask)
-
-        batch = dpo.with_reference_log_probs(
-            state, dict(chosen=side(best), rejected=side(worst)))
-        return batch, dict(mean_reward=jnp.mean(rewards),
-                           decisive_pairs=jnp.mean(decisive))
-
-    make_batch = grpo_batch if algo == "grpo" else dpo_batch
-    update = grpo.update if algo == "grpo" else dpo.update
+        return dict(train=with_learning_rate(state, hp["lr"]), key=k_run)
 
     def step(carry, hp):
+        del hp
         state = carry["train"]
-        state = state.replace(opt_state=_set_lr(state.opt_state, hp["lr"]))
-        key, k_T, k_chain = jax.random.split(carry["key"], 3)
-        batch, extra = make_batch(state, k_T, k_chain)
-
-        def inner(state, _):
-            return update(state, batch)
-
-        state, metrics = lax.scan(inner, state, None,
-                                  length=s["inner_updates"])
+        key, k_chains = jax.random.split(carry["key"])
+        _, trajectory, log_probs = grouped_chains(
+            eps_apply, state.params, k_chains, num_starts, group)
+        if algo == "grpo":
+            batch, extra = diffusion.ddpo_batch(
+                trajectory, log_probs, in_region(trajectory[-1])), {}
+        else:
+            batch, extra = _pairs(trajectory, num_starts, group)
+        # Reference log-probs once per rollout, not once per inner update.
+        batch = module.with_reference_log_probs(state, batch)
+        state, metrics = lax.scan(lambda st, _: module.update(st, batch),
+                                  state, None, length=s["inner_updates"])
         metrics = jax.tree_util.tree_map(lambda m: m[-1], metrics)
-        return (dict(train=state, key=key),
-                _scalars(dict(metrics, **extra)))
+        return dict(train=state, key=key), scalars(dict(metrics, **extra))
 
     def evaluate(carry, key, hp):
         del hp
         state = carry["train"]
-        return evaluate_params(state.params, state.ref_params, key)
+        return evaluate_chains(eps_apply, state.params, state.ref_params, key,
+                               s["eval_samples"])
 
     description = ("GRPO (DDPO) steering a 2-D DDPM into a wedge"
                    if algo == "grpo" else
                    "online Diffusion-DPO steering a 2-D DDPM into a wedge")
     return Program(init=init, step=step, evaluate=evaluate,
-                   params=lambda c: c["train"].params,
                    num_iterations=s["iterations"],
                    samples_per_iteration=num_starts * group,
                    curve="mean_reward",
                    score="in_region", description=description)
 
 
-SETTINGS: dict[str, dict[str, Any]] = dict(grpo=GRPO_SETTINGS,
-                                           dpo=DPO_SETTINGS)
-HPARAMS: dict[str, dict[str, Any]] = dict(grpo=GRPO_HPARAMS,
-                                          dpo=DPO_HPARAMS)
-RANGES: dict[str, dict[str, Range]] = dict(grpo=GRPO_RANGES, dpo=DPO_RANGES)
-
-
-def program(algo: str, settings: dict | None = None) -> Program:
-    """The 2-D diffusion program for ``algo`` in ``{"grpo", "dpo"}``."""
-    if algo not in SETTINGS:
-        raise ValueError(
-            f"diffusion supports --algo {' or '.join(SETTINGS)}, got {algo!r}.")
-    unknown = set(settings or {}) - set(SETTINGS[algo])
-    if unknown:
-        raise ValueError(f"unknown diffusion/{algo} settings {sorted(unknown)}; "
-                         f"valid: {sorted(SETTINGS[algo])}.")
-    return _program(algo, dict(SETTINGS[algo], **(settings or {})))
+grpo_program = functools.partial(_program, "grpo")
+dpo_program = functools.partial(_program, "dpo")

@@ -10,8 +10,7 @@ Every run is laid out on a grid ``[S seeds, V sweep values]``:
   to the host (for the progress bar and ``metrics.jsonl``).
 
 With several devices (GPUs, or a CPU split into one XLA host device per
-core with ``--xla_force_host_platform_device_count``, as ``artifex-fn``
-does) the seed axis is split across them: ``jax.jit`` over a one-axis
+core with JAX's ``jax_num_cpu_devices`` option, as ``artifex-fn`` does) the seed axis is split across them: ``jax.jit`` over a one-axis
 ``seed`` mesh, each device running its seeds' share of the same vmapped
 program with no communication. On a 2-core CPU that halves the wall time of
 8 CartPole PPO seeds (``benchmarks/bench_cartpole.py``). Results are those

@@ -109,8 +109,8 @@ class Task:
 
     Attributes:
       name: the ``--task`` name.
-      module: module holding ``SETTINGS``, ``HPARAMS`` (dicts keyed by
-        algorithm) and ``program(algo, settings)``.
+      module: module holding ``SETTINGS``, ``HPARAMS`` and ``RANGES``
+        (dicts keyed by algorithm) and ``<algo>_program(settings)``.
       algos: valid ``--algo`` values.
       steps_key: per algorithm, the setting that ``--steps`` sets.
       steps_unit: what one step of ``--steps`` is, for ``--help``.
@@ -133,7 +133,8 @@ class Task:
         return dict(self.load().HPARAMS[algo])
 
     def program(self, algo: str, settings: dict[str, Any]):
-        return self.load().program(algo, settings)
+        check_algo(self, algo)
+        return getattr(self.load(), f"{algo}_program")(settings)
 
     def ranges(self, algo: str) -> dict[str, Range]:
         """The valid :class:`Range` of every setting and hyper-parameter."""

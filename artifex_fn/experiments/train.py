@@ -82,12 +82,7 @@ def check_sweep(t, algo: str, name: str, values) -> list[float]:
 
 
 def _check_int(label: str, value, minimum: int) -> int:
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-            or not math.isfinite(value) or value != int(value)
-            or value < minimum):
-        raise ValueError(f"{label} must be an integer >= {minimum}, got "
-                         f"{value!r}.")
-    return int(value)
+    return tasks_lib.Range.count(minimum).check(label, value)
 
 
 def resolve(task: str, algo: str, *, steps: int | None = None,
