@@ -1,21 +1,23 @@
 """PPO on CartPole-v1: the library's compiled program against a hand-written one.
 
-Prints environment steps per second (median of ``--repeats`` runs after the
-compile), compile time, and the wall time of S seeds relative to one seed.
-The process splits the CPU into one XLA host device per core (at most 8),
-as ``artifex-fn`` does.
+Prints environment steps per second (median of ``--repeats`` interleaved
+rounds after the compile), compile time, and each program's ratio to the
+baseline with the same seeds.
 
 * ``baseline``: ``cartpole_baseline.py``, plain JAX + optax, no library,
-  seeds ``vmap``-ed on one device (the usual fully-jitted recipe);
+  written as PureJaxRL's ``ppo.py`` is (per-step keys,
+  ``jax.random.permutation``, returns of finished episodes), seeds
+  ``vmap``-ed;
 * ``library``: :func:`artifex_fn.experiments.cartpole.ppo_program`, seeds
-  ``vmap``-ed and split over the host devices (as the CLI runs it); the
-  8-seed run is repeated on one device, and the baseline on all devices,
-  so that every ratio has its like-for-like partner;
+  ``vmap``-ed;
 
-all run as 8 calls of one compiled ``lax.scan`` over 1/8 of the
-iterations, the carry kept on the device;
-* ``runner``: :func:`artifex_fn.experiments.run` as the CLI calls it (20
-  compiled chunks, metrics to the host after each, progress bar off).
+both as 8 calls of one compiled ``lax.scan`` over 1/8 of the iterations,
+the carry kept on the device. The one-device rows run in this process with
+JAX's default CPU set-up, as a user's program does (a process split into
+several XLA host devices gives each one part of the CPU, which slows a
+one-device program down by up to 3x). The multi-device rows
+(``--devices auto`` of the CLI: one host device per core, seeds split over
+them) and the CLI's chunked runner run in a child process split that way.
 
 Usage: ``python benchmarks/bench_cartpole.py [--quick] [--repeats R]``.
 """
@@ -24,10 +26,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+CHILD = "--multi-device" in sys.argv
+if CHILD and "xla_force_host_platform_device_count" not in os.environ.get(
+        "XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
         f"{min(os.cpu_count() or 1, 8)}").strip()
@@ -48,6 +53,8 @@ def main():
     parser.add_argument("--quick", action="store_true",
                         help="100k steps instead of 500k")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--multi-device", action="store_true",
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     steps = 100_000 if args.quick else 500_000
 
@@ -101,13 +108,18 @@ def main():
 
     # Compile everything first, then time the programs in interleaved
     # rounds so that load changes on the machine hit all of them alike.
-    plan = [("baseline", base_init, base_update, seeds, False)
-            for seeds in (1, 4, 8)]
-    plan += [("library", lib_init, lib_update, seeds, True)
-             for seeds in (1, 4, 8)]
-    if jax.device_count() > 1:
-        plan += [("baseline", base_init, base_update, 8, True),
-                 ("library", lib_init, lib_update, 8, False)]
+    if not CHILD:
+        plan = [(name, init, update, seeds, False)
+                for seeds in (1, 4, 8)
+                for name, init, update in (
+                    ("baseline", base_init, base_update),
+                    ("library", lib_init, lib_update))]
+    else:
+        plan = [(name, init, update, seeds, True)
+                for seeds in (4, 8)
+                for name, init, update in (
+                    ("baseline", base_init, base_update),
+                    ("library", lib_init, lib_update))]
     entries = []
     for name, init, update, seeds, split in plan:
         keys = jax.random.split(jax.random.PRNGKey(0), seeds)
@@ -133,7 +145,7 @@ def main():
 
     # The CLI path: chunked runner with metrics copied back per chunk.
     runner_rows = []
-    for seeds in (1, 8):
+    for seeds in ((1, 8) if CHILD else ()):
         times = []
         for _ in range(max(1, args.repeats - 1)):
             result = runner.run(program, hparams=cartpole.HPARAMS["ppo"],
@@ -143,28 +155,40 @@ def main():
                             float(np.median(times)),
                             float(np.mean(result.after["eval_return"]))))
 
-    base1 = next(r for r in rows if r[0] == "baseline" and r[1] == 1)[4]
-    lib1 = next(r for r in rows if r[0] == "library" and r[1] == 1)[4]
-    print(f"\nPPO CartPole-v1, {steps:,} env steps per seed, "
-          f"{os.cpu_count()} cores, {jax.device_count()} "
-          f"{jax.default_backend()} devices, median of {args.repeats}\n")
-    print("| program | seeds | devices | compile s | run s | env steps/s "
-          "| vs baseline 1 seed | wall vs same program 1 seed | "
-          "final train return |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    if not CHILD:
+        print(f"\nPPO CartPole-v1, {steps:,} env steps per seed, "
+              f"{os.cpu_count()} cores, jax {jax.__version__}, "
+              f"{_cpu_name()}, median of {args.repeats} interleaved rounds\n")
+        print("| program | seeds | devices | compile s | run s | env steps/s "
+              "| library / baseline | final train return |")
+        print("|---|---|---|---|---|---|---|---|")
     for name, seeds, devices, c, t, ret in rows:
-        one = base1 if name == "baseline" else lib1
-        sps = seeds * steps / t
+        base = next(r for r in rows if r[0] == "baseline" and r[1] == seeds)
+        ratio = (f"{base[4] / t:.2f}x" if name == "library" else "")
         print(f"| {name} | {seeds} | {devices} | {c:.1f} | {t:.2f} | "
-              f"{sps:,.0f} | {sps / (steps / base1):.2f}x | "
-              f"{t / one:.2f}x | {ret:.0f} |")
+              f"{seeds * steps / t:,.0f} | {ratio} | {ret:.0f} |")
     for seeds, c, t, ret in runner_rows:
-        sps = seeds * steps / t
         devices = runner._seed_sharding(seeds)
         devices = 1 if devices is None else len(devices.device_set)
         print(f"| runner (CLI path, 20 chunks) | {seeds} | {devices} | "
-              f"{c:.1f} | {t:.2f} | {sps:,.0f} | {sps / (steps / base1):.2f}x"
-              f" | {t / runner_rows[0][2]:.2f}x | eval {ret:.0f} |")
+              f"{c:.1f} | {t:.2f} | {seeds * steps / t:,.0f} | | "
+              f"eval {ret:.0f} |")
+    if not CHILD:
+        sys.stdout.flush()
+        subprocess.run([sys.executable, os.path.abspath(__file__),
+                        "--multi-device", "--repeats", str(args.repeats)]
+                       + (["--quick"] if args.quick else []), check=True)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
 
 
 if __name__ == "__main__":

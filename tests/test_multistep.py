@@ -933,3 +933,66 @@ def test_length_one_trajectories(method):
         [[0.5], [3.0]])
     np.testing.assert_allclose(afn.discounted_returns(jnp.array([3.0]), **kw),
                                [3.0])
+
+
+@pytest.mark.parametrize("batch,length,layout", [
+    (3, 40, ("column", 3)),       # few rows: time slices read in place
+    (24, 30, ("column", 8)),      # groups of 8 rows
+    (12, 1024, ("column", 4)),    # 4 KiB rows: groups of 4 rows
+    (30, 24, ("column", 10)),     # groups of another divisor near 8
+    (17, 24, ("time_major", None)),  # no group size divides: transposed
+])
+def test_gae_cpu_layouts(batch, length, layout):
+    """Every CPU layout of the sequential scan matches the reference, with
+    masks (NaN in the padding), per-step gamma, terminations and truncations,
+    ``T + 1`` values, ``bootstrap_value`` and ``next_values``; gradients
+    stay finite."""
+    from artifex_fn._src import multistep
+    if jax.default_backend() == "cpu":
+        assert multistep._cpu_layout((batch, length), 1, 4) == layout
+    rng = np.random.default_rng(batch)
+    shape = (batch, length)
+    r = rng.normal(size=shape).astype(np.float32)
+    v = rng.normal(size=(batch, length + 1)).astype(np.float32)
+    nv = rng.normal(size=shape).astype(np.float32)
+    g = rng.uniform(0.5, 1.0, size=shape).astype(np.float32)
+    term = rng.random(shape) < 0.05
+    trunc = rng.random(shape) < 0.05
+    valid = rng.integers(1, length + 1, size=batch)
+    mask = np.arange(length)[None] < valid[:, None]
+    for i, n in enumerate(valid):
+        r[i, n:] = np.nan
+        v[i, n + 1:] = np.nan
+        nv[i, n:] = np.nan
+    kw = dict(gamma=g, lambda_=0.9, terminated=term, truncated=trunc,
+              mask=mask)
+    cases = (
+        (v, {}),
+        (v[:, :-1], dict(bootstrap_value=np.where(valid == length, v[:, -1],
+                                                  0.0))),
+        (v[:, :-1], dict(next_values=nv)),
+    )
+    for values, extra in cases:
+        got = jax.jit(lambda r, values: afn.gae_advantages(
+            r, values, method="scan", **kw, **extra))(r, values)
+        want = aft.np_gae_advantages(r, values, **kw, **extra)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=RTOL,
+                                   atol=ATOL)
+        assert np.all(np.asarray(got)[~mask] == 0)
+        got = jax.jit(lambda r, values: afn.lambda_returns(
+            r, values, method="scan", **kw, **extra))(r, values)
+        want = aft.np_lambda_returns(r, values, **kw, **extra)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=RTOL,
+                                   atol=ATOL)
+    kw_ret = dict(gamma=g, terminated=term, truncated=trunc, mask=mask,
+                  next_values=nv)
+    got = jax.jit(lambda r: afn.discounted_returns(
+        r, method="scan", **kw_ret))(r)
+    np.testing.assert_allclose(
+        np.asarray(got), aft.np_discounted_returns(r, **kw_ret), rtol=RTOL,
+        atol=ATOL)
+    grad = jax.grad(lambda r, values: jnp.sum(afn.gae_advantages(
+        r, values, method="scan", stop_target_gradients=False, **kw)),
+        argnums=(0, 1))(r, v)
+    for x in grad:
+        assert np.all(np.isfinite(np.asarray(x)))

@@ -32,13 +32,16 @@ Conventions (shared by every function here):
 All three quantities solve one reverse linear recurrence
 ``x_t = a_t + b_t x_{t+1}``. ``method="scan"`` runs a sequential
 ``lax.scan`` that forms ``a_t`` and ``b_t`` inside the step from the inputs
-that were given (the fastest on CPU); ``method="associative"`` builds every
+that were given (the fastest on CPU, where with time on the last axis it
+reads each step's slice in place, a few rows at a time, instead of
+transposing); ``method="associative"`` builds every
 ``(a_t, b_t)`` and composes the affine maps with ``lax.associative_scan``
 (log-depth, meant for accelerators and long horizons).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import jax
@@ -202,15 +205,47 @@ def _check_inputs(rewards, values, *, terminated, truncated, next_values,
     return rewards, axis, shape
 
 
+# Row strides (bytes) that are a multiple of this make the rows of a
+# [B, T] array map onto few cache sets.
+_ALIASING_STRIDE = 4096
+
+
+def _cpu_layout(shape, axis, itemsize):
+    """How the sequential scan reads its inputs: ``(layout, group)``.
+
+    ``("column", g)``: in the caller's layout, reading one time slice per
+    step (no transpose), ``g`` rows at a time (``lax.map`` over groups of
+    ``g`` rows when there are more); ``("time_major", None)``: transposed to
+    time-major first. Measured on CPU (benchmarks/bench_returns.py): the
+    transposes XLA emits cost more than the recurrence itself, and column
+    reads are fastest while a group's rows stay in the caches: about 8 rows
+    (a divisor of the batch in 6-16), or 4 when a row is a multiple of 4 KiB
+    long (its rows then share cache sets).
+    """
+    if jax.default_backend() != "cpu" or axis != len(shape) - 1:
+        return "time_major", None
+    batch = math.prod(shape[:-1])
+    if batch <= 8:
+        return "column", batch
+    aliasing = (shape[-1] * itemsize) % _ALIASING_STRIDE == 0
+    for group in ((4,) if aliasing else (8, 10, 12, 6, 16)):
+        if batch % group == 0:
+            return "column", group
+    return "time_major", None
+
+
 def _scan_path(kind, rewards, values, *, gamma, lambda_, terminated,
-               truncated, next_values, bootstrap_value, mask, time_axis):
+               truncated, next_values, bootstrap_value, mask, time_axis,
+               layout="time_major", group=None):
     """Sequential reverse scan that forms the coefficients inside the step.
 
-    Only the arrays that were given are moved to time-major; the value
-    after the last step enters through the initial carry. This keeps the
-    work outside the loop to a few transposes, which is what dominates on
-    CPU (benchmarks/bench_returns.py). ``kind`` is ``"returns"``,
-    ``"lambda"`` or ``"gae"``.
+    With ``layout="time_major"`` only the arrays that were given are moved
+    to time-major; with ``layout="column"`` (time on the last axis) none
+    is moved and each step reads its time slice in place, for ``group``
+    rows at a time. The value after the last step enters through the
+    initial carry. This keeps the work outside the loop to a few transposes
+    (or none), which is what dominates on CPU (benchmarks/bench_returns.py).
+    ``kind`` is ``"returns"``, ``"lambda"`` or ``"gae"``.
     """
     rewards, axis, shape = _check_inputs(
         rewards, values, terminated=terminated, truncated=truncated,
@@ -221,9 +256,11 @@ def _scan_path(kind, rewards, values, *, gamma, lambda_, terminated,
     out_dtype, dt = checks.float_dtypes(rewards, values, next_values,
                                         bootstrap_value)
 
+    column = layout == "column"
+
     def time_major(x):
         x = jnp.broadcast_to(jnp.asarray(x), shape)
-        return jnp.moveaxis(x, axis, 0).astype(dt)
+        return x.astype(dt) if column else jnp.moveaxis(x, axis, 0).astype(dt)
 
     xs = {"r": time_major(rewards)}
     for key, x in (("d", terminated), ("u", truncated), ("m", mask)):
@@ -240,7 +277,14 @@ def _scan_path(kind, rewards, values, *, gamma, lambda_, terminated,
     v_last = (jnp.zeros(batch_shape, dt) if bootstrap_value is None else
               jnp.broadcast_to(jnp.asarray(bootstrap_value),
                                batch_shape).astype(dt))
-    if values is not None:
+    if values is not None and column:
+        # Kept whole: steps read v[t] for t < T only, so no slice copy.
+        v = jnp.asarray(values).astype(dt)
+        if v.shape[axis] == length + 1:
+            v_last = lax.index_in_dim(v, length, axis, keepdims=False)
+        if kind == "gae" or next_values is None:
+            xs["v"] = v
+    elif values is not None:
         v = jnp.moveaxis(jnp.asarray(values), axis, 0).astype(dt)
         if v.shape[0] == length + 1:
             v_last, v = v[-1], v[:-1]
@@ -248,7 +292,8 @@ def _scan_path(kind, rewards, values, *, gamma, lambda_, terminated,
             xs["v"] = v
     if next_values is not None:
         xs["nv"] = time_major(next_values)
-        v_last = xs["nv"][-1]
+        v_last = (lax.index_in_dim(xs["nv"], length - 1, axis, keepdims=False)
+                  if column else xs["nv"][-1])
     cuts = truncated is not None or mask is not None
 
     def step(carry, x):
@@ -283,8 +328,34 @@ def _scan_path(kind, rewards, values, *, gamma, lambda_, terminated,
         return (y, v_next, m_next), y
 
     init_acc = jnp.zeros(batch_shape, dt) if kind == "gae" else v_last
-    _, out = lax.scan(step, (init_acc, v_last, jnp.ones(batch_shape, dt)),
-                      xs, reverse=True)
+    init = (init_acc, v_last, jnp.ones(batch_shape, dt))
+    if column:
+        def rows(xs, init):
+            def body(i, state):
+                carry, out = state
+                t = length - 1 - i
+                x = {key: lax.dynamic_index_in_dim(arr, t, -1, keepdims=False)
+                     for key, arr in xs.items()}
+                carry, y = step(carry, x)
+                return carry, lax.dynamic_update_index_in_dim(out, y, t, -1)
+
+            out = jnp.zeros(init[0].shape + (length,), dt)
+            return lax.fori_loop(0, length, body, (init, out))[1]
+
+        batch = math.prod(batch_shape)
+        if batch <= group:
+            out = rows(xs, init)
+        else:
+            # Groups of rows: (batch // group, group, ...) is a free reshape.
+            def split(x):
+                return x.reshape((batch // group, group) + x.shape[axis:])
+
+            out = lax.map(lambda a: rows(*a),
+                          (jax.tree.map(split, xs),
+                           jax.tree.map(lambda c: c.reshape(
+                               batch // group, group), init)))
+        return out.reshape(shape).astype(out_dtype)
+    _, out = lax.scan(step, init, xs, reverse=True)
     return jnp.moveaxis(out, 0, axis).astype(out_dtype)
 
 
@@ -365,9 +436,12 @@ def _solve(kind, rewards, values, *, method, stop_target_gradients,
            **kwargs):
     """Dispatches to the in-step scan or to the (a, b) form.
 
-    Discounted and lambda-returns form their coefficients inside the scan
-    step (fewest transposes); GAE builds ``a = delta`` and ``b`` in the
-    caller's layout and scans those two arrays. The associative method
+    The sequential scan on CPU picks a layout with :func:`_cpu_layout`:
+    ``"column"`` forms the coefficients inside the step from time slices
+    read in place (no transpose). Otherwise discounted and lambda-returns
+    form their coefficients inside a time-major scan step (fewest
+    transposes) and GAE builds ``a = delta`` and ``b`` in the caller's
+    layout and scans those two arrays time-major. The associative method
     always uses the (a, b) form.
     """
     rewards = jnp.asarray(rewards)
@@ -384,8 +458,15 @@ def _solve(kind, rewards, values, *, method, stop_target_gradients,
     ok = checks.all_ok(
         checks.check_hparam(kwargs["gamma"], "gamma", lo=0.0, hi=1.0),
         checks.check_hparam(kwargs["lambda_"], "lambda_", lo=0.0, hi=1.0))
-    if method == "scan" and kind != "gae":
-        x = checks.nan_unless(ok, _scan_path(kind, rewards, values, **kwargs))
+    layout, group = "time_major", None
+    if method == "scan":
+        _, dt = checks.float_dtypes(rewards, values, kwargs["next_values"],
+                                    kwargs["bootstrap_value"])
+        layout, group = _cpu_layout(tuple(rewards.shape), axis,
+                                    jnp.dtype(dt).itemsize)
+    if method == "scan" and (kind != "gae" or layout == "column"):
+        x = checks.nan_unless(ok, _scan_path(
+            kind, rewards, values, layout=layout, group=group, **kwargs))
         return lax.stop_gradient(x) if stop_target_gradients else x
     _check_inputs(rewards, values, **kwargs)
     terms = _recurrence_terms(rewards, values, **kwargs)
