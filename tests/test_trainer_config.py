@@ -271,3 +271,25 @@ def test_max_grad_norm_clips_the_gradient_everywhere(make):
     step = float(optax.tree.norm([a - b for a, b in zip(after, before)]))
     assert float(metrics["grad_norm"]) > 1e-2
     np.testing.assert_allclose(step, 1e-3, rtol=1e-3)
+
+
+def test_a_user_subclass_may_hold_any_config_object():
+    """Without a ``config_type`` the config is not passed into the compiled
+    step (it may be any object, here a plain class); ``compute_loss``
+    reads ``self.config``."""
+    from artifex_fn.training import Trainer
+
+    class Plain:
+        scale = 2.0
+
+    class Regression(Trainer):
+        def compute_loss(self, model, batch, key):
+            err = model(batch["x"]) - batch["y"]
+            return self.config.scale * jnp.mean(err ** 2), {}
+
+    model = nnx.Linear(D, 1, rngs=nnx.Rngs(0))
+    trainer = Regression(model, _opt(model), Plain())
+    batch = dict(x=_x(), y=jnp.ones((B, 1)))
+    first = float(trainer.train_step(batch)["loss"])
+    assert np.isfinite(first)
+    assert float(trainer.train_step(batch)["loss"]) < first

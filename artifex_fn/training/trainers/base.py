@@ -377,7 +377,11 @@ class Trainer:
 
     def config_arg(self):
         """The config as the compiled steps take it: function fields None
-        (static), numbers as leaves (traced). Cached per config object."""
+        (static), numbers as leaves (traced). Cached per config object.
+        None for a trainer without a ``config_type`` (a user subclass whose
+        config may be any object: it reads ``self.config`` itself)."""
+        if self.config_type is None:
+            return None
         if self._config_cache[0] is not self.config:
             config = self.config
             if dataclasses.is_dataclass(config):
