@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cartpole_baseline  # noqa: E402
+from _machine import cpu_model  # noqa: E402
 
 from artifex_fn.experiments import cartpole  # noqa: E402
 from artifex_fn.experiments import runner  # noqa: E402
@@ -158,7 +159,7 @@ def main():
     if not CHILD:
         print(f"\nPPO CartPole-v1, {steps:,} env steps per seed, "
               f"{os.cpu_count()} cores, jax {jax.__version__}, "
-              f"{_cpu_name()}, median of {args.repeats} interleaved rounds\n")
+              f"{cpu_model()}, median of {args.repeats} interleaved rounds\n")
         print("| program | seeds | devices | compile s | run s | env steps/s "
               "| library / baseline | final train return |")
         print("|---|---|---|---|---|---|---|---|")
@@ -178,17 +179,6 @@ def main():
         subprocess.run([sys.executable, os.path.abspath(__file__),
                         "--multi-device", "--repeats", str(args.repeats)]
                        + (["--quick"] if args.quick else []), check=True)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -56,6 +56,9 @@ import jax.numpy as jnp
 import numpy as np
 import rlax
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import cpu_model  # noqa: E402
+
 import artifex_fn as afn
 from artifex_fn._src.multistep import resolve_method
 
@@ -290,17 +293,6 @@ def _print_table(rows):
         print(fmt(line))
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=None,
@@ -320,7 +312,7 @@ def main(argv=None) -> int:
 
     device = jax.devices()[0]
     print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-          f"CPU: {_cpu_model()}")
+          f"CPU: {cpu_model()}")
     print(f"jax {jax.__version__}, rlax {rlax.__version__}, "
           f"artifex_fn {afn.__version__}, numpy {np.__version__}, "
           f"python {platform.python_version()}")

@@ -256,6 +256,21 @@ def check_optimizer_matches(name, model_name, optimizer, params, opt_state):
             f"`nnx.Optimizer({model_name}, tx, wrt=nnx.Param)`.")
 
 
+def bind_model_and_optimizer(model, optimizer, *, names=("optimizer",
+                                                          "model")):
+    """Bindings ``(params, rest, opt_state, opt_step)`` of a model and its
+    ``nnx.Optimizer`` (checked to belong together), with weakly-typed
+    values made strong so that the first compiled step is the only one."""
+    bindings = (VariableBinding(model, optimizer.wrt),
+                VariableBinding(model, nnx.Not(optimizer.wrt)),
+                VariableBinding.of_tree(optimizer.opt_state),
+                VariableBinding.of_tree(optimizer.step))
+    check_optimizer_matches(*names, optimizer, bindings[0], bindings[2])
+    for binding in bindings:
+        binding.strong_types()
+    return bindings
+
+
 class Trainer:
     """Base trainer over an NNX ``model`` and ``nnx.Optimizer``.
 
@@ -305,15 +320,8 @@ class Trainer:
             config, **{self.optimizer_field: optimizer},
             **self._other_optimizers())
         self.graphdef = nnx.graphdef(model)
-        self._params = VariableBinding(model, optimizer.wrt)
-        self._rest = VariableBinding(model, nnx.Not(optimizer.wrt))
-        self._opt_state = VariableBinding.of_tree(optimizer.opt_state)
-        self._opt_step = VariableBinding.of_tree(optimizer.step)
-        check_optimizer_matches("optimizer", "model", optimizer,
-                                 self._params, self._opt_state)
-        for binding in (self._params, self._rest, self._opt_state,
-                        self._opt_step):
-            binding.strong_types()
+        (self._params, self._rest, self._opt_state,
+         self._opt_step) = bind_model_and_optimizer(model, optimizer)
         self.key = key_data(key)
         self.step = 0
         self.stop_training = False

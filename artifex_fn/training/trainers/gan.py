@@ -24,8 +24,7 @@ from flax import nnx
 from artifex_fn import TrainState
 from artifex_fn.families import gan as _gan
 from artifex_fn.training.trainers.base import Trainer
-from artifex_fn.training.trainers.base import VariableBinding
-from artifex_fn.training.trainers.base import check_optimizer_matches
+from artifex_fn.training.trainers.base import bind_model_and_optimizer
 from artifex_fn.training.trainers.base import check_optimizer_type
 from artifex_fn.training.trainers.base import key_data
 
@@ -86,16 +85,10 @@ class GANTrainer(Trainer):
         self.d_optimizer = d_optimizer
         super().__init__(generator, g_optimizer, config, key=key)
         self.d_graphdef = nnx.graphdef(discriminator)
-        self._d_params = VariableBinding(discriminator, d_optimizer.wrt)
-        self._d_rest = VariableBinding(discriminator,
-                                       nnx.Not(d_optimizer.wrt))
-        self._d_opt_state = VariableBinding.of_tree(d_optimizer.opt_state)
-        self._d_opt_step = VariableBinding.of_tree(d_optimizer.step)
-        check_optimizer_matches("d_optimizer", "discriminator", d_optimizer,
-                                self._d_params, self._d_opt_state)
-        for binding in (self._d_params, self._d_rest, self._d_opt_state,
-                        self._d_opt_step):
-            binding.strong_types()
+        (self._d_params, self._d_rest, self._d_opt_state,
+         self._d_opt_step) = bind_model_and_optimizer(
+             discriminator, d_optimizer,
+             names=("d_optimizer", "discriminator"))
         self._step_fn = jax.jit(self._pure_step)
         self._loss_fn = jax.jit(self._pure_loss)
         self._sample_fn = jax.jit(self._pure_sample,
