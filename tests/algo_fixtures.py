@@ -232,3 +232,30 @@ PROBLEMS = {
 
 def with_fields(config, **fields):
     return dataclasses.replace(config, **fields)
+
+
+def draw_margin(model, prompts, prompt_mask, out, key, *, temperature=1.0,
+                top_k=None, top_p=None):
+    """How far each draw of :func:`artifex_fn.sampling.generate` was from
+    drawing another token: the smallest distance, relative to the total
+    probability, between ``u * total`` and a CDF boundary of the step's
+    sampling distribution, over the steps that were drawn (``out.mask``).
+    Logits are recomputed without the cache; a margin far above float32
+    rounding means two samplers with logits equal to 1e-5 draw the same
+    tokens from the same key."""
+    logits = afn.sampling.completion_logits(model, prompts, out.tokens,
+                                            prompt_mask)
+    x = np.asarray(afn.sampling.transform_logits(
+        logits, temperature=temperature, top_k=top_k, top_p=top_p),
+        np.float64)
+    cdf = np.cumsum(np.exp(x - x.max(-1, keepdims=True)), -1)
+    cdf /= cdf[..., -1:]
+    margin = np.inf
+    for i in range(x.shape[1]):
+        u = 1.0 - np.asarray(jax.random.uniform(
+            jax.random.fold_in(key, i), (x.shape[0], 1)), np.float64)
+        dist = np.abs(cdf[:, i] - u).min(-1)
+        active = np.asarray(out.mask)[:, i] > 0
+        if active.any():
+            margin = min(margin, dist[active].min())
+    return margin

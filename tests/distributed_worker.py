@@ -536,6 +536,57 @@ def run_trainers():
                 metric_names=sorted(metrics[label]))), flush=True)
 
 
+def run_lm_generation():
+    """GRPOTrainer generating from TinyCausalLM (key-value cache, ragged
+    prompts, top-p), sharded over 8 devices against plain: the tokens, the
+    behaviour log-probs, the parameters and the metrics of two steps, and
+    the plain draws' distance from a flip (see ``draw_margin``)."""
+    from flax import nnx
+
+    from algo_fixtures import draw_margin
+    from artifex_fn import sampling
+    from artifex_fn import training
+    gen = sampling.GenerationConfig(max_new_tokens=6, eos_token_id=1,
+                                        top_p=0.95)
+
+    def make():
+        m = afn.families.autoregressive.TinyCausalLM(
+            16, d_model=16, num_heads=2, num_layers=1, rngs=nnx.Rngs(0))
+        return training.GRPOTrainer(
+            m, nnx.Optimizer(m, SGD, wrt=nnx.Param),
+            afn.grpo.GRPOConfig(num_generations=G, beta=0.0),
+            generation=gen, key=0)
+
+    prompts = [[3, 4, 5], [6, 7], [8], [9, 10, 11, 12], [5], [6, 6],
+               [7, 8, 9], [10]]
+    reward = lambda samples, conditions: jnp.mean(
+        (samples == 5).astype(jnp.float32), axis=-1)
+    plain, sharded = make(), make().shard(afn.distributed.make_mesh())
+    padded, mask = sampling.pad_prompts(prompts)
+    padded, mask = np.repeat(padded, G, 0), np.repeat(mask, G, 0)
+    margin, tokens_equal, log_probs = np.inf, True, 0.0
+    metrics = {}
+    for step in range(2):
+        key = jax.random.key(50 + step)   # draws 2e-4 from a flip
+        out = sampling.generate(plain.model, padded, key,
+                                    prompt_mask=mask, **gen.sampling_kwargs())
+        margin = min(margin, draw_margin(plain.model, padded, mask, out, key,
+                                         top_p=0.95))
+        for label, trainer in (("plain", plain), ("8dev", sharded)):
+            metrics[label] = _host(trainer.train_step(
+                dict(observations=prompts), reward, key))
+        a, b = plain.last_rollout, sharded.last_rollout
+        tokens_equal &= bool(np.array_equal(a["samples"], b["samples"]))
+        log_probs = max(log_probs, float(np.max(np.abs(
+            np.asarray(a["log_probs"]) - np.asarray(b["log_probs"])))))
+    print(json.dumps(dict(
+        case="GRPOTrainer-lm", variant="8dev", margin=margin,
+        tokens_equal=tokens_equal, log_probs=log_probs,
+        params=_rel_diff(_trainer_params(sharded), _trainer_params(plain)),
+        metrics=_rel_diff(metrics["8dev"], metrics["plain"]),
+        metric_names=sorted(metrics["8dev"]))), flush=True)
+
+
 def _runner_program():
     """A small program with the runner's whole contract (keys split every
     step, traced hyper-parameters, a pytree carry): noisy gradient descent
@@ -631,6 +682,7 @@ if __name__ == "__main__":
     if MODE == "devices":
         run_devices()
         run_trainers()
+        run_lm_generation()
         run_runner()
     elif MODE == "single":
         run_single(sys.argv[2])

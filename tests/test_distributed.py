@@ -124,6 +124,18 @@ def test_trainer_shard_equals_plain(device_results, trainer):
 
 
 @DEVICES_GROUP
+def test_token_generation_sharded_equals_plain(device_results):
+    """GRPOTrainer on TinyCausalLM (cache, ragged prompts, top-p) sharded
+    over 8 devices: the same tokens (the draws keep their distance from a
+    flip), behaviour log-probs within 1e-5, then the same update."""
+    row = device_results[("GRPOTrainer-lm", "8dev")]
+    assert row["margin"] > TIE_MARGIN, row
+    assert row["tokens_equal"], row
+    assert row["log_probs"] <= TOL, row
+    assert row["params"] <= TOL and row["metrics"] <= TOL, row
+
+
+@DEVICES_GROUP
 def test_runner_splits_seeds_over_devices(device_results):
     """``runner.run`` puts 4 seeds on 4 devices (one each) and trains them
     as on one device (a small noisy-descent program: the runner's contract

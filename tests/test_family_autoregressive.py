@@ -170,7 +170,7 @@ def _logits_model(seed=0, length=8, vocab=10):
 def test_top_k_never_leaves_the_top_k():
     model, apply = _logits_model()
     prompts = jnp.zeros((2000, 2), jnp.int32)
-    comp, mask = jax.jit(lambda k: sampling.generate(
+    comp, mask, _ = jax.jit(lambda k: sampling.generate(
         lambda t: apply(model, t), prompts, k, max_new_tokens=5,
         temperature=3.0, top_k=3))(jax.random.key(0))
     table = np.asarray(model.logits[...])
@@ -198,7 +198,7 @@ def test_zero_temperature_is_greedy():
     assert top_gaps(logits).min() > 1e-2
     expected = logits.argmax(-1)
     for temperature in (0.0, 1e-4):
-        comp, _ = sampling.generate(lambda t: apply(model, t), prompts,
+        comp, _, _ = sampling.generate(lambda t: apply(model, t), prompts,
                                     jax.random.key(3), max_new_tokens=6,
                                     temperature=temperature)
         np.testing.assert_array_equal(comp, np.tile(expected, (4, 1)))
@@ -207,7 +207,7 @@ def test_zero_temperature_is_greedy():
 def test_generation_stops_at_eos_and_pads():
     table = 30.0 * jax.nn.one_hot((jnp.arange(V) + 1) % V, V)
     params = dict(table=table)   # deterministic: 1 -> 2 -> 3 -> 4 -> 0
-    comp, mask = sampling.generate(lambda t: bigram(params, t),
+    comp, mask, _ = sampling.generate(lambda t: bigram(params, t),
                                    jnp.array([[1], [3]]), jax.random.key(0),
                                    max_new_tokens=4, eos_token_id=4,
                                    pad_token_id=0)
@@ -261,7 +261,7 @@ def test_trainer_learns_counting_strings_and_generates():
     # After the first digit the string is determined: NLL -> log(10) / 5.
     assert float(first["nll"]) > 2.0 > 1.0 > float(m["nll"])
     prompts = data(jax.random.key(999), 200)[:, :2]
-    comp, mask = trainer.generate(prompts, key=0, max_new_tokens=4,
+    comp, mask, _ = trainer.generate(prompts, key=0, max_new_tokens=4,
                                   temperature=0.0)
     expected = (prompts[:, 1:2] - 2 + jnp.arange(1, 5)) % 10 + 2
     assert float(jnp.mean(jnp.all(comp == expected, axis=1))) > 0.95

@@ -61,12 +61,12 @@ class Scripted(nnx.Module):
 def test_sample_tokens_stops_at_eos_and_pads():
     prompts = jnp.ones((3, 2), jnp.int32)
     model = Scripted([4, 5, 7, 4, 4], prompt_len=2)
-    comp, mask = sampling.generate(
+    comp, mask, _ = sampling.generate(
         model, prompts, jax.random.key(0), max_new_tokens=5, eos_token_id=7,
         pad_token_id=0)
     np.testing.assert_array_equal(comp, [[4, 5, 7, 0, 0]] * 3)
     np.testing.assert_array_equal(mask, [[1, 1, 1, 0, 0]] * 3)
-    comp, mask = sampling.generate(
+    comp, mask, _ = sampling.generate(
         model, prompts, jax.random.key(0), max_new_tokens=5)
     np.testing.assert_array_equal(comp, [[4, 5, 7, 4, 4]] * 3)
     np.testing.assert_array_equal(mask, 1.0)
@@ -74,7 +74,7 @@ def test_sample_tokens_stops_at_eos_and_pads():
 
 def test_eos_equal_to_pad_and_mask_from_first_eos():
     model = Scripted([3, 3, 2, 1], prompt_len=1)
-    comp, mask = sampling.generate(
+    comp, mask, _ = sampling.generate(
         model, jnp.zeros((2, 1), jnp.int32), jax.random.key(0),
         max_new_tokens=4, eos_token_id=3, pad_token_id=3)
     np.testing.assert_array_equal(comp, [[3, 3, 3, 3]] * 2)

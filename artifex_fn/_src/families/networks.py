@@ -1,7 +1,8 @@
 """Small Flax NNX networks used by the examples, tasks and tests.
 
 * :class:`TinyCausalLM`: a causal transformer language model
-  (``tokens [B, L] -> logits [B, L, V]``);
+  (``tokens [B, L] -> logits [B, L, V]``) with rotary positions and a
+  key-value cache (the decoder protocol of :mod:`artifex_fn.sampling`);
 * :class:`EpsMLP`: a noise-prediction MLP for 2-D diffusion
   (``eps_theta(x_t [N, 2], t [N]) -> [N, 2]``).
 """
@@ -11,8 +12,87 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from artifex_fn._src import checks
+
+# Score of a masked key: finite, so a query with no visible key (a padded
+# position) gets finite (unused) outputs instead of NaN.
+_MASKED = -1e30
+
+
+def rotary(x: jax.Array, positions: jax.Array, *,
+           base: float = 10000.0) -> jax.Array:
+    """Rotary position embedding (Su et al. 2021, "RoFormer").
+
+    Each head vector's two halves ``(x_1, x_2)`` are rotated by the angles
+    ``p * base^{-2i/d}`` of its position ``p``:
+
+    .. math::
+        (x_1, x_2) \\mapsto (x_1 \\cos\\theta - x_2 \\sin\\theta,\\;
+        x_2 \\cos\\theta + x_1 \\sin\\theta),
+
+    so that the dot product of a query and a key depends on their positions
+    only through ``p_q - p_k``.
+
+    Args:
+      x: ``[B, T, H, Dh]`` with ``Dh`` even.
+      positions: ``[B, T]`` integer positions.
+      base: frequency base.
+
+    Returns:
+      ``x`` rotated, in its dtype (angles in float32).
+    """
+    half = x.shape[-1] // 2
+    freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions.astype(jnp.float32)[..., None] * freq   # [B, T, half]
+    cos = jnp.cos(angle)[:, :, None, :]
+    sin = jnp.sin(angle)[:, :, None, :]
+    x1 = x[..., :half].astype(jnp.float32)
+    x2 = x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin],
+                           axis=-1).astype(x.dtype)
+
+
+class CausalSelfAttention(nnx.Module):
+    """Multi-head self-attention with rotary positions and a key-value cache.
+
+    Keys and values of the cache are ``[B, H, S, Dh]``; the ``T`` new
+    tokens are written at slots ``index ... index + T - 1``. Scores and the
+    softmax are computed in float32 whatever the model's dtype.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, *, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.qkv = nnx.Linear(d_model, 3 * d_model, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
+        self.out = nnx.Linear(d_model, d_model, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, h, positions, mask, cache=None, index=None):
+        """``h [B, T, D]``, ``positions [B, T]``, ``mask [B, T, S]`` (bool;
+        ``S = T`` without a cache) -> ``([B, T, D], new layer cache)``."""
+        b, t, d = h.shape
+        heads, dh = self.num_heads, d // self.num_heads
+        qkv = self.qkv(h).reshape(b, t, 3, heads, dh)
+        q = rotary(qkv[:, :, 0], positions)
+        k = rotary(qkv[:, :, 1], positions)
+        v = qkv[:, :, 2]
+        q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # [B, H, T, Dh]
+        if cache is not None:
+            k = lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype),
+                                         (0, 0, index, 0))
+            v = lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype),
+                                         (0, 0, index, 0))
+            cache = dict(k=k, v=v)
+        scores = jnp.einsum("bhtd,bhsd->bhts", q, k.astype(q.dtype),
+                            preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, None], scores / jnp.sqrt(dh), _MASKED)
+        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhts,bhsd->bhtd", weights, v)
+        out = jnp.swapaxes(out, 1, 2).reshape(b, t, d).astype(h.dtype)
+        return self.out(out), cache
 
 
 class CausalBlock(nnx.Module):
@@ -25,69 +105,145 @@ class CausalBlock(nnx.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, mlp_ratio: int, *,
+                 dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
-        self.ln1 = nnx.LayerNorm(d_model, rngs=rngs)
-        self.attn = nnx.MultiHeadAttention(
-            num_heads, d_model, decode=False, keep_rngs=False, rngs=rngs)
-        self.ln2 = nnx.LayerNorm(d_model, rngs=rngs)
-        self.mlp_in = nnx.Linear(d_model, mlp_ratio * d_model, rngs=rngs)
-        self.mlp_out = nnx.Linear(mlp_ratio * d_model, d_model, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.ln1 = nnx.LayerNorm(d_model, **kw)
+        self.attn = CausalSelfAttention(d_model, num_heads, **kw)
+        self.ln2 = nnx.LayerNorm(d_model, **kw)
+        self.mlp_in = nnx.Linear(d_model, mlp_ratio * d_model, **kw)
+        self.mlp_out = nnx.Linear(mlp_ratio * d_model, d_model, **kw)
 
-    def __call__(self, h: jax.Array, mask: jax.Array) -> jax.Array:
-        """``h [B, L, D]``, ``mask [B, 1, L, L]`` -> ``[B, L, D]``."""
-        h = h + self.attn(self.ln1(h), mask=mask)
-        return h + self.mlp_out(nnx.gelu(self.mlp_in(self.ln2(h))))
+    def __call__(self, h, positions, mask, cache=None, index=None):
+        """``h [B, T, D]`` -> ``([B, T, D], new layer cache)``."""
+        a, cache = self.attn(self.ln1(h), positions, mask, cache, index)
+        h = h + a
+        return h + self.mlp_out(nnx.gelu(self.mlp_in(self.ln2(h)))), cache
 
 
 class TinyCausalLM(nnx.Module):
-    """A small causal transformer language model.
+    """A small causal transformer language model with a key-value cache.
 
-    Token and learned position embeddings, ``num_layers`` pre-norm blocks
-    of causal multi-head self-attention (``nnx.MultiHeadAttention`` with
-    ``nnx.make_causal_mask``) and MLP, a final layer norm and a linear
-    head.
+    Token embeddings, ``num_layers`` pre-norm blocks of causal multi-head
+    self-attention with rotary positions (:func:`rotary`) and an MLP, a
+    final layer norm and a linear head. It implements the decoder protocol
+    of :mod:`artifex_fn.sampling`:
+
+    * ``model(tokens [B, T])`` -> logits ``[B, T, V]`` (positions
+      ``0 ... T - 1``, causal);
+    * ``model(tokens, positions=[B, T], attention_mask=[B, S])``: the
+      positions of the tokens and which of them hold real tokens (``0``
+      marks padding; position ``t`` sees position ``s`` iff ``s <= t`` and
+      ``attention_mask[b, s]``), e.g. for left-padded prompts;
+    * ``model.init_cache(batch_size, max_length)`` and
+      ``model(tokens, positions=..., attention_mask=[B, S], cache=cache)``
+      -> ``(logits [B, T, V], cache)``: the ``T`` tokens are written at the
+      cache's next ``T`` slots and attend to the filled slots that
+      ``attention_mask`` (over all ``S = max_length`` slots) marks.
+
+    An ``attention_mask`` of shape ``[B, T, S]`` is used as given (query
+    ``t`` may attend to slot ``s`` iff true).
 
     Args:
       vocab_size: number of tokens ``V``.
-      max_len: longest input the position table covers.
+      max_len: optional longest input (checked; rotary positions have no
+        table, so ``None`` allows any length).
       d_model: width ``D``.
-      num_heads: attention heads (must divide ``D``).
+      num_heads: attention heads (``D / num_heads`` must be even).
       num_layers: number of blocks.
       mlp_ratio: hidden width of the MLP over ``D``.
+      dtype: computation dtype (e.g. ``jnp.bfloat16``); attention scores
+        and softmax are float32.
+      param_dtype: dtype of the parameters.
       rngs: ``nnx.Rngs`` for the initialisation.
     """
 
-    def __init__(self, vocab_size: int, *, max_len: int, d_model: int = 32,
-                 num_heads: int = 2, num_layers: int = 1, mlp_ratio: int = 2,
-                 rngs: nnx.Rngs):
-        for name, value in (("vocab_size", vocab_size), ("max_len", max_len),
-                            ("d_model", d_model), ("num_heads", num_heads),
+    def __init__(self, vocab_size: int, *, max_len: int | None = None,
+                 d_model: int = 32, num_heads: int = 2, num_layers: int = 1,
+                 mlp_ratio: int = 2, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        for name, value in (("vocab_size", vocab_size), ("d_model", d_model),
+                            ("num_heads", num_heads),
                             ("num_layers", num_layers),
                             ("mlp_ratio", mlp_ratio)):
             checks.check_int(value, name, lo=1)
-        if d_model % num_heads:
-            raise ValueError(f"`num_heads` ({num_heads}) must divide "
-                             f"`d_model` ({d_model}).")
+        if max_len is not None:
+            checks.check_int(max_len, "max_len", lo=1)
+        if d_model % num_heads or (d_model // num_heads) % 2:
+            raise ValueError(
+                f"`d_model` ({d_model}) must be `num_heads` ({num_heads}) "
+                f"times an even head width (rotary positions rotate pairs).")
         self.max_len = max_len
-        self.token_embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
-        self.pos_embed = nnx.Embed(max_len, d_model, rngs=rngs)
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.dtype = dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.token_embed = nnx.Embed(vocab_size, d_model, **kw)
         self.blocks = nnx.List([CausalBlock(d_model, num_heads, mlp_ratio,
-                                            rngs=rngs)
+                                            **kw)
                                 for _ in range(num_layers)])
-        self.ln_f = nnx.LayerNorm(d_model, rngs=rngs)
-        self.head = nnx.Linear(d_model, vocab_size, rngs=rngs)
+        self.ln_f = nnx.LayerNorm(d_model, **kw)
+        self.head = nnx.Linear(d_model, vocab_size, **kw)
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """Next-token logits ``[B, L, V]`` for ``tokens [B, L]``."""
-        length = tokens.shape[1]
-        if length > self.max_len:
-            raise ValueError(f"`tokens` has length {length}, more than "
-                             f"max_len={self.max_len}.")
-        h = self.token_embed(tokens) + self.pos_embed(jnp.arange(length))
-        mask = nnx.make_causal_mask(tokens)
-        for block in self.blocks:
-            h = block(h, mask)
-        return self.head(self.ln_f(h))
+    def init_cache(self, batch_size: int, max_length: int, dtype=None):
+        """An empty cache of ``max_length`` slots: ``{"index": 0, "layers":
+        [{"k", "v"}: [B, H, S, Dh]] per block}`` in ``dtype`` (default: the
+        model's)."""
+        checks.check_int(batch_size, "batch_size", lo=1)
+        checks.check_int(max_length, "max_length", lo=1)
+        shape = (batch_size, self.num_heads, max_length, self.head_dim)
+        dtype = self.dtype if dtype is None else dtype
+        return dict(index=jnp.zeros((), jnp.int32),
+                    layers=[dict(k=jnp.zeros(shape, dtype),
+                                 v=jnp.zeros(shape, dtype))
+                            for _ in self.blocks])
+
+    def __call__(self, tokens: jax.Array, *, positions=None,
+                 attention_mask=None, cache=None):
+        """Next-token logits ``[B, T, V]`` for ``tokens [B, T]`` (with a
+        cache: ``(logits, new cache)``)."""
+        tokens = jnp.asarray(tokens)
+        b, t = tokens.shape
+        if cache is None:
+            slots, index = t, jnp.zeros((), jnp.int32)
+        else:
+            slots, index = cache["layers"][0]["k"].shape[2], cache["index"]
+        if self.max_len is not None and slots > self.max_len:
+            raise ValueError(f"`tokens` (with the cache) span {slots} "
+                             f"positions, more than max_len={self.max_len}.")
+        if positions is None:
+            positions = index + jnp.arange(t)
+        positions = jnp.broadcast_to(positions, (b, t))
+        mask = _attention_mask(attention_mask, b, t, slots, index)
+        h = self.token_embed(tokens)
+        layers = []
+        for i, block in enumerate(self.blocks):
+            h, layer = block(h, positions, mask,
+                             None if cache is None else cache["layers"][i],
+                             index)
+            layers.append(layer)
+        logits = self.head(self.ln_f(h))
+        if cache is None:
+            return logits
+        return logits, dict(index=index + t, layers=layers)
+
+
+def _attention_mask(attention_mask, b, t, slots, index):
+    """``[B, T, S]`` bool: causal over the slots, and the key slots marked."""
+    if attention_mask is not None:
+        attention_mask = jnp.asarray(attention_mask)
+        if attention_mask.shape == (b, t, slots):
+            return attention_mask.astype(bool)
+        if attention_mask.shape != (b, slots):
+            raise ValueError(
+                f"`attention_mask` must be [B, S] = {(b, slots)} or [B, T, "
+                f"S] = {(b, t, slots)} (S: the cache's slots, else T), got "
+                f"{tuple(attention_mask.shape)}.")
+    causal = (jnp.arange(slots)[None, :]
+              <= index + jnp.arange(t)[:, None])[None]
+    if attention_mask is None:
+        return jnp.broadcast_to(causal, (b, t, slots))
+    return causal & (attention_mask > 0)[:, None, :]
 
 
 class EpsMLP(nnx.Module):

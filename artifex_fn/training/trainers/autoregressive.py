@@ -63,7 +63,7 @@ class AutoregressiveTrainer(Trainer):
         super().__init__(model, optimizer, config, key=key)
         self.apply_fn = _call if apply_fn is None else apply_fn
         self._generate = jax.jit(self._pure_generate, static_argnames=(
-            "max_new_tokens", "top_k", "eos_token_id", "pad_token_id",
+            "max_new_tokens", "top_k", "stop_token_ids", "pad_token_id",
             "greedy"))
 
     def static_flags(self) -> tuple:
@@ -91,34 +91,45 @@ class AutoregressiveTrainer(Trainer):
             model, batch, key,
             self.trace_config(self.config_arg(), self.static_flags()), None)
 
-    def _pure_generate(self, params, rest, prompts, key, temperature, *,
-                       max_new_tokens, top_k, eos_token_id, pad_token_id,
-                       greedy):
+    def _pure_generate(self, params, rest, prompts, prompt_mask, key,
+                       temperature, top_p, *, max_new_tokens, top_k,
+                       stop_token_ids, pad_token_id, greedy):
         model = nnx.merge(self.graphdef, params, rest)
+        target = (model if self.apply_fn is _call
+                  else functools.partial(self.apply_fn, model))
         return sampling.generate(
-            functools.partial(self.apply_fn, model), prompts, key,
+            target, prompts, key, prompt_mask=prompt_mask,
             max_new_tokens=max_new_tokens,
             temperature=0 if greedy else temperature, top_k=top_k,
-            eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+            top_p=top_p, stop_token_ids=stop_token_ids,
+            pad_token_id=pad_token_id)
 
     def generate(self, prompts, key=None, *, max_new_tokens: int,
-                 temperature: float = 1.0, top_k: int | None = None,
-                 eos_token_id: int | None = None,
-                 pad_token_id: int | None = None):
+                 prompt_mask=None, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | None = None, stop_token_ids=(),
+                 pad_token_id: int | None = None,
+                 prompt_bucketing: str | int | None = "pow2"):
         """Samples completions from the current model (compiled).
 
         Args:
-          prompts: ``[B, Lp]`` integer ids.
+          prompts: ``[B, Lp]`` integer ids (left-padded with
+            ``prompt_mask``), or a list of token lists (ragged).
           key: seed or PRNG key (default: split from the trainer's key).
           max_new_tokens: completion length ``N``.
+          prompt_mask: optional ``[B, Lp]``, ``0`` on the left padding.
           temperature: ``0`` for greedy decoding; other values are traced
-            (no recompilation).
-          top_k: optional top-k sampling.
-          eos_token_id: optional end token.
-          pad_token_id: padding after EOS (default ``config.pad_token_id``).
+            (no recompilation), as is ``top_p``.
+          top_k, top_p: optional top-k / nucleus sampling.
+          eos_token_id, stop_token_ids: tokens that end a completion.
+          pad_token_id: padding (default ``config.pad_token_id``).
+          prompt_bucketing: for a model with the decoder protocol, prompts
+            are left-padded to this bucket (see
+            :func:`artifex_fn.sampling.pad_prompts`).
 
         Returns:
-          ``(completions [B, N], mask [B, N])``.
+          :class:`artifex_fn.sampling.Generation` ``(tokens [B, N], mask
+          [B, N], log_probs [B, N])``.
         """
         check_hparam(temperature, "temperature", lo=0.0)
         if key is None:
@@ -126,10 +137,20 @@ class AutoregressiveTrainer(Trainer):
         else:
             key = key_data(key)
         pad = self.config.pad_token_id if pad_token_id is None else pad_token_id
+        if self.apply_fn is _call and sampling.is_decoder(self.model):
+            prompts, prompt_mask = sampling.pad_prompts(
+                prompts, prompt_mask, pad_token_id=pad,
+                bucketing=prompt_bucketing)
         params, rest, _, _ = self._read()
         greedy = isinstance(temperature, (int, float)) and temperature == 0
+        stops = sampling.GenerationConfig(
+            eos_token_id=eos_token_id, stop_token_ids=stop_token_ids)
+        stops = ((() if eos_token_id is None else (eos_token_id,))
+                 + stops.stop_token_ids)
         return self._generate(
-            params, rest, jnp.asarray(prompts), key,
+            params, rest, jnp.asarray(prompts),
+            None if prompt_mask is None else jnp.asarray(prompt_mask), key,
             jnp.asarray(1.0 if greedy else temperature, jnp.float32),
+            None if top_p is None else jnp.asarray(top_p, jnp.float32),
             max_new_tokens=max_new_tokens, top_k=top_k,
-            eos_token_id=eos_token_id, pad_token_id=pad, greedy=greedy)
+            stop_token_ids=stops, pad_token_id=pad, greedy=greedy)

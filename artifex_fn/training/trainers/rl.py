@@ -90,10 +90,20 @@ def resolve_apply_fn(model, apply_fn=None):
     return _call
 
 
-def _token_apply_fn(apply_fn, temperature):
+def _token_model(apply_fn, model):
+    """What :mod:`artifex_fn.sampling` calls: the model itself when it is
+    called plainly (so that a decoder is used as one), else ``apply_fn``
+    bound to it."""
+    if apply_fn is _call:
+        return model
+    return functools.partial(apply_fn, model)
+
+
+def _token_apply_fn(apply_fn, generation):
     def apply(model, observations):
-        return sampling.token_policy(functools.partial(apply_fn, model),
-                                     observations, temperature)
+        return sampling.token_policy(_token_model(apply_fn, model),
+                                     observations,
+                                     **generation.transform_kwargs())
     return apply
 
 
@@ -133,7 +143,7 @@ class _RLTrainer(Trainer):
     # -- pieces used inside the compiled functions ------------------------
     def _policy_apply_fn(self, apply_fn):
         if self.generation.autoregressive:
-            return _token_apply_fn(apply_fn, self.generation.temperature)
+            return _token_apply_fn(apply_fn, self.generation)
         return apply_fn
 
     def _policy(self, rest):
@@ -281,10 +291,27 @@ class GRPOTrainer(_RLTrainer):
     ``train_step(batch)`` trains on pre-collected groups (keys as in
     :mod:`artifex_fn.grpo`; ``batch["group_size"]`` may override
     ``num_generations``). ``train_step(batch, reward_fn, key)`` generates:
-    each row of ``batch["observations"]`` is repeated ``num_generations`` times, sampled from the
-    current policy, scored by ``reward_fn(samples, conditions)``, and used
-    for one update with its behaviour (and reference) log-probs.
-    ``trainer.last_rollout`` then holds the samples, rewards and mask.
+    each row of ``batch["observations"]`` is repeated ``num_generations``
+    times, sampled from the current policy, scored by
+    ``reward_fn(samples, conditions)``, and used for one update with its
+    behaviour (and reference) log-probs. ``trainer.last_rollout`` then
+    holds the ``samples``, the ``conditions`` they were drawn for, the
+    ``rewards``, the behaviour ``log_probs`` and, for token models, the
+    completion ``mask`` and the ``prompt_mask``.
+
+    Token models (``generation.max_new_tokens`` set) are sampled by
+    :func:`artifex_fn.sampling.generate` with the generation config's
+    temperature, top-k, top-p and stop tokens; the loss scores the
+    completions under the same transformed distribution, and the behaviour
+    log-probs are the sampler's. A model with the decoder protocol (e.g.
+    :class:`~artifex_fn.families.autoregressive.TinyCausalLM`, used without
+    ``apply_fn``) is decoded with its key-value cache, and its prompts may
+    be ragged: ``observations`` a list of token lists, or ``[B, Lp]`` ids
+    with ``batch["prompt_mask"]`` (``0`` on the left padding). Prompts are
+    left-padded to ``generation.prompt_bucketing`` (powers of two by
+    default, so a stream of lengths compiles one program per bucket), and
+    ``reward_fn`` sees them so padded. Under :meth:`shard` generation runs
+    data-parallel like the update.
     """
     _algorithm = _grpo
     config_type = _grpo.GRPOConfig
@@ -319,26 +346,51 @@ class GRPOTrainer(_RLTrainer):
             return batch["observations"]
         return batch
 
-    def _pure_sample(self, params, rest, config, prompts, key):
+    def _decodes(self) -> bool:
+        """Whether generation goes through the decoder protocol (ragged,
+        bucketed prompts and a key-value cache)."""
+        return (self.generation.autoregressive and self.apply_fn is _call
+                and sampling.is_decoder(self.model))
+
+    def _host_prompts(self, batch):
+        """The prompts (and their mask) as the compiled step takes them:
+        for a decoder left-padded to the bucketed length (a list of token
+        lists is accepted), else unchanged."""
+        prompts = self._prompts(batch)
+        mask = batch.get("prompt_mask") if isinstance(batch, dict) else None
+        if self._decodes():
+            gen = self.generation
+            return sampling.pad_prompts(prompts, mask,
+                                        pad_token_id=gen.pad_token_id,
+                                        bucketing=gen.prompt_bucketing)
+        if mask is not None:
+            raise ValueError(
+                "`prompt_mask` (padded prompts) needs a token model with the "
+                "decoder protocol (see artifex_fn.sampling), called without "
+                "`apply_fn`, and `generation.max_new_tokens` set.")
+        return prompts, None
+
+    def _pure_sample(self, params, rest, config, prompts, prompt_mask, key):
         g = config.num_generations
-        conditions = jax.tree_util.tree_map(
-            lambda x: jnp.repeat(x, g, axis=0), prompts)
+        conditions, prompt_mask = jax.tree_util.tree_map(
+            lambda x: jnp.repeat(x, g, axis=0), (prompts, prompt_mask))
         gen = self.generation
-        model_apply = functools.partial(_apply, self.graphdef, rest,
-                                        self.apply_fn, params)
         if gen.autoregressive:
-            completions, mask = sampling.generate(
-                model_apply, conditions, key,
-                max_new_tokens=gen.max_new_tokens,
-                eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
-                temperature=gen.temperature)
-            observations = dict(prompt=conditions, completion=completions)
-            dist = self._policy(rest)(params, observations)
-            log_probs = dist.log_prob(completions)
-            rollout = dict(observations=observations, actions=completions,
-                           log_probs=lax.stop_gradient(log_probs), mask=mask)
-            samples = completions
+            model = (nnx.merge(self.graphdef, params, rest) if rest is not None
+                     else nnx.merge(self.graphdef, params))
+            out = sampling.generate(
+                _token_model(self.apply_fn, model), conditions, key,
+                prompt_mask=prompt_mask, **gen.sampling_kwargs())
+            observations = dict(prompt=conditions, completion=out.tokens)
+            if prompt_mask is not None:
+                observations["prompt_mask"] = prompt_mask
+            rollout = dict(observations=observations, actions=out.tokens,
+                           log_probs=lax.stop_gradient(out.log_probs),
+                           mask=out.mask)
+            samples = out.tokens
         else:
+            model_apply = functools.partial(_apply, self.graphdef, rest,
+                                            self.apply_fn, params)
             samples, log_probs = sampling.sample_one_step(
                 model_apply, conditions, key)
             rollout = dict(observations=conditions, actions=samples,
@@ -355,10 +407,11 @@ class GRPOTrainer(_RLTrainer):
         return rewards
 
     def _pure_generate_update(self, params, rest, opt_state, opt_step, step,
-                              state_key, ref_state, config, prompts, key,
-                              reward_dynamic, *, reward_static):
+                              state_key, ref_state, config, prompts,
+                              prompt_mask, key, reward_dynamic, *,
+                              reward_static):
         rollout, samples, conditions = self._pure_sample(
-            params, rest, config, prompts, key)
+            params, rest, config, prompts, prompt_mask, key)
         reward_fn = _join_callable(reward_static, reward_dynamic)
         rewards = self._check_rewards(reward_fn(samples, conditions),
                                       rollout["log_probs"].shape[0])
@@ -368,8 +421,16 @@ class GRPOTrainer(_RLTrainer):
             config, batch)
         metrics = self._rollout_metrics(metrics, rollout)
         return (params, opt_state, opt_step, state_key, metrics,
-                dict(samples=samples, rewards=rewards,
-                     mask=rollout.get("mask")))
+                self._last_rollout(rollout, samples, conditions, rewards))
+
+    @staticmethod
+    def _last_rollout(rollout, samples, conditions, rewards):
+        """What ``trainer.last_rollout`` holds after a generating step."""
+        obs = rollout["observations"]
+        return dict(samples=samples, conditions=conditions, rewards=rewards,
+                    log_probs=rollout["log_probs"], mask=rollout.get("mask"),
+                    prompt_mask=(obs.get("prompt_mask")
+                                 if isinstance(obs, dict) else None))
 
     @staticmethod
     def _rollout_metrics(metrics, rollout):
@@ -401,7 +462,7 @@ class GRPOTrainer(_RLTrainer):
         if isinstance(batch, dict) and "group_size" in batch:
             config = dataclasses.replace(
                 config, num_generations=_grpo.group_size_of(batch, config))
-        prompts = self._place_batch(self._prompts(batch))
+        prompts, prompt_mask = self._place_batch(self._host_prompts(batch))
         if key is None:
             self.key, key = jax.random.split(self.key)
         else:
@@ -413,11 +474,11 @@ class GRPOTrainer(_RLTrainer):
             (params, opt_state, opt_step, self.key, metrics,
              self.last_rollout) = self._generate_update(
                 params, rest, opt_state, opt_step, np.int32(self.step),
-                self.key, ref, config, prompts, key, dynamic,
+                self.key, ref, config, prompts, prompt_mask, key, dynamic,
                 reward_static=static)
         else:
             rollout, samples, conditions = self._sample(
-                params, rest, config, prompts, key)
+                params, rest, config, prompts, prompt_mask, key)
             rewards = self._check_rewards(reward_fn(samples, conditions),
                                           rollout["log_probs"].shape[0])
             batch = dict(rollout, rewards=rewards)
@@ -425,8 +486,8 @@ class GRPOTrainer(_RLTrainer):
                 params, rest, opt_state, opt_step, np.int32(self.step),
                 self.key, ref, config, batch)
             metrics = self._rollout_metrics(metrics, rollout)
-            self.last_rollout = dict(samples=samples, rewards=rewards,
-                                     mask=rollout.get("mask"))
+            self.last_rollout = self._last_rollout(rollout, samples,
+                                                   conditions, rewards)
         self._write(params, opt_state, opt_step)
         self.step += 1
         return metrics
