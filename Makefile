@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-tunix clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_returns.py
 	$(PY) benchmarks/bench_cartpole.py
 	$(PY) benchmarks/bench_distributed.py
+	$(PY) benchmarks/bench_generation.py
+
+# The generation benchmark with its tunix column (installs google-tunix and
+# its dependencies into the same environment).
+bench-tunix: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[bench-tunix]"
+	$(PY) benchmarks/bench_generation.py
 
 # One test worker per CPU (pytest-xdist; tests marked xdist_group share a
 # worker); `make test PYTEST_ARGS=` runs serially.

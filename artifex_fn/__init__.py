@@ -47,7 +47,7 @@ from artifex_fn import toy_data
 # Scaling out: meshes, data parallel and FSDP placement, multi-host set-up.
 from artifex_fn import distributed
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = (
     "AGGREGATION_MODES",

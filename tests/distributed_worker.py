@@ -546,7 +546,7 @@ def run_lm_generation():
     from algo_fixtures import draw_margin
     from artifex_fn import sampling
     from artifex_fn import training
-    gen = sampling.GenerationConfig(max_new_tokens=6, eos_token_id=1,
+    gen = sampling.GenerationConfig(max_new_tokens=4, eos_token_id=1,
                                         top_p=0.95)
 
     def make():

@@ -108,12 +108,10 @@ def test_model_checks_its_inputs():
 # -- cached against recompute sampling -------------------------------------
 
 SAMPLERS = [dict(temperature=1.0, top_k=None, top_p=None),
-            dict(temperature=0.7, top_k=6, top_p=None),
-            dict(temperature=1.3, top_k=None, top_p=0.8),
-            dict(temperature=1.0, top_k=10, top_p=0.9)]
+            dict(temperature=0.7, top_k=10, top_p=0.9)]
 
 
-@pytest.mark.parametrize("kw", SAMPLERS, ids=["t1", "topk", "topp", "both"])
+@pytest.mark.parametrize("kw", SAMPLERS, ids=["plain", "top_k_top_p"])
 def test_cached_and_recompute_samplers_draw_the_same_tokens(kw):
     prompts, mask = sampling.pad_prompts(
         [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [15]], bucketing=8)
@@ -350,8 +348,8 @@ def test_grpo_first_update_is_on_policy_with_top_k_and_top_p():
 
 
 def test_prompt_buckets_bound_the_compilations():
-    trainer = _grpo()
-    for i, length in enumerate((3, 5, 6, 7, 9, 12, 16, 4)):
+    trainer = _grpo(max_new_tokens=2)
+    for i, length in enumerate((3, 5, 7, 9, 16, 4)):
         batch = dict(observations=np.full((2, length), 3, np.int32),
                      prompt_mask=np.ones((2, length)))
         trainer.train_step(batch, reward, jax.random.key(i))
