@@ -61,8 +61,21 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+# Tokenizers and pre-trained models that tasks cache on disk
+# (``artifex_fn.experiments.arith``) go to one directory per test session,
+# created by the first process (pytest's, whose xdist workers inherit it)
+# and removed by it: the tests never read a user's cache, and the workers
+# share what one of them trained.
+_OWN_TASK_CACHE = "ARTIFEX_FN_CACHE" not in os.environ
+if _OWN_TASK_CACHE:
+    os.environ["ARTIFEX_FN_CACHE"] = tempfile.mkdtemp(
+        prefix="artifex-fn-test-task-cache-")
+
+
 def _remove_cache():
     shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+    if _OWN_TASK_CACHE:
+        shutil.rmtree(os.environ["ARTIFEX_FN_CACHE"], ignore_errors=True)
 
 
 atexit.register(_remove_cache)

@@ -52,7 +52,7 @@ def _in(path, *dirs):
 
 
 MATH = [p for p in ALL_FILES if p.parent == PACKAGE / "_src"
-        and p.name not in ("sampling.py", "distributed.py")]
+        and p.name not in ("sampling.py", "distributed.py", "text.py")]
 BELOW_TRAINERS = [p for p in ALL_FILES
                   if not _in(p, "training", "generative_models",
                              "experiments")]

@@ -45,6 +45,9 @@ class Program:
       score: the evaluation metric quoted as "before -> after".
       description: one line for progress bars and summaries.
       params: ``carry -> pytree`` saved by checkpoints.
+      show: optional ``(params, key) -> list[str]``, host side: a few
+        samples as text from ``params`` (``None``: the model before
+        fine-tuning), written to ``samples.txt`` before and after.
     """
     init: Callable[..., Any]
     step: Callable[..., Any]
@@ -55,6 +58,7 @@ class Program:
     score: str
     description: str = ""
     params: Callable[[Any], Any] = lambda carry: carry["train"].params
+    show: Callable[[Any, Any], list[str]] | None = None
 
 
 def resolve_settings(where: str, defaults: Mapping[str, Any],

@@ -173,6 +173,14 @@ TASKS: dict[str, Task] = {
         steps_unit="RL updates",
         summary="tiny causal LM on digit strings: pre-train, then reward "
                 "'digits sum to 26' (GRPO) or preference pairs (DPO)"),
+    "arith": Task(
+        name="arith", module="artifex_fn.experiments.arith",
+        algos=("grpo", "dpo"),
+        steps_key=dict(grpo="iterations", dpo="iterations"),
+        steps_unit="RL updates",
+        summary="arithmetic posed in words to a small LM with a BPE "
+                "tokenizer; reward read from the decoded text (GRPO) or "
+                "right-vs-wrong answer pairs (DPO)"),
     "diffusion": Task(
         name="diffusion", module="artifex_fn.experiments.diffusion",
         algos=("grpo", "dpo"),

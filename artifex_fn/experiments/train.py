@@ -28,6 +28,7 @@ import threading
 import time
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from artifex_fn.experiments import outputs
@@ -36,7 +37,7 @@ from artifex_fn.experiments import tasks as tasks_lib
 
 # What a run writes into its directory; ``overwrite`` removes these only.
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curve.png",
-             "checkpoint", "state")
+             "samples.txt", "checkpoint", "state")
 # The fields a resumed run must share with the saved one.
 RESUME_FIELDS = ("task", "algo", "settings", "hparams", "sweep", "seeds",
                  "seed", "chunks")
@@ -428,6 +429,16 @@ def _finish(t, algo, program, result, *, out, points, seeds, plot,
         files["curve"] = "curve.png"
     if interrupted:
         files["state"] = "state"
+    if program.show is not None and not interrupted:
+        key = jax.random.key(0)
+        first = jax.tree_util.tree_map(lambda x: x[0, 0], result.params)
+        lines = (["before fine-tuning:"] + program.show(None, key)
+                 + ["", "after fine-tuning (seed 0):"]
+                 + program.show(first, key))
+        with outputs.writing(os.path.join(out, "samples.txt")):
+            with open(os.path.join(out, "samples.txt"), "w") as f:
+                f.write("\n".join(lines) + "\n")
+        files["samples"] = "samples.txt"
     score = program.score
     per_point = []
     for vi, point in enumerate(points):

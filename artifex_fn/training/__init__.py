@@ -6,7 +6,11 @@ the family trainers (VAE, GAN, diffusion, flow, energy, autoregressive)
 those of :mod:`artifex_fn.families`, around a Flax NNX model and
 ``nnx.Optimizer``; their configs are the algorithms' and families' own
 (``artifex_fn.ppo.PPOConfig``, ``artifex_fn.families.vae.VAEConfig``, ...).
-Callbacks live in :mod:`artifex_fn.training.callbacks`. The guide's entry
+Text rewards (:class:`TextReward`, :func:`format_reward`,
+:func:`exact_answer_reward`) score decoded completions on the host;
+:func:`is_host_reward` tells whether a reward must run outside the
+compiled step (``GRPOTrainer(..., jit_reward=False)``). Callbacks live in
+:mod:`artifex_fn.training.callbacks`. The guide's entry
 point ``artifex_fn.generative_models.training`` re-exports the guide's names.
 
 Example::
@@ -25,7 +29,11 @@ from artifex_fn.training.reward_functions import CompositeReward
 from artifex_fn.training.reward_functions import ConstantReward
 from artifex_fn.training.reward_functions import RewardFunction
 from artifex_fn.training.reward_functions import ScaledReward
+from artifex_fn.training.reward_functions import TextReward
 from artifex_fn.training.reward_functions import ThresholdReward
+from artifex_fn.training.reward_functions import exact_answer_reward
+from artifex_fn.training.reward_functions import format_reward
+from artifex_fn.training.reward_functions import is_host_reward
 from artifex_fn.training.trainers.autoregressive import AutoregressiveTrainer
 from artifex_fn.training.trainers.base import Trainer
 from artifex_fn.training.trainers.diffusion import DiffusionTrainer
@@ -45,7 +53,8 @@ __all__ = (
     "EnergyTrainer", "AutoregressiveTrainer",
     # reward functions
     "RewardFunction", "ConstantReward", "CompositeReward", "ThresholdReward",
-    "ScaledReward", "ClippedReward",
+    "ScaledReward", "ClippedReward", "TextReward", "format_reward",
+    "exact_answer_reward", "is_host_reward",
     # callbacks
     "callbacks",
 )

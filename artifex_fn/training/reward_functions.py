@@ -7,16 +7,30 @@ combinators here are frozen dataclasses registered as pytrees
 fields (``value``, ``weights``, ``threshold``, ``scale``, bounds) are
 leaves, so a combinator can be passed through ``jax.jit`` as an argument or
 ``jax.vmap``-ed over its numbers; wrapped reward functions are static.
+
+Text rewards (:class:`TextReward`, :func:`format_reward`,
+:func:`exact_answer_reward`) decode token ids with a tokenizer of
+:mod:`artifex_fn.text` and score the strings in Python, on the host. They
+take concrete arrays (a trainer calls them outside its compiled step, e.g.
+``GRPOTrainer(..., jit_reward=False)``; :func:`is_host_reward` tells which
+rewards need that), or, built with ``callback=True``, run inside
+``jax.jit`` / ``jax.vmap`` through ``jax.pure_callback``. The combinators
+wrap them like any other reward.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
+
+from artifex_fn.text import decode_completions
+from artifex_fn.text import decode_prompts
 
 
 @runtime_checkable
@@ -183,3 +197,197 @@ class ClippedReward:
     def __call__(self, samples, conditions=None, **kwargs):
         base = _call(self.reward_fn, samples, conditions, kwargs)
         return jnp.clip(base, self.min_value, self.max_value)
+
+
+def _name(fn) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _host_array(x, what: str, fn):
+    """``x`` as a NumPy array; a clear error for traced values."""
+    try:
+        return None if x is None else np.asarray(x)
+    except jax.errors.TracerArrayConversionError as e:
+        raise TypeError(
+            f"the text reward {_name(fn)} runs on the host but got traced "
+            f"{what} (inside jax.jit or jax.vmap). Evaluate it on concrete "
+            "arrays outside the compiled step (e.g. GRPOTrainer(..., "
+            "jit_reward=False)), or build it with callback=True to call it "
+            "through jax.pure_callback.") from e
+
+
+@struct.dataclass
+class TextReward:
+    """A reward computed from decoded text by a Python function.
+
+    ``samples [B, N]`` (completion ids) are decoded by
+    :func:`artifex_fn.text.decode_completions` (cut at ``stop_token_ids``,
+    special tokens skipped) and ``conditions [B, Lp]`` (left-padded prompt
+    ids, padding found by ``tokenizer.pad_token_id``) by
+    :func:`artifex_fn.text.decode_prompts`; then
+    ``fn(completions, prompts)`` gives one number per row (``prompts`` is
+    None without conditions). Extra keyword arguments are ignored.
+
+    Attributes:
+      fn: ``(completions: list[str], prompts: list[str] | None) -> B``
+        numbers.
+      tokenizer: a :class:`artifex_fn.text.Tokenizer`.
+      stop_token_ids: optional ids ending a completion (default: the
+        tokenizer's eos and ``"<|end|>"``).
+      callback: False: runs on concrete arrays only (traced ones raise).
+        True: runs through ``jax.pure_callback`` (sequentially under
+        ``jax.vmap``), so it may be called inside ``jax.jit``.
+
+    Returns (when called):
+      ``[B]`` float32 rewards.
+
+    Examples:
+      >>> from artifex_fn.text import ByteTokenizer
+      >>> tok = ByteTokenizer()
+      >>> length = TextReward(lambda c, p: [len(s) for s in c], tok)
+      >>> length([tok.encode("hey") + [2], tok.encode("yo!!")])
+      Array([3., 4.], dtype=float32)
+    """
+    fn: Callable[[list, list | None], Any] = struct.field(pytree_node=False)
+    tokenizer: Any = struct.field(pytree_node=False)
+    stop_token_ids: tuple[int, ...] | None = struct.field(
+        pytree_node=False, default=None)
+    callback: bool = struct.field(pytree_node=False, default=False)
+
+    def __post_init__(self):
+        if not callable(self.fn):
+            raise ValueError(f"`fn` must be callable, got {self.fn!r}.")
+        stops = self.stop_token_ids
+        if stops is not None:
+            stops = tuple(int(i) for i in np.asarray(stops).reshape(-1))
+            object.__setattr__(self, "stop_token_ids", stops)
+
+    def _host(self, samples, conditions) -> np.ndarray:
+        completions = decode_completions(self.tokenizer, samples,
+                                         stop_token_ids=self.stop_token_ids)
+        prompts = (None if conditions is None
+                   else decode_prompts(self.tokenizer, conditions))
+        out = self.fn(completions, prompts)
+        try:
+            rewards = np.asarray(out, np.float32)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"text reward {_name(self.fn)} must return "
+                             f"numbers, got {out!r}.") from e
+        if rewards.shape != (len(completions),):
+            raise ValueError(
+                f"text reward {_name(self.fn)} returned shape "
+                f"{rewards.shape}; expected one number per completion, "
+                f"({len(completions)},).")
+        return rewards
+
+    def __call__(self, samples, conditions=None, **kwargs):
+        if self.callback:
+            batch = _batch_size(samples)
+            return jax.pure_callback(
+                self._host, jax.ShapeDtypeStruct((batch,), jnp.float32),
+                samples, conditions, vmap_method="sequential")
+        return jnp.asarray(self._host(
+            _host_array(samples, "samples", self.fn),
+            _host_array(conditions, "conditions", self.fn)))
+
+
+def is_host_reward(reward_fn) -> bool:
+    r"""Whether ``reward_fn`` must be called on concrete arrays, outside
+    ``jax.jit``: a :class:`TextReward` without ``callback``, or a
+    combinator wrapping one (at any depth).
+
+    Args:
+      reward_fn: any reward function.
+
+    Returns:
+      A Python bool.
+
+    Examples:
+      >>> from artifex_fn.text import ByteTokenizer
+      >>> text = format_reward(r"\d+", tokenizer=ByteTokenizer())
+      >>> is_host_reward(ScaledReward(text, 2.0)), is_host_reward(
+      ...     ConstantReward(1.0))
+      (True, False)
+    """
+    if isinstance(reward_fn, TextReward):
+        return not reward_fn.callback
+    if isinstance(reward_fn, CompositeReward):
+        return any(is_host_reward(fn) for fn in reward_fn.reward_fns)
+    if isinstance(reward_fn, (ScaledReward, ThresholdReward, ClippedReward)):
+        return is_host_reward(reward_fn.reward_fn)
+    return False
+
+
+def format_reward(pattern: str, *, tokenizer, callback: bool = False
+                  ) -> TextReward:
+    r"""1.0 where the whole completion (stripped) matches ``pattern``.
+
+    Args:
+      pattern: a regular expression, matched with ``re.fullmatch`` against
+        the completion with surrounding whitespace stripped.
+      tokenizer: a :class:`artifex_fn.text.Tokenizer`.
+      callback: see :class:`TextReward`.
+
+    Returns:
+      A :class:`TextReward` giving 1.0 or 0.0 per completion.
+
+    Examples:
+      >>> from artifex_fn.text import ByteTokenizer
+      >>> tok = ByteTokenizer()
+      >>> r = format_reward(r"= -?\d+", tokenizer=tok)
+      >>> r([tok.encode(" = 42"), tok.encode("= xyz")])
+      Array([1., 0.], dtype=float32)
+    """
+    regex = re.compile(pattern)
+
+    def matches_format(completions, prompts=None):
+        del prompts
+        return [float(regex.fullmatch(c.strip()) is not None)
+                for c in completions]
+
+    return TextReward(matches_format, tokenizer, callback=callback)
+
+
+def exact_answer_reward(answer_fn: Callable[[str], Any], *, tokenizer,
+                        extract: str = r"=\s*(-?\d+)",
+                        callback: bool = False) -> TextReward:
+    """1.0 where the answer found in the completion is the prompt's answer.
+
+    The answer is the first group of ``re.search(extract, completion)``;
+    it must equal ``str(answer_fn(prompt)).strip()`` (no match: 0.0).
+
+    Args:
+      answer_fn: ``prompt text -> expected answer``.
+      tokenizer: a :class:`artifex_fn.text.Tokenizer`.
+      extract: a regular expression with at least one group.
+      callback: see :class:`TextReward`.
+
+    Returns:
+      A :class:`TextReward` giving 1.0 or 0.0 per completion; it needs the
+      prompts (``conditions``).
+
+    Examples:
+      >>> from artifex_fn.text import ByteTokenizer, encode_prompts
+      >>> tok = ByteTokenizer()
+      >>> prompts, _ = encode_prompts(tok, ["2+3", "1+1"])
+      >>> r = exact_answer_reward(lambda p: eval(p), tokenizer=tok)
+      >>> r([tok.encode("= 5"), tok.encode("=3 ")], prompts)
+      Array([1., 0.], dtype=float32)
+    """
+    regex = re.compile(extract)
+    if regex.groups < 1:
+        raise ValueError(f"`extract` needs a group for the answer, got "
+                         f"{extract!r}.")
+
+    def answer_is_exact(completions, prompts):
+        if prompts is None:
+            raise ValueError("exact_answer_reward needs the prompts: pass "
+                             "them as `conditions`.")
+        out = []
+        for completion, prompt in zip(completions, prompts):
+            found = regex.search(completion)
+            out.append(float(found is not None and found.group(1).strip()
+                             == str(answer_fn(prompt)).strip()))
+        return out
+
+    return TextReward(answer_is_exact, tokenizer, callback=callback)

@@ -38,6 +38,7 @@ from artifex_fn import grpo as _grpo
 from artifex_fn import ppo as _ppo
 from artifex_fn import reinforce as _reinforce
 from artifex_fn import sampling
+from artifex_fn.training.reward_functions import is_host_reward
 from artifex_fn.training.trainers.base import Trainer
 from artifex_fn.training.trainers.base import VariableBinding
 from artifex_fn.training.trainers.base import key_data
@@ -283,7 +284,9 @@ class GRPOTrainer(_RLTrainer):
         ``max_new_tokens`` for autoregressive token models.
       jit_reward: trace ``reward_fn`` into the compiled generation step
         (default). Set False for rewards that run on the host (then the
-        step is two compiled calls around the reward).
+        step is two compiled calls around the reward); rewards that read
+        decoded text (:class:`~artifex_fn.training.TextReward`, and
+        combinators of them) always run on the host.
       apply_fn: optional ``(model, observations) -> outputs`` (see the
         module docstring); for token models it must return logits.
       key: the trainer's PRNG seed.
@@ -469,7 +472,7 @@ class GRPOTrainer(_RLTrainer):
             key = key_data(key)
         params, rest, opt_state, opt_step = self._read()
         ref = self._ref_arg()
-        if self.jit_reward:
+        if self.jit_reward and not is_host_reward(reward_fn):
             static, dynamic = _split_callable(reward_fn)
             (params, opt_state, opt_step, self.key, metrics,
              self.last_rollout) = self._generate_update(

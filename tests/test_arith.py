@@ -1,0 +1,113 @@
+"""The text task ``arith``: questions in words, a BPE tokenizer, rewards
+read from the decoded text, and reduced GRPO and DPO runs that learn."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from artifex_fn import experiments
+from artifex_fn import text
+from artifex_fn.experiments import arith
+from artifex_fn.experiments import runner
+
+# A smaller pre-training (a few seconds) with a stronger signal: the model
+# learns the format and leans towards the right answers, as at full size.
+# The two runs share it through the disk cache, on one test worker.
+ARITH_GROUP = pytest.mark.xdist_group("arith-reduced")
+REDUCED = dict(pretrain_steps=600, pretrain_batch=64, d_model=32,
+               correct_fraction=0.5, eval_repeats=1)
+
+
+def test_questions_answers_and_tokenizer():
+    assert len(set(arith.QUESTIONS)) == 200
+    assert arith.answer("What is seven minus nine?") == -2
+    assert arith.answer("What is six plus six?") == 12
+    assert arith.answer("What is ten plus six?") is None
+    assert {arith.answer(q) for q in arith.QUESTIONS} == set(arith.VALUES)
+    tok = arith.tokenizer()
+    assert isinstance(tok, text.BPETokenizer) and tok.vocab_size == 300
+    for q in arith.QUESTIONS[::17]:
+        formatted = arith.TEMPLATE.format(q)
+        assert tok.decode(tok.encode(formatted),
+                          skip_special_tokens=False) == formatted
+    d = arith.data()
+    prompts = text.decode_prompts(tok, d.prompts, d.prompt_mask)
+    assert prompts[:2] == list(arith.QUESTIONS[:2])
+    answers = text.decode_completions(tok, d.answers, d.answer_mask)
+    assert answers == [arith.completion_text(v) for v in arith.VALUES]
+
+
+def test_rewards_read_the_decoded_answer():
+    tok = arith.tokenizer()
+    exact, fmt = arith.rewards()
+    d = arith.data()
+    q = np.array([arith.QUESTIONS.index("What is seven plus two?"),
+                  arith.QUESTIONS.index("What is one minus three?"),
+                  arith.QUESTIONS.index("What is one minus three?")])
+    texts = ["= 9", "= -2", "=-3 or so"]
+    rows = [tok.encode(t) + [arith.stop_ids(tok)[0]] for t in texts]
+    width = max(map(len, rows))
+    samples = np.array([r + [tok.pad_token_id] * (width - len(r))
+                        for r in rows], np.int32)
+    prompts = jnp.asarray(d.prompts[q])
+    np.testing.assert_array_equal(jax.jit(exact)(samples, prompts),
+                                  [1.0, 1.0, 0.0])
+    np.testing.assert_array_equal(fmt(samples, prompts), [1.0, 1.0, 0.0])
+
+
+def test_pretrained_model_is_cached(monkeypatch):
+    s = dict(arith.MODEL_SETTINGS, pretrain_steps=3, pretrain_batch=4,
+             d_model=16, num_layers=1)
+    params, nll = arith.pretrained(s)
+    assert nll.shape == (3,)
+
+    def fail(_):
+        raise AssertionError("pre-trained again instead of loading")
+    monkeypatch.setattr(arith, "_pretrain", fail)
+    again, _ = arith.pretrained(s)
+    for a, b in zip(jax.tree_util.tree_leaves(params),
+                    jax.tree_util.tree_leaves(again)):
+        np.testing.assert_array_equal(a, b)
+    assert os.environ["ARTIFEX_FN_CACHE"] in arith.cache_dir()
+
+
+@ARITH_GROUP
+def test_reduced_grpo_raises_exact_answer_success():
+    program = arith.grpo_program(dict(REDUCED, iterations=100,
+                                      num_groups=16))
+    res = runner.run(program, hparams=arith.HPARAMS["grpo"], num_seeds=1,
+                     chunks=1, progress=False)
+    before = float(res.before["success"][0, 0])
+    after = float(res.after["success"][0, 0])
+    assert before <= 0.3
+    assert after >= before + 0.2
+    assert float(res.after["format"][0, 0]) > 0.9
+
+
+@ARITH_GROUP
+def test_reduced_dpo_ranks_held_out_pairs_and_raises_success():
+    program = arith.dpo_program(dict(REDUCED, iterations=100))
+    res = runner.run(program, hparams=arith.HPARAMS["dpo"], num_seeds=1,
+                     chunks=1, progress=False)
+    assert float(res.before["reward_accuracy"][0, 0]) == 0.0
+    assert float(res.after["reward_accuracy"][0, 0]) >= 0.8
+    assert (float(res.after["success"][0, 0])
+            >= float(res.before["success"][0, 0]) + 0.1)
+
+
+def test_cli_run_writes_samples_of_decoded_answers(tmp_path):
+    out = tmp_path / "run"
+    summary = experiments.train(
+        "arith", "grpo", overrides=arith.TEST_SETTINGS["grpo"],
+        out=str(out), chunks=1, progress=False, plot=False, log=None)
+    assert summary["files"]["samples"] == "samples.txt"
+    lines = (out / "samples.txt").read_text().splitlines()
+    assert lines[0] == "before fine-tuning:"
+    assert "after fine-tuning (seed 0):" in lines
+    assert sum("What is" in line and "(right: = " in line
+               for line in lines) == 16
