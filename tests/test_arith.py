@@ -19,8 +19,7 @@ from artifex_fn.experiments import runner
 # learns the format and leans towards the right answers, as at full size.
 # The two runs share it through the disk cache, on one test worker.
 ARITH_GROUP = pytest.mark.xdist_group("arith-reduced")
-REDUCED = dict(pretrain_steps=600, pretrain_batch=64, d_model=32,
-               correct_fraction=0.5, eval_repeats=1)
+REDUCED = dict(arith.SMALL_MODEL, eval_repeats=1)
 
 
 def test_questions_answers_and_tokenizer():

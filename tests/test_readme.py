@@ -5,6 +5,8 @@ from __future__ import annotations
 import pathlib
 import re
 
+import pytest
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -23,6 +25,9 @@ def test_quick_start_is_short_and_trains(capsys):
     assert reward > -0.5
 
 
+# The text example pre-trains arith.SMALL_MODEL, which tests/test_arith.py
+# has cached on this worker by then (same group; that module runs first).
+@pytest.mark.xdist_group("arith-reduced")
 def test_other_examples_run(capsys, tmp_path, monkeypatch):
     # Examples that write files (the CLI's runs/) write them in tmp_path.
     monkeypatch.chdir(tmp_path)
