@@ -20,6 +20,7 @@ import pytest
 from artifex_fn import experiments
 from artifex_fn.experiments import cartpole
 from artifex_fn.experiments import cli
+from artifex_fn.experiments import arith
 from artifex_fn.experiments import lm
 from artifex_fn.experiments import runner
 
@@ -372,6 +373,7 @@ def test_program_rejects_bad_settings():
 # --- the generative tasks, tiny budgets ---------------------------------------
 
 _TINY = {
+    ("arith", "grpo"): arith.TEST_SETTINGS["grpo"],
     ("lm", "grpo"): lm.TEST_SETTINGS["grpo"],
     ("lm", "dpo"): lm.TEST_SETTINGS["dpo"],
     ("diffusion", "grpo"): dict(pretrain_steps=20, pretrain_batch=64,

@@ -79,21 +79,25 @@ def test_cached_logits_equal_full_forward_at_every_step():
     assert int(cache["index"]) == 11
 
 
-def test_padding_does_not_change_the_real_tokens_logits():
-    tokens = _prompts(2, 2, 7)
-    plain = MODEL(tokens)
-    padded = jnp.concatenate([jnp.full((2, 4), 9), tokens], axis=1)
-    valid = jnp.concatenate([jnp.zeros((2, 4)), jnp.ones((2, 7))], axis=1)
-    got = MODEL(padded, positions=sampling.prompt_positions(valid),
-                attention_mask=valid)
-    np.testing.assert_allclose(got[:, 4:], plain, atol=TOL, rtol=TOL)
+@jax.jit
+def _padded_and_shifted(model, tokens):
+    """Logits of ``tokens``: plain, after 4 pad tokens, and with every
+    position shifted by 37."""
+    b, t = tokens.shape
+    padded = jnp.concatenate([jnp.full((b, 4), 9), tokens], axis=1)
+    valid = jnp.concatenate([jnp.zeros((b, 4)), jnp.ones((b, t))], axis=1)
+    return (model(tokens),
+            model(padded, positions=sampling.prompt_positions(valid),
+                  attention_mask=valid)[:, 4:],
+            model(tokens, positions=jnp.arange(t) + 37))
 
 
-def test_rotary_logits_depend_on_relative_positions_only():
-    tokens = _prompts(3, 2, 6)
-    base = MODEL(tokens)
-    shifted = MODEL(tokens, positions=jnp.arange(6) + 37)
-    np.testing.assert_allclose(shifted, base, atol=1e-4, rtol=1e-4)
+def test_padding_and_position_shifts_do_not_change_the_logits():
+    """Left padding is invisible; rotary logits depend on relative
+    positions only."""
+    plain, padded, shifted = _padded_and_shifted(MODEL, _prompts(2, 2, 7))
+    np.testing.assert_allclose(padded, plain, atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(shifted, plain, atol=1e-4, rtol=1e-4)
 
 
 def test_model_checks_its_inputs():
@@ -338,34 +342,28 @@ def reward(samples, conditions):
     return jnp.mean((samples == 5).astype(jnp.float32), axis=-1)
 
 
-def test_grpo_first_update_is_on_policy_with_top_k_and_top_p():
-    trainer = _grpo(top_k=8, top_p=0.9, temperature=0.8)
-    m = trainer.train_step(dict(observations=[[3, 4, 5], [6, 7], [8]]),
-                           reward, jax.random.key(1))
-    assert abs(float(m["approx_kl"])) < 1e-10
-    assert float(m["clip_fraction"]) == 0.0
-    assert trainer.last_rollout["samples"].shape == (12, 6)
-
-
-def test_prompt_buckets_bound_the_compilations():
-    trainer = _grpo(max_new_tokens=2)
-    for i, length in enumerate((3, 5, 7, 4)):
-        batch = dict(observations=np.full((2, length), 3, np.int32),
-                     prompt_mask=np.ones((2, length)))
-        trainer.train_step(batch, reward, jax.random.key(i))
-        assert trainer.last_rollout["conditions"].shape[1] == (
-            sampling.bucket_length(length))
-    # buckets 4 and 8: one program each
-    assert trainer._generate_update._cache_size() == 2
-
-
-def test_grpo_learns_on_ragged_prompts():
-    trainer = _grpo()
-    prompts = dict(observations=[[3, 4, 5], [6, 7], [8], [9, 10, 11, 12]])
-    first = float(trainer.train_step(prompts, reward, 0)["mean_reward"])
-    for i in range(25):
-        m = trainer.train_step(prompts, reward, i + 1)
-    assert float(m["mean_reward"]) > max(0.5, first + 0.3)
+def test_grpo_on_ragged_prompts_is_on_policy_learns_and_buckets():
+    """One trainer (top-k, top-p, temperature 0.8): the first update's
+    ratios are 1; prompt lengths 3, 5, 2, 7 compile one program per bucket
+    (4 and 8); the reward rises."""
+    trainer = _grpo(top_k=8, top_p=0.95, temperature=0.8)
+    batches = [dict(observations=[[3, 4, 5], [6, 7], [8], [9, 10]]),
+               dict(observations=[[3, 4, 5, 6, 7], [6, 7], [8], [9]]),
+               dict(observations=np.full((4, 2), 6, np.int32),
+                    prompt_mask=np.ones((4, 2))),
+               dict(observations=[[3, 4, 5, 6, 7, 8, 9], [6], [8], [9]])]
+    first = trainer.train_step(batches[0], reward, jax.random.key(1))
+    assert abs(float(first["approx_kl"])) < 1e-10
+    assert float(first["clip_fraction"]) == 0.0
+    assert trainer.last_rollout["samples"].shape == (16, 6)
+    widths = []
+    for i in range(24):
+        m = trainer.train_step(batches[i % 4], reward, i + 2)
+        widths.append(trainer.last_rollout["conditions"].shape[1])
+    assert widths[:4] == [4, 8, 2, 8]
+    assert trainer._generate_update._cache_size() == 3
+    assert float(m["mean_reward"]) > max(0.5, float(first["mean_reward"])
+                                         + 0.3)
 
 
 def test_bfloat16_parameters_and_cache_with_float32_losses():
