@@ -82,7 +82,7 @@ def test_reduced_dpo_through_the_cli_writes_decoded_samples(tmp_path):
     include samples of decoded answers before and after."""
     out = tmp_path / "run"
     summary = experiments.train(
-        "arith", "dpo", overrides=dict(REDUCED, iterations=100),
+        "arith", "dpo", overrides=dict(REDUCED, iterations=60),
         out=str(out), chunks=1, progress=False, plot=False, log=None)
     before, after = summary["before"], summary["after"]
     assert before["reward_accuracy"][0][0] == 0.0
