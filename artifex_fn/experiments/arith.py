@@ -17,10 +17,12 @@ SPECIAL_TOKENS`), cached on disk (:func:`cache_dir`).
 
 Pre-training. A :class:`~artifex_fn.families.autoregressive.TinyCausalLM`
 learns the answers by teacher forcing on question-answer texts whose answer
-is right with probability ``correct_fraction`` (0.2) and otherwise a random
+is right with probability ``correct_fraction`` (0.25) and otherwise a random
 one of the 28 possible values: it ends knowing the format and leaning
 towards the right answer, with an exact-answer success near
-``0.2 + 0.8 / 28``. The pre-training is one ``lax.scan`` of
+``0.25 + 0.75 / 28`` once it has learnt them (0.205 measured after 3000
+steps at batch 128, 67 s on a 2-core CPU). The pre-training is one
+``lax.scan`` of
 :func:`artifex_fn.families.autoregressive.update`, run once per model
 setting (not per seed) and cached on disk; its parameters are the reference
 ``pi_ref`` of both algorithms.
