@@ -86,6 +86,15 @@ def test_no_upward_import_of_the_trainer_layer(path):
     assert not upward, f"{path.name} imports {upward}"
 
 
+def test_the_experiments_are_programs_below_the_trainers():
+    """The CLI's tasks are pure programs on layer 2: no trainer layer."""
+    bad = {_ids(p): m for p in ALL_FILES if _in(p, "experiments")
+           for m in _imports(p) if m == "artifex_fn.training"
+           or m.startswith(("artifex_fn.training.",
+                            "artifex_fn.generative_models"))}
+    assert not bad
+
+
 def test_only_the_experiments_import_the_experiments():
     bad = {_ids(p): m for p in ALL_FILES if not _in(p, "experiments")
            for m in _imports(p) if m.startswith("artifex_fn.experiments")}

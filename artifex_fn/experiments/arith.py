@@ -6,9 +6,9 @@ Task. A question ``"What is seven plus two?"`` (operands ``zero`` ...
 formatted as a chat turn (:class:`artifex_fn.text.ChatTemplate`:
 ``<|user|>What is seven plus two?<|end|><|assistant|>``); the model
 answers ``"= 9"`` and ends with ``<|end|>``. The reward reads the decoded
-text: :func:`artifex_fn.training.exact_answer_reward` parses the number
-after ``=`` and compares it with :func:`answer` of the decoded question
-(1 or 0).
+text: the number after ``=`` is compared with :func:`answer` of the
+decoded question (1 or 0; :func:`rewards`, the rule of
+:func:`artifex_fn.training.exact_answer_reward`).
 
 Tokenizer. A byte-level BPE (:class:`artifex_fn.text.BPETokenizer`)
 trained at set-up on the questions and every answer (vocabulary
@@ -72,8 +72,6 @@ from artifex_fn.families.autoregressive import TinyCausalLM
 from artifex_fn.sampling import generate
 from artifex_fn.sampling import prompt_positions
 from artifex_fn.sampling import token_policy
-from artifex_fn.training import exact_answer_reward
-from artifex_fn.training import format_reward
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven",
          "eight", "nine")
@@ -213,14 +211,40 @@ def data() -> Data:
     return Data(tokenizer())
 
 
-def rewards():
-    """``(exact, format)``: the two text rewards, callable inside ``jit``."""
+def score_text(completions: list[str], prompts: list[str]) -> np.ndarray:
+    """``[B, 2]`` float32: per answer, exact (the number after ``=`` is
+    :func:`answer` of its question) and format (the whole answer is
+    ``= <number>``)."""
+    out = np.zeros((len(completions), 2), np.float32)
+    for i, (c, p) in enumerate(zip(completions, prompts)):
+        m = re.search(r"=\s*(-?\d+)", c)
+        out[i, 0] = m is not None and m.group(1) == str(answer(p))
+        out[i, 1] = re.fullmatch(ANSWER_FORMAT, c.strip()) is not None
+    return out
+
+
+def text_scores(samples, prompts):
+    """``[B, 2]`` :func:`score_text` of the decoded answers ``samples
+    [B, N]`` and questions ``prompts [B, Lp]``, on the host through
+    ``jax.pure_callback`` (so inside the compiled, vmapped program; the
+    same rules as ``artifex_fn.training.exact_answer_reward`` and
+    ``format_reward``, which run between compiled calls instead)."""
     tok = tokenizer()
-    stops = stop_ids(tok)
-    del stops   # the rewards cut at <|end|> and the eos token by default
-    exact = exact_answer_reward(answer, tokenizer=tok, callback=True)
-    fmt = format_reward(ANSWER_FORMAT, tokenizer=tok, callback=True)
-    return exact, fmt
+
+    def host(samples, prompts):
+        return score_text(text.decode_completions(tok, samples),
+                          text.decode_prompts(tok, prompts))
+
+    return jax.pure_callback(
+        host, jax.ShapeDtypeStruct((samples.shape[0], 2), jnp.float32),
+        samples, prompts, vmap_method="sequential")
+
+
+def rewards():
+    """``(exact, format)``: the two columns of :func:`text_scores` as
+    rewards ``(samples, prompts) -> [B]``."""
+    return ((lambda s, p: text_scores(s, p)[:, 0]),
+            (lambda s, p: text_scores(s, p)[:, 1]))
 
 
 # -- model and pre-training --------------------------------------------------
@@ -349,9 +373,8 @@ def sample_metrics(graphdef, params, key, repeats: int):
     sampled answer per question, ``repeats`` times."""
     rows = jnp.tile(jnp.arange(len(QUESTIONS)), repeats)
     obs, out = sample(graphdef, params, key, rows)
-    exact, fmt = rewards()
-    return dict(success=jnp.mean(exact(out.tokens, obs["prompt"])),
-                format=jnp.mean(fmt(out.tokens, obs["prompt"])))
+    scores = jnp.mean(text_scores(out.tokens, obs["prompt"]), axis=0)
+    return dict(success=scores[0], format=scores[1])
 
 
 def show_samples(graphdef, params, key, num: int = 8) -> list[str]:
