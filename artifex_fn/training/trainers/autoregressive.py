@@ -17,6 +17,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from artifex_fn import sampling
@@ -63,8 +64,8 @@ class AutoregressiveTrainer(Trainer):
         super().__init__(model, optimizer, config, key=key)
         self.apply_fn = _call if apply_fn is None else apply_fn
         self._generate = jax.jit(self._pure_generate, static_argnames=(
-            "max_new_tokens", "top_k", "stop_token_ids", "pad_token_id",
-            "greedy"))
+            "max_new_tokens", "top_k", "eos_token_id", "stop_token_ids",
+            "pad_token_id", "greedy"))
 
     def static_flags(self) -> tuple:
         return (self.config.uses_scheduled_sampling,)
@@ -93,7 +94,7 @@ class AutoregressiveTrainer(Trainer):
 
     def _pure_generate(self, params, rest, prompts, prompt_mask, key,
                        temperature, top_p, *, max_new_tokens, top_k,
-                       stop_token_ids, pad_token_id, greedy):
+                       eos_token_id, stop_token_ids, pad_token_id, greedy):
         model = nnx.merge(self.graphdef, params, rest)
         target = (model if self.apply_fn is _call
                   else functools.partial(self.apply_fn, model))
@@ -101,8 +102,8 @@ class AutoregressiveTrainer(Trainer):
             target, prompts, key, prompt_mask=prompt_mask,
             max_new_tokens=max_new_tokens,
             temperature=0 if greedy else temperature, top_k=top_k,
-            top_p=top_p, stop_token_ids=stop_token_ids,
-            pad_token_id=pad_token_id)
+            top_p=top_p, eos_token_id=eos_token_id,
+            stop_token_ids=stop_token_ids, pad_token_id=pad_token_id)
 
     def generate(self, prompts, key=None, *, max_new_tokens: int,
                  prompt_mask=None, temperature: float = 1.0,
@@ -143,14 +144,13 @@ class AutoregressiveTrainer(Trainer):
                 bucketing=prompt_bucketing)
         params, rest, _, _ = self._read()
         greedy = isinstance(temperature, (int, float)) and temperature == 0
-        stops = sampling.GenerationConfig(
-            eos_token_id=eos_token_id, stop_token_ids=stop_token_ids)
-        stops = ((() if eos_token_id is None else (eos_token_id,))
-                 + stops.stop_token_ids)
+        stops = tuple(int(t) for t in np.asarray(
+            () if stop_token_ids is None else stop_token_ids).reshape(-1))
         return self._generate(
             params, rest, jnp.asarray(prompts),
             None if prompt_mask is None else jnp.asarray(prompt_mask), key,
             jnp.asarray(1.0 if greedy else temperature, jnp.float32),
             None if top_p is None else jnp.asarray(top_p, jnp.float32),
             max_new_tokens=max_new_tokens, top_k=top_k,
-            stop_token_ids=stops, pad_token_id=pad, greedy=greedy)
+            eos_token_id=eos_token_id, stop_token_ids=stops,
+            pad_token_id=pad, greedy=greedy)
