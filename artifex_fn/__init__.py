@@ -6,11 +6,16 @@ unreduced losses, masks where zero marks padding).
 """
 
 from artifex_fn._src.advantages import GroupAdvantages
+from artifex_fn._src.advantages import GroupSelection
 from artifex_fn._src.advantages import group_advantages
 from artifex_fn._src.advantages import normalize_advantages
+from artifex_fn._src.advantages import select_groups
 from artifex_fn._src.aggregation import AGGREGATION_MODES
 from artifex_fn._src.aggregation import aggregate_loss
 from artifex_fn._src.aggregation import aggregate_loss_parts
+from artifex_fn._src.completions import completion_lengths
+from artifex_fn._src.completions import overlong_penalty
+from artifex_fn._src.completions import truncated_completions
 from artifex_fn._src.divergences import entropy_from_log_probs
 from artifex_fn._src.divergences import entropy_from_logits
 from artifex_fn._src.divergences import kl_estimate
@@ -52,6 +57,7 @@ __version__ = "0.3.0"
 __all__ = (
     "AGGREGATION_MODES",
     "GroupAdvantages",
+    "GroupSelection",
     "TrainState",
     "PREFERENCE_LOSS_TYPES",
     "PreferenceLoss",
@@ -59,6 +65,7 @@ __all__ = (
     "aggregate_loss_parts",
     "clip_fraction",
     "clipped_surrogate_loss",
+    "completion_lengths",
     "discounted_returns",
     "distributed",
     "dpo",
@@ -75,14 +82,17 @@ __all__ = (
     "kl_from_logits",
     "lambda_returns",
     "normalize_advantages",
+    "overlong_penalty",
     "policy_gradient_loss",
     "ppo",
     "reinforce",
     "reverse_linear_recurrence",
+    "select_groups",
     "sequence_lengths",
     "sequence_log_probs",
     "simpo_loss",
     "token_log_probs",
+    "truncated_completions",
     "toy_data",
     "value_loss",
 )

@@ -10,10 +10,12 @@ from artifex_fn._src.algorithms.grpo import group_size_of
 from artifex_fn._src.algorithms.grpo import init
 from artifex_fn._src.algorithms.grpo import loss
 from artifex_fn._src.algorithms.grpo import prepare
+from artifex_fn._src.algorithms.grpo import reward_metrics
 from artifex_fn._src.algorithms.grpo import rows_loss
+from artifex_fn._src.algorithms.grpo import totals_of
 from artifex_fn._src.algorithms.grpo import update
 from artifex_fn._src.algorithms.grpo import with_reference_log_probs
 
 __all__ = ("GRPOConfig", "LOSS_AGGREGATIONS", "advantages_of", "group_size_of",
-           "init", "loss", "prepare", "rows_loss", "update",
-           "with_reference_log_probs")
+           "init", "loss", "prepare", "reward_metrics", "rows_loss",
+           "totals_of", "update", "with_reference_log_probs")

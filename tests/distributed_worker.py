@@ -251,10 +251,56 @@ def ppo_margin(state, batch):
     return worst, params
 
 
+def grpo_epochs_problem(seed=2):
+    """GRPO with two epochs of two shuffled minibatches and truncated
+    completions masked out (``truncated`` flags a third of the rows)."""
+    update, state, batch = grpo_problem("grpo", seed=seed)
+    truncated = np.zeros(B, bool)
+    truncated[2::3] = True
+    batch = dict(batch, truncated=jnp.asarray(truncated))
+    state = state.replace(config=dataclasses.replace(
+        state.config, num_epochs=2, num_minibatches=2,
+        mask_truncated_completions=True))
+    return update, state, batch
+
+
+def grpo_epochs_margin(state, batch):
+    """How far ``clip_fraction`` is from a tie at every step of a
+    multi-epoch GRPO update, replayed step by step from the public pieces
+    (whole-batch advantages, the update's shuffles, each minibatch's
+    denominators, SGD); returns ``(margin, replayed params)``."""
+    from artifex_fn._src.algorithms.batching import shuffle_indices
+
+    cfg = state.config
+    rows, _, _ = afn.grpo.prepare(batch, cfg)
+    rows = afn.grpo.with_reference_log_probs(state, rows)
+    n, k = rows["log_probs"].shape[0], cfg.num_minibatches
+    _, *epoch_keys = jax.random.split(state.key, cfg.num_epochs + 1)
+    grad_fn = jax.jit(jax.grad(afn.grpo.rows_loss, has_aux=True),
+                      static_argnums=2)
+    params, worst = state.params, np.inf
+    for epoch_key in epoch_keys:
+        perm = np.asarray(shuffle_indices(epoch_key, n))
+        for j in range(k):
+            idx = perm[j * (n // k):(j + 1) * (n // k)]
+            mb = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[idx], rows)
+            lp = _token_log_probs(params, mb["observations"], mb["actions"])
+            worst = min(worst, _clip_margin(
+                lp - np.asarray(mb["log_probs"], np.float64), mb["mask"],
+                cfg.clip_param))
+            grads, _ = grad_fn(params, mb, cfg, afn.grpo.totals_of(mb, cfg))
+            norm = float(optax.global_norm(grads))
+            scale = min(1.0, cfg.max_grad_norm / max(norm, 1e-30))
+            params = jax.tree_util.tree_map(
+                lambda p, g: p - 0.5 * scale * g, params, grads)  # SGD(0.5)
+    return worst, params
+
+
 CASES = {
     # "bnpo" reduces like "dapo" (token_mean) within one update.
     **{f"grpo-{a}": (lambda a=a: grpo_problem(a))
        for a in ("grpo", "dapo", "dr_grpo")},
+    "grpo-epochs": grpo_epochs_problem,
     "ppo": ppo_problem,
     "reinforce": reinforce_problem,
     "dpo": lambda: dpo_problem(False),
@@ -307,7 +353,7 @@ VARIANTS = [(f"{n}dev", dict(data=n), 1) for n in (2, 8)]
 MICRO = [("micro3", None, 3)]
 MICRO_CASES = ("reinforce", "simpo")
 EXTRA = [("fsdp4x2", dict(data=4, fsdp=2), 1), ("8dev-micro3", dict(data=8), 3)]
-EXTRA_CASES = ("grpo-grpo", "ppo", "dpo")
+EXTRA_CASES = ("grpo-grpo", "grpo-epochs", "ppo", "dpo")
 
 
 def run_aggregation():
@@ -337,8 +383,9 @@ def run_devices():
         update, state, batch = make()
         reference = _result(*jax.jit(update)(state, batch))
         margin = None
-        if name == "ppo":
-            margin, replayed = ppo_margin(state, batch)
+        if name in ("ppo", "grpo-epochs"):
+            replay = ppo_margin if name == "ppo" else grpo_epochs_margin
+            margin, replayed = replay(state, batch)
             # The replay took the update's steps (else its margin means
             # nothing).
             assert _rel_diff(replayed, reference["params"]) < 1e-5

@@ -33,15 +33,15 @@ from artifex_fn.training import PPOTrainer
 HERE = Path(__file__).parent
 WORKER = HERE / "distributed_worker.py"
 TOL = 1e-5
-CASES = ("grpo-grpo", "grpo-dapo", "grpo-dr_grpo", "ppo", "reinforce", "dpo",
-         "simpo")
+CASES = ("grpo-grpo", "grpo-dapo", "grpo-dr_grpo", "grpo-epochs", "ppo",
+         "reinforce", "dpo", "simpo")
 VARIANTS = ("2dev", "8dev")
 MICRO_CASES = ("reinforce", "simpo")
 # The smallest distance from a tie that the discrete metrics
 # (clip_fraction, reward_accuracy) must keep for an exact comparison to
 # mean the same on every machine (float32 rounding is ~1e-7).
 TIE_MARGIN = 1e-4
-EXTRA_CASES = ("grpo-grpo", "ppo", "dpo")
+EXTRA_CASES = ("grpo-grpo", "grpo-epochs", "ppo", "dpo")
 EXTRA = ("fsdp4x2", "8dev-micro3")
 
 

@@ -325,3 +325,90 @@ def group_advantages(
     return GroupAdvantages(checks.nan_unless(
         ok, adv.reshape(rewards.shape).astype(out_dtype)),
                            zero_std)
+
+
+class GroupSelection(NamedTuple):
+    """Result of :func:`select_groups`.
+
+    Attributes:
+      rows: ``int32 [num_groups * G]`` the rows (samples) of the kept
+        groups, group by group, for ``x[rows]``.
+      groups: ``int32 [num_groups]`` the kept groups' indices.
+      valid: ``bool [num_groups]``: the kept group's rewards differ. When
+        fewer than ``num_groups`` groups qualify, the remaining slots hold
+        groups whose rewards are all equal, flagged False here.
+      num_qualifying: ``int32 []`` how many groups of the input qualify.
+      fill_rate: ``float32 []`` the fraction of slots holding a qualifying
+        group, ``min(num_qualifying, num_groups) / num_groups``.
+    """
+    rows: jax.Array
+    groups: jax.Array
+    valid: jax.Array
+    num_qualifying: jax.Array
+    fill_rate: jax.Array
+
+
+def select_groups(rewards: jax.Array, *, group_size: int,
+                  num_groups: int) -> GroupSelection:
+    r"""Keeps ``num_groups`` groups whose rewards are not all equal.
+
+    Dynamic sampling (Yu et al. 2025, DAPO, eq. 11): a group of ``G``
+    samples whose rewards are all equal has zero group-relative advantage,
+    so it carries no policy-gradient signal and only dilutes the batch.
+    Over-generate ``M > num_groups`` groups, then keep the first
+    ``num_groups`` groups (in their input order) whose rewards differ,
+    with a shape fixed at ``num_groups * G`` rows so that the step compiles
+    once. Equality is :func:`group_advantages`' ``zero_std`` (a spread lost
+    to rounding counts as none).
+
+    When fewer than ``num_groups`` groups qualify, the remaining slots are
+    filled with non-qualifying groups and flagged ``valid = False``: mask
+    their samples out of the loss (the GRPO trainer does) so that the step
+    trains on the qualifying groups only; with none qualifying, the policy
+    gradient is zero.
+
+    Args:
+      rewards: ``[N]`` rewards, ``N = M * G``, groups contiguous.
+      group_size: ``G``, a static int ``>= 1``.
+      num_groups: slots to fill, a static int in ``[1, M]``.
+
+    Returns:
+      A :class:`GroupSelection`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import artifex_fn as afn
+      >>> r = jnp.array([1., 1., 0., 1., 2., 2., 3., 0.])
+      >>> out = afn.select_groups(r, group_size=2, num_groups=2)
+      >>> out.groups, out.rows
+      (Array([1, 3], dtype=int32), Array([2, 3, 6, 7], dtype=int32))
+      >>> float(out.fill_rate), int(out.num_qualifying)
+      (1.0, 2)
+    """
+    rewards = jnp.asarray(rewards)
+    checks.check_int(group_size, "group_size", lo=1)
+    checks.check_int(num_groups, "num_groups", lo=1)
+    if rewards.ndim != 1 or rewards.shape[0] % group_size:
+        raise ValueError(
+            f"`rewards` must be [N] with N a multiple of `group_size` "
+            f"({group_size}), got shape {tuple(rewards.shape)}.")
+    m = rewards.shape[0] // group_size
+    if num_groups > m:
+        raise ValueError(
+            f"`num_groups` ({num_groups}) must not exceed the number of "
+            f"groups in `rewards` ({m} = {rewards.shape[0]} / {group_size}).")
+    if group_size == 1:  # a group of one never has a spread
+        qualifies = jnp.zeros((m,), bool)
+    else:
+        qualifies = ~group_advantages(rewards, group_size=group_size,
+                                      eps=0.0).zero_std
+    # A stable sort on "does not qualify" puts qualifying groups first, each
+    # side in input order.
+    order = jnp.argsort(~qualifies, stable=True)[:num_groups].astype(
+        jnp.int32)
+    rows = (order[:, None] * group_size
+            + jnp.arange(group_size, dtype=jnp.int32)).reshape(-1)
+    count = jnp.sum(qualifies.astype(jnp.int32))
+    fill = jnp.minimum(count, num_groups).astype(jnp.float32) / num_groups
+    return GroupSelection(rows=rows, groups=order, valid=qualifies[order],
+                          num_qualifying=count, fill_rate=fill)

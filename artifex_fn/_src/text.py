@@ -167,13 +167,23 @@ class ByteTokenizer(_SpecialIds):
         return len(self._special) + 256
 
     def encode(self, text: str) -> list[int]:
-        """The ids of ``text`` (special-token strings become their ids)."""
+        """The ids of ``text`` (special-token strings become their ids).
+
+        Raises ``ValueError`` for text that has no UTF-8 encoding (a lone
+        surrogate such as ``"\\ud800"``)."""
         k, ids = len(self._special), []
         for i, piece in enumerate(self._split.split(text)):
             if i % 2:
                 ids.append(self._ids[piece])
-            else:
-                ids.extend(k + b for b in piece.encode("utf-8"))
+                continue
+            try:
+                data = piece.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(
+                    f"`text` holds {e.object[e.start:e.end]!r} at {e.start}, "
+                    "which UTF-8 cannot encode (a lone surrogate): not "
+                    "valid Unicode text.") from None
+            ids.extend(k + b for b in data)
         return ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:

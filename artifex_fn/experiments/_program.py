@@ -44,6 +44,7 @@ class Program:
       curve: the metric plotted as the learning curve.
       score: the evaluation metric quoted as "before -> after".
       description: one line for progress bars and summaries.
+      postfix: further metrics shown next to ``curve`` on the progress bar.
       params: ``carry -> pytree`` saved by checkpoints.
       show: optional ``(params, key) -> list[str]``, host side: a few
         samples as text from ``params`` (``None``: the model before
@@ -57,6 +58,7 @@ class Program:
     curve: str
     score: str
     description: str = ""
+    postfix: tuple[str, ...] = ()
     params: Callable[[Any], Any] = lambda carry: carry["train"].params
     show: Callable[[Any, Any], list[str]] | None = None
 

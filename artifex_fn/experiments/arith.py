@@ -59,6 +59,7 @@ from flax import nnx
 
 from artifex_fn import dpo
 from artifex_fn import grpo
+from artifex_fn import select_groups
 from artifex_fn import text
 from artifex_fn.experiments import lm
 from artifex_fn.experiments._program import Program
@@ -69,6 +70,7 @@ from artifex_fn.experiments._program import with_learning_rate
 from artifex_fn.experiments.tasks import Range
 from artifex_fn.families import autoregressive as ar
 from artifex_fn.families.autoregressive import TinyCausalLM
+from artifex_fn.lora import add_lora
 from artifex_fn.sampling import generate
 from artifex_fn.sampling import prompt_positions
 from artifex_fn.sampling import token_policy
@@ -93,9 +95,16 @@ MODEL_SETTINGS = dict(pretrain_steps=3000, pretrain_batch=128, d_model=64,
 # the right answers (success about 0.2).
 SMALL_MODEL = dict(pretrain_steps=600, pretrain_batch=64, d_model=32,
                    correct_fraction=0.5)
+# GRPO's practical knobs (all off by default): several updates per
+# generation (`num_epochs`, `num_minibatches`), dynamic sampling (generate
+# `num_groups` groups, train on `keep_groups` whose rewards differ; 0: off)
+# and LoRA adapters of rank `lora_rank` on the frozen pre-trained model,
+# which is then the reference (0: full fine-tuning).
+GRPO_KNOBS = dict(num_epochs=1, num_minibatches=1, keep_groups=0,
+                  lora_rank=0)
 SETTINGS = dict(
     grpo=dict(MODEL_SETTINGS, iterations=600, num_groups=32,
-              num_generations=8),
+              num_generations=8, **GRPO_KNOBS),
     dpo=dict(MODEL_SETTINGS, iterations=300, batch_pairs=64,
              eval_pairs=256, split_seed=0))
 HPARAMS = dict(grpo=dict(lr=1e-3, beta=0.04, clip_param=0.2,
@@ -108,6 +117,8 @@ RANGES = {algo: dict({k: v for k, v in lm.RANGES[algo].items()
                       if k != "eval_samples"},
                      correct_fraction=Range.unit(), eval_repeats=_COUNT)
           for algo in ("grpo", "dpo")}
+RANGES["grpo"].update(num_epochs=_COUNT, num_minibatches=_COUNT,
+                      keep_groups=Range.count(0), lora_rank=Range.count(0))
 
 _TEST_COMMON = dict(iterations=2, pretrain_steps=2, pretrain_batch=8,
                     d_model=16, num_layers=1, eval_repeats=1)
@@ -118,11 +129,21 @@ TEST_SETTINGS = dict(
 
 def check_settings(algo: str, settings: dict) -> None:
     """Constraints between settings that their ranges cannot express."""
-    del algo
     d = settings["d_model"]
     if d % NUM_HEADS or (d // NUM_HEADS) % 2:
         raise ValueError(f"d_model must be {NUM_HEADS} heads times an even "
                          f"head width, got {d}")
+    if algo != "grpo":
+        return
+    groups = settings["keep_groups"] or settings["num_groups"]
+    if settings["keep_groups"] > settings["num_groups"]:
+        raise ValueError(
+            f"keep_groups ({settings['keep_groups']}) must not exceed "
+            f"num_groups ({settings['num_groups']}), the groups generated")
+    if (groups * settings["num_generations"]) % settings["num_minibatches"]:
+        raise ValueError(
+            f"num_minibatches ({settings['num_minibatches']}) must divide the "
+            f"{groups * settings['num_generations']} samples of an update")
 
 
 # -- text: questions, answers, tokenizer -------------------------------------
@@ -282,13 +303,19 @@ def pretrain_batch(d: Data, key, n: int, correct_fraction):
     return dict(tokens=tokens, mask=mask)
 
 
+# XLA options of the pre-training program (None: JAX's). It is one long
+# loop, run once and cached; a process that compiles everything else at a
+# low optimisation level (a test session) may set full optimisation here.
+PRETRAIN_COMPILER_OPTIONS: dict | None = None
+
+
 def _pretrain(s):
     d = data()
     _, init_params, apply = model_fns(s)
     config = ar.AutoregressiveConfig(pad_token_id=d.tok.pad_token_id,
                                      apply=apply, optimizer=adam(flat=True))
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=PRETRAIN_COMPILER_OPTIONS)
     def run(key):
         k_init, k_state, k_data = jax.random.split(key, 3)
         state = with_learning_rate(
@@ -349,19 +376,30 @@ def pretrained_model(**settings) -> TinyCausalLM:
 
 # -- sampling and evaluation -------------------------------------------------
 
+def _merge(graphdef, *frozen):
+    """``params -> module``: the model rebuilt from its trained parameters
+    (and, for LoRA, the frozen base state)."""
+    if not isinstance(graphdef, nnx.GraphDef):
+        return graphdef     # already a function
+    return lambda params: nnx.merge(graphdef, params, *frozen)
+
+
 def _policy(graphdef):
+    merge = _merge(graphdef)
+
     def policy(params, observations):
-        return token_policy(nnx.merge(graphdef, params), observations)
+        return token_policy(merge(params), observations)
     return policy
 
 
 def sample(graphdef, params, key, rows):
     """Answers of the questions ``rows`` sampled at temperature 1:
-    ``(observations, Generation)``."""
+    ``(observations, Generation)``. ``graphdef`` may be a ``params ->
+    module`` function instead."""
     d = data()
     prompts = jnp.asarray(d.prompts)[rows]
     mask = jnp.asarray(d.prompt_mask)[rows]
-    out = generate(nnx.merge(graphdef, params), prompts, key,
+    out = generate(_merge(graphdef)(params), prompts, key,
                    prompt_mask=mask, max_new_tokens=d.max_new_tokens,
                    stop_token_ids=stop_ids(d.tok),
                    pad_token_id=d.tok.pad_token_id)
@@ -381,7 +419,7 @@ def show_samples(graphdef, params, key, num: int = 8) -> list[str]:
     """``num`` questions and sampled answers as text (host side)."""
     d = data()
     rows = np.linspace(0, len(QUESTIONS) - 1, num).astype(np.int32)
-    obs, out = jax.jit(functools.partial(sample, graphdef))(
+    obs, out = jax.jit(functools.partial(sample, _merge(graphdef)))(
         params, key, jnp.asarray(rows))
     answers = text.decode_completions(d.tok, out.tokens, out.mask)
     return [f"{QUESTIONS[r]} -> {a!r} (right: {completion_text(answer(QUESTIONS[r]))})"
@@ -408,19 +446,54 @@ def _build(algo, s, config_of):
 
 # -- GRPO ---------------------------------------------------------------------
 
+def lora_model(s, rank: int):
+    """The pre-trained model with LoRA adapters of ``rank`` on every linear
+    layer: ``(merge, adapters)``, where ``merge(adapters)`` is the module
+    over the frozen base and ``merge(zeros_like(adapters))`` is the base
+    itself (the reference, no second copy)."""
+    graphdef, _, _ = model_fns(s)
+    model = nnx.merge(graphdef, pretrained(s)[0])
+    add_lora(model, rank=rank, rngs=nnx.Rngs(1))
+    lora_def, adapters, base = nnx.split(model, nnx.LoRAParam, ...)
+    adapters, base = nnx.as_pure(adapters), nnx.as_pure(base)
+    return _merge(lora_def, base), adapters
+
+
 def grpo_program(settings: dict | None = None) -> Program:
     """GRPO on the exact-answer reward read from the text (module
-    docstring)."""
+    docstring), with the knobs of :data:`GRPO_KNOBS`.
+
+    Metrics per iteration include ``rewards/exact/*`` and
+    ``rewards/format/*`` over every generated answer (the reward trained on
+    is ``exact``) and, with ``keep_groups``, ``dynamic_sampling/fill_rate``.
+    """
     s = resolve_settings("arith/grpo", SETTINGS["grpo"], RANGES["grpo"],
                          settings)
     check_settings("grpo", s)
     g = s["num_generations"]
     optimizer = adam(flat=True)
-    graphdef, params0, _, init = _build("grpo", s, lambda hp, policy: (
-        grpo.GRPOConfig(num_generations=g, clip_param=hp["clip_param"],
-                        beta=hp["beta"], entropy_coeff=hp["entropy_coeff"],
-                        policy=policy, optimizer=optimizer)))
-    exact, _ = rewards()
+    graphdef, _, _ = model_fns(s)
+    params0, nll = pretrained(s)
+    merge = _merge(graphdef)
+    trained0, ref = params0, params0
+    if s["lora_rank"]:
+        merge, trained0 = lora_model(s, s["lora_rank"])
+        ref = jax.tree_util.tree_map(jnp.zeros_like, trained0)
+
+    def config(hp):
+        return grpo.GRPOConfig(
+            num_generations=g, clip_param=hp["clip_param"], beta=hp["beta"],
+            entropy_coeff=hp["entropy_coeff"], num_epochs=s["num_epochs"],
+            num_minibatches=s["num_minibatches"], policy=_policy(merge),
+            optimizer=optimizer)
+
+    def init(key, hp):
+        k_state, k_run = jax.random.split(key)
+        state = grpo.init(trained0, config(hp), key=k_state, ref_params=ref)
+        return dict(train=with_learning_rate(state, hp["lr"]), key=k_run,
+                    pretrain_nll=jnp.asarray(nll[-1], jnp.float32))
+
+    keep = s["keep_groups"]
 
     def step(carry, hp):
         del hp
@@ -428,25 +501,37 @@ def grpo_program(settings: dict | None = None) -> Program:
         key, k_rows, k_sample = jax.random.split(carry["key"], 3)
         rows = jnp.repeat(jax.random.randint(
             k_rows, (s["num_groups"],), 0, len(QUESTIONS)), g)
-        obs, out = sample(graphdef, train.params, k_sample, rows)
-        train, metrics = grpo.update(train, dict(
-            observations=obs, actions=out.tokens, log_probs=out.log_probs,
-            mask=out.mask, rewards=exact(out.tokens, obs["prompt"])))
-        return dict(carry, train=train, key=key), metrics
+        obs, out = sample(merge, train.params, k_sample, rows)
+        scores = text_scores(out.tokens, obs["prompt"])
+        exact = scores[:, 0]
+        info = grpo.reward_metrics(dict(exact=exact, format=scores[:, 1]),
+                                   group_size=g)
+        batch = dict(observations=obs, actions=out.tokens,
+                     log_probs=out.log_probs, mask=out.mask, rewards=exact)
+        if keep:
+            sel = select_groups(exact, group_size=g, num_groups=keep)
+            batch = jax.tree_util.tree_map(lambda x: x[sel.rows], batch)
+            valid = jnp.repeat(sel.valid, g)[:, None]
+            batch["mask"] = jnp.where(valid, batch["mask"], 0.0)
+            info["dynamic_sampling/fill_rate"] = sel.fill_rate
+        train, metrics = grpo.update(train, batch)
+        return dict(carry, train=train, key=key), dict(metrics, **info)
 
     def evaluate(carry, key, hp):
         del hp
-        return sample_metrics(graphdef, carry["train"].params, key,
+        return sample_metrics(merge, carry["train"].params, key,
                               s["eval_repeats"])
 
     return Program(
         init=init, step=step, evaluate=evaluate,
         num_iterations=s["iterations"],
-        samples_per_iteration=s["num_groups"] * g, curve="mean_reward",
-        score="success",
+        samples_per_iteration=s["num_groups"] * g,
+        curve="rewards/exact/mean", score="success",
         description="GRPO on arithmetic in words, reward read from the text",
+        postfix=("rewards/format/mean",) + (
+            ("dynamic_sampling/fill_rate",) if keep else ()),
         show=lambda params, key: show_samples(
-            graphdef, params0 if params is None else params, key))
+            merge, trained0 if params is None else params, key))
 
 
 # -- DPO ----------------------------------------------------------------------

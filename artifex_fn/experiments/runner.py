@@ -411,9 +411,11 @@ def run(program: Program, *, hparams: Mapping[str, float],
                 on_chunk(i * length, metrics)
             if bar is not None:
                 bar.update(length)
-                curve = metrics.get(program.curve)
-                if curve is not None:
-                    bar.set_postfix({program.curve: f"{np.mean(curve[..., -1]):.3g}"})
+                shown = {name: f"{np.mean(metrics[name][..., -1]):.3g}"
+                         for name in (program.curve,) + tuple(program.postfix)
+                         if name in metrics}
+                if shown:
+                    bar.set_postfix(shown)
         jax.block_until_ready(carry)
     finally:
         if bar is not None:

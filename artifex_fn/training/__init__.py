@@ -24,9 +24,13 @@ Example::
 """
 
 from artifex_fn.training import callbacks
+from artifex_fn.lora import add_lora
+from artifex_fn.lora import optimizer_bytes
+from artifex_fn.lora import parameter_bytes
 from artifex_fn.training.reward_functions import ClippedReward
 from artifex_fn.training.reward_functions import CompositeReward
 from artifex_fn.training.reward_functions import ConstantReward
+from artifex_fn.training.reward_functions import OverlongPenalty
 from artifex_fn.training.reward_functions import RewardFunction
 from artifex_fn.training.reward_functions import ScaledReward
 from artifex_fn.training.reward_functions import TextReward
@@ -34,6 +38,8 @@ from artifex_fn.training.reward_functions import ThresholdReward
 from artifex_fn.training.reward_functions import exact_answer_reward
 from artifex_fn.training.reward_functions import format_reward
 from artifex_fn.training.reward_functions import is_host_reward
+from artifex_fn.training.reward_functions import reward_name
+from artifex_fn.training.reward_functions import reward_parts
 from artifex_fn.training.trainers.autoregressive import AutoregressiveTrainer
 from artifex_fn.training.trainers.base import Trainer
 from artifex_fn.training.trainers.diffusion import DiffusionTrainer
@@ -54,7 +60,10 @@ __all__ = (
     # reward functions
     "RewardFunction", "ConstantReward", "CompositeReward", "ThresholdReward",
     "ScaledReward", "ClippedReward", "TextReward", "format_reward",
-    "exact_answer_reward", "is_host_reward",
+    "exact_answer_reward", "is_host_reward", "OverlongPenalty",
+    "reward_name", "reward_parts",
+    # LoRA adapters and memory
+    "add_lora", "parameter_bytes", "optimizer_bytes",
     # callbacks
     "callbacks",
 )

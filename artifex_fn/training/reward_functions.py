@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from artifex_fn import completion_lengths
+from artifex_fn import overlong_penalty
 from artifex_fn.text import decode_completions
 from artifex_fn.text import decode_prompts
 
@@ -93,17 +95,27 @@ class CompositeReward:
     that sum to one (so adding a part does not scale the reward). Given
     weights are used as they are.
 
+    The parts are named (``names``, or each function's name:
+    :func:`reward_name`) and exposed by :meth:`parts`; the GRPO trainer
+    logs each part's statistics (``rewards/<name>/mean``, ...), computed
+    from the same calls as the sum.
+
     Examples:
       >>> import jax.numpy as jnp
       >>> r = CompositeReward(reward_fns=[ConstantReward(1.0),
       ...                                 ConstantReward(2.0)],
-      ...                     weights=[0.3, 0.7])
+      ...                     weights=[0.3, 0.7], names=("a", "b"))
       >>> r(jnp.zeros((2, 4)))
       Array([1.7, 1.7], dtype=float32)
+      >>> total, parts = r.parts(jnp.zeros((2, 4)))
+      >>> sorted(parts), parts["b"]
+      (['a', 'b'], Array([2., 2.], dtype=float32))
     """
     reward_fns: Sequence[Callable[..., jax.Array]] = struct.field(
         pytree_node=False)
     weights: Any = None
+    names: tuple[str, ...] | None = struct.field(pytree_node=False,
+                                                 default=None)
 
     def __post_init__(self):
         fns = self.reward_fns
@@ -121,8 +133,23 @@ class CompositeReward:
                     f"`weights` has {len(w)} entries but `reward_fns` has "
                     f"{len(fns)}.")
             object.__setattr__(self, "weights", tuple(w))
+        names = self.names
+        if names is None:
+            names = _unique([reward_name(fn) for fn in fns])
+        else:
+            names = tuple(str(n) for n in names)
+            if len(names) != len(fns) or len(set(names)) != len(names):
+                raise ValueError(
+                    f"`names` must give {len(fns)} distinct names, one per "
+                    f"reward function; got {names}.")
+        if "total" in names:
+            raise ValueError("`names` may not use 'total' (the name of the "
+                             "sum in the logged metrics).")
+        object.__setattr__(self, "names", names)
 
-    def __call__(self, samples, conditions=None, **kwargs):
+    def parts(self, samples, conditions=None, **kwargs):
+        """``(total [B], {name: part [B]})``: the weighted sum and the
+        unweighted parts, each part called once."""
         weights = jnp.asarray(self.weights)
         if weights.shape != (len(self.reward_fns),):
             raise ValueError(
@@ -130,7 +157,51 @@ class CompositeReward:
                 f"{tuple(weights.shape)}.")
         rewards = [_call(fn, samples, conditions, kwargs)
                    for fn in self.reward_fns]
-        return sum(w * r for w, r in zip(weights, rewards))
+        total = sum(w * r for w, r in zip(weights, rewards))
+        return total, dict(zip(self.names, rewards))
+
+    def __call__(self, samples, conditions=None, **kwargs):
+        return self.parts(samples, conditions, **kwargs)[0]
+
+
+def reward_name(fn) -> str:
+    """A reward function's name for logs: a :class:`TextReward`'s inner
+    function name, a function's ``__name__``, else its class name
+    (lambdas are named ``reward``)."""
+    if isinstance(fn, TextReward):
+        fn = fn.fn
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return "reward" if name == "<lambda>" else name
+
+
+def _unique(names) -> tuple[str, ...]:
+    """``names`` with repeats numbered (``exact``, ``exact_1``, ...)."""
+    seen, out = {}, []
+    for n in names:
+        k = seen.get(n, 0)
+        seen[n] = k + 1
+        out.append(n if k == 0 else f"{n}_{k}")
+    return tuple(out)
+
+
+def reward_parts(reward_fn, samples, conditions=None):
+    """``(total [B], {name: part [B]})`` of any reward function.
+
+    A :class:`CompositeReward` (or anything with a ``parts`` method) gives
+    its named parts; any other reward gives ``{}``. The total is what
+    ``reward_fn(samples, conditions)`` returns.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> total, parts = reward_parts(ConstantReward(2.0), jnp.zeros((3,)))
+      >>> total, parts
+      (Array([2., 2., 2.], dtype=float32), {})
+    """
+    parts = getattr(reward_fn, "parts", None)
+    if callable(parts):
+        total, named = parts(samples, conditions)
+        return jnp.asarray(total), dict(named)
+    return jnp.asarray(reward_fn(samples, conditions)), {}
 
 
 @struct.dataclass
@@ -197,6 +268,48 @@ class ClippedReward:
     def __call__(self, samples, conditions=None, **kwargs):
         base = _call(self.reward_fn, samples, conditions, kwargs)
         return jnp.clip(base, self.min_value, self.max_value)
+
+
+@struct.dataclass
+class OverlongPenalty:
+    r"""DAPO's soft over-long punishment as a reward over completion ids.
+
+    The length of a completion is its tokens up to and including the first
+    stop token (all ``N`` without one:
+    :func:`artifex_fn.completion_lengths`); the reward is
+    :func:`artifex_fn.overlong_penalty` of it: 0 up to ``max_length -
+    cache_length`` tokens, then falling linearly to -1 at ``max_length``.
+    Add it to a task reward with :class:`CompositeReward` (weights 1, 1).
+
+    Attributes:
+      max_length: :math:`L_{max}` (usually the generation's
+        ``max_new_tokens``).
+      cache_length: :math:`L_{cache}`, the length of the ramp.
+      eos_token_id, stop_token_ids: the ids that end a completion.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> r = OverlongPenalty(max_length=4, cache_length=2, eos_token_id=0)
+      >>> r(jnp.array([[5, 0, 0, 0], [5, 5, 0, 0], [5, 5, 5, 5]]))
+      Array([ 0. , -0.5, -1. ], dtype=float32)
+    """
+    max_length: int = struct.field(pytree_node=False)
+    cache_length: int = struct.field(pytree_node=False)
+    eos_token_id: int | None = struct.field(pytree_node=False, default=None)
+    stop_token_ids: tuple[int, ...] = struct.field(pytree_node=False,
+                                                   default=())
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids",
+                           tuple(int(i) for i in self.stop_token_ids))
+        overlong_penalty(0, max_length=self.max_length,
+                         cache_length=self.cache_length)  # checks the sizes
+
+    def __call__(self, samples, conditions=None, **kwargs):
+        lengths = completion_lengths(samples, eos_token_id=self.eos_token_id,
+                                     stop_token_ids=self.stop_token_ids)
+        return overlong_penalty(lengths, max_length=self.max_length,
+                                cache_length=self.cache_length)
 
 
 def _name(fn) -> str:

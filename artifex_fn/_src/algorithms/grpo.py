@@ -27,8 +27,21 @@ first step with ``gamma``), ``log_probs`` of the behaviour policy (``[B]``
 for one-step samples, ``[B, L]`` per token), optional ``mask [B, L]``,
 ``ref_log_probs`` (same shape as ``log_probs``) and ``group_size`` (a Python
 int; defaults to ``num_generations``); ``dones`` and ``reward_mask`` go with
-per-step rewards. ``B`` must be a multiple of the group size, with the
-samples of one prompt contiguous. Any other key is an error (a misspelt
+per-step rewards; ``truncated [B]`` (bool) flags completions cut at the
+length limit (see ``mask_truncated_completions``). ``B`` must be a multiple
+of the group size, with the samples of one prompt contiguous.
+
+Several updates per generation: with ``num_epochs`` (the mu of Shao et al.
+2024, TRL's ``num_iterations``) and ``num_minibatches``, one call of
+:func:`update` takes ``num_epochs * num_minibatches`` optimiser steps on
+the batch, as PPO does: advantages are computed once from whole groups,
+the rows are shuffled into minibatches each epoch, and every step's ratios
+are taken against the behaviour log-probs of the batch (kept from
+generation time), so the clipping bounds how far the policy moves from the
+one that generated. Reference log-probs are scored once per call. Each
+minibatch is aggregated with its own denominators (sequences or tokens of
+the minibatch); with ``num_epochs = num_minibatches = 1`` the update is
+the single step of before. Any other key is an error (a misspelt
 ``ref_logprobs`` would silently drop the KL term), except ``extras``, which
 is never read.
 """
@@ -52,12 +65,16 @@ from artifex_fn._src.algorithms.batching import check_leading
 from artifex_fn._src.algorithms.batching import check_shape_of
 from artifex_fn._src.algorithms.batching import clean_padding
 from artifex_fn._src.algorithms.batching import masked_mean_std
+from artifex_fn._src.algorithms.batching import micro_batches
+from artifex_fn._src.algorithms.batching import shuffle_indices
 from artifex_fn._src.algorithms.config import Bound
 from artifex_fn._src.algorithms.config import bounds_ok
 from artifex_fn._src.algorithms.config import check_bounds
 from artifex_fn._src.algorithms.config import nan_unless_valid
 from artifex_fn._src.algorithms.config import pytree_config
+from artifex_fn._src.algorithms.gradients import accumulated_grad
 from artifex_fn._src.algorithms.gradients import accumulated_gradient_step
+from artifex_fn._src.algorithms.gradients import optimizer_step
 from artifex_fn._src.algorithms.policies import as_distribution
 from artifex_fn._src.algorithms.policies import log_prob_and_entropy
 from artifex_fn._src.algorithms.policies import reduce_to_rank
@@ -81,7 +98,8 @@ LOSS_AGGREGATIONS = {
 @pytree_config(static=(
     "num_generations", "kl_estimator", "loss_aggregation", "ratio_level",
     "scale_rewards", "baseline", "max_completion_length",
-    "num_micro_batches", "policy", "optimizer"))
+    "num_micro_batches", "num_epochs", "num_minibatches",
+    "mask_truncated_completions", "policy", "optimizer"))
 class GRPOConfig:
     """Hyper-parameters of GRPO.
 
@@ -105,7 +123,15 @@ class GRPOConfig:
       max_grad_norm: optional global-norm gradient clipping.
       num_micro_batches: accumulate each step's gradient over this many
         micro-batches (must divide ``B``); the step is the same as with
-        one batch, with a ``k``-th of the activations in memory.
+        one batch, with a ``k``-th of the activations in memory (with
+        ``num_minibatches``: must divide the minibatch size).
+      num_epochs: passes over the batch per update (``mu``), ``>= 1``.
+      num_minibatches: optimiser steps per pass, on shuffled disjoint
+        minibatches; must divide ``B``.
+      mask_truncated_completions: completions flagged in
+        ``batch["truncated"]`` (cut at the length limit without a stop
+        token) contribute no loss; their rewards still count in their
+        group's advantages (DAPO's over-long filtering).
       policy: ``(params, observations) -> distrax.Distribution`` (or logits).
       optimizer: an optax ``GradientTransformation``.
     """
@@ -124,6 +150,9 @@ class GRPOConfig:
     max_completion_length: int | None = None
     max_grad_norm: float | None = None
     num_micro_batches: int = 1
+    num_epochs: int = 1
+    num_minibatches: int = 1
+    mask_truncated_completions: bool = False
     policy: Callable[..., Any] | None = None
     optimizer: optax.GradientTransformation | None = None
 
@@ -137,6 +166,12 @@ class GRPOConfig:
     def __post_init__(self):
         checks.check_int(self.num_generations, "num_generations", lo=1)
         checks.check_int(self.num_micro_batches, "num_micro_batches", lo=1)
+        checks.check_int(self.num_epochs, "num_epochs", lo=1)
+        checks.check_int(self.num_minibatches, "num_minibatches", lo=1)
+        if not isinstance(self.mask_truncated_completions, bool):
+            raise ValueError(
+                "`mask_truncated_completions` must be a bool, got "
+                f"{self.mask_truncated_completions!r}.")
         check_bounds(self)
         for name, choices in (
                 ("kl_estimator", ("k1", "k2", "k3")),
@@ -152,7 +187,7 @@ class GRPOConfig:
 
 REQUIRED_KEYS = ("observations", "actions", "rewards", "log_probs")
 OPTIONAL_KEYS = ("mask", "ref_log_probs", "group_size", "dones",
-                 "reward_mask")
+                 "reward_mask", "truncated")
 
 
 def group_size_of(batch, config: GRPOConfig) -> int:
@@ -233,16 +268,14 @@ def prepare(batch, config: GRPOConfig):
     rows = dict(observations=batch["observations"],
                 actions=batch["actions"], log_probs=old,
                 advantages=group.advantages)
-    mask = batch.get("mask")
+    mask = _loss_mask(batch, old, config)
     ref = check_shape_of(batch.get("ref_log_probs"),
                          "batch['ref_log_probs']", old.shape,
                          "the shape of batch['log_probs']")
     if ref is not None:
         rows["ref_log_probs"] = ref
     if mask is not None:
-        mask = check_shape_of(mask, "batch['mask']", old.shape,
-                              "", broadcast=True)
-        rows["mask"] = jnp.broadcast_to(mask, old.shape)
+        rows["mask"] = mask
         # Padded tokens may hold anything: replaced before any maths.
         valid = rows["mask"] > 0
         for key in ("log_probs", "ref_log_probs"):
@@ -250,6 +283,47 @@ def prepare(batch, config: GRPOConfig):
                 rows[key] = checks.keep_valid(valid, rows[key])
         for key in ("observations", "actions"):
             rows[key] = clean_padding(rows[key], rows["mask"])
+    mean_reward, reward_std = masked_mean_std(rewards)
+    _, adv_std = masked_mean_std(group.advantages)
+    stats = dict(
+        mean_reward=mean_reward, reward_std=reward_std,
+        group_advantage_std=adv_std,
+        frac_reward_zero_std=jnp.mean(group.zero_std.astype(jnp.float32)))
+    if "truncated" in batch:
+        stats["frac_truncated"] = jnp.mean(
+            jnp.asarray(batch["truncated"]).astype(jnp.float32))
+    return rows, totals_of(rows, config), stats
+
+
+def _loss_mask(batch, old, config: GRPOConfig):
+    """The loss mask, ``old.shape``: ``batch["mask"]`` (broadcast), with
+    truncated completions removed under ``mask_truncated_completions``."""
+    mask = batch.get("mask")
+    if mask is not None:
+        mask = check_shape_of(mask, "batch['mask']", old.shape, "",
+                              broadcast=True)
+        mask = jnp.broadcast_to(mask, old.shape)
+    truncated = check_shape_of(batch.get("truncated"), "batch['truncated']",
+                               old.shape[:1], "[B] flags, one per sample")
+    if not config.mask_truncated_completions:
+        return mask
+    if truncated is None:
+        raise ValueError(
+            "`mask_truncated_completions` needs `batch['truncated']` [B]: "
+            "True for completions cut at the length limit (see "
+            "artifex_fn.truncated_completions).")
+    keep = ~truncated.astype(bool)
+    keep = keep if old.ndim == 1 else keep[:, None]
+    if mask is None:
+        return jnp.broadcast_to(keep, old.shape).astype(jnp.float32)
+    # `where`, not a product: a padded entry may hold NaN.
+    return jnp.where(keep, mask, jnp.zeros((), mask.dtype))
+
+
+def totals_of(rows, config: GRPOConfig):
+    """The denominators of ``rows`` (``loss``: that of
+    ``loss_aggregation``, ``tokens``: valid tokens), from their mask."""
+    old = jnp.asarray(rows["log_probs"])
     tokens = jnp.zeros(old.shape if old.ndim == 2 else old.shape + (1,),
                        jnp.float32)
     m2 = _token_mask(rows.get("mask"), old.ndim)
@@ -257,13 +331,7 @@ def prepare(batch, config: GRPOConfig):
         tokens, m2, mode=LOSS_AGGREGATIONS[config.loss_aggregation],
         normalizer=config.max_completion_length)
     _, n_tokens = aggregate_loss_parts(tokens, m2, mode="token_mean")
-    mean_reward, reward_std = masked_mean_std(rewards)
-    _, adv_std = masked_mean_std(group.advantages)
-    stats = dict(
-        mean_reward=mean_reward, reward_std=reward_std,
-        group_advantage_std=adv_std,
-        frac_reward_zero_std=jnp.mean(group.zero_std.astype(jnp.float32)))
-    return rows, dict(loss=den, tokens=n_tokens), stats
+    return dict(loss=den, tokens=n_tokens)
 
 
 def _token_mask(mask, ndim):
@@ -368,22 +436,119 @@ def with_reference_log_probs(state: TrainState, batch):
 
 
 def update(state: TrainState, batch):
-    """One GRPO gradient step; returns ``(state, metrics)``.
+    """GRPO optimiser steps on one batch of groups; returns ``(state, metrics)``.
 
     The KL penalty applies when the batch holds ``ref_log_probs`` or the
-    state holds ``ref_params``. With ``num_micro_batches = k > 1`` the
-    gradient is accumulated over ``k`` micro-batches of ``B / k`` samples
-    (reference log-probs scored per micro-batch); advantages and
-    denominators come from the whole batch first, so the step equals the
-    one-batch step. Metrics are those of :func:`loss` plus ``grad_norm``.
+    state holds ``ref_params``. With ``num_epochs = num_minibatches = 1``
+    (the default) this is one gradient step; otherwise ``num_epochs``
+    passes of ``num_minibatches`` shuffled minibatches (module docstring),
+    in one ``lax.scan``. With ``num_micro_batches = k > 1`` each step's
+    gradient is accumulated over ``k`` micro-batches; advantages come from
+    the whole batch and denominators from the whole (mini)batch first, so
+    every step equals the one-batch step. Metrics are those of :func:`loss`
+    plus ``grad_norm`` (means over the steps for the loss terms).
     """
-    rows, totals, stats = prepare(batch, state.config)
-    loss_fn = rows_loss
-    if "ref_log_probs" not in rows and state.ref_params is not None:
-        def loss_fn(params, micro, config, totals):
-            return rows_loss(params, with_reference_log_probs(state, micro),
-                             config, totals)
-    state, metrics = accumulated_gradient_step(state, loss_fn, rows,
-                                               totals)
-    return nan_unless_valid(state.config, state,
-                            dict(metrics, **stats))
+    config = state.config
+    rows, totals, stats = prepare(batch, config)
+    k, epochs = config.num_minibatches, config.num_epochs
+    needs_ref = "ref_log_probs" not in rows and state.ref_params is not None
+    if k == 1 and epochs == 1:
+        loss_fn = rows_loss
+        if needs_ref:
+            def loss_fn(params, micro, config, totals):
+                return rows_loss(params,
+                                 with_reference_log_probs(state, micro),
+                                 config, totals)
+        state, metrics = accumulated_gradient_step(state, loss_fn, rows,
+                                                   totals)
+        return nan_unless_valid(config, state, dict(metrics, **stats))
+
+    n = jnp.shape(rows["log_probs"])[0]
+    if n % k:
+        raise ValueError(f"`num_minibatches`={k} must divide the batch size "
+                         f"B={n}.")
+    if (n // k) % config.num_micro_batches:
+        raise ValueError(
+            f"`num_micro_batches`={config.num_micro_batches} must divide the "
+            f"minibatch size B/num_minibatches={n // k}.")
+    if needs_ref:  # the reference is frozen: scored once for every epoch
+        rows = dict(rows, ref_log_probs=_reference_rows(state, rows))
+    key, *epoch_keys = jax.random.split(state.key, epochs + 1)
+
+    def minibatch_step(carry, minibatch):
+        params, opt_state = carry
+        grads, metrics = accumulated_grad(
+            rows_loss, params, minibatch, config.num_micro_batches, config,
+            totals_of(minibatch, config), what="minibatch")
+        params, opt_state, grad_norm = optimizer_step(
+            params, opt_state, grads, config.optimizer, config.max_grad_norm)
+        return (params, opt_state), dict(metrics, grad_norm=grad_norm)
+
+    def epoch(carry, epoch_key):
+        if k == 1:  # every epoch sees the whole batch: no shuffle needed
+            minibatches = jax.tree_util.tree_map(lambda x: x[None], rows)
+        else:
+            perm = shuffle_indices(epoch_key, n)
+            minibatches = jax.tree_util.tree_map(
+                lambda x: jnp.reshape(x[perm], (k, n // k) + x.shape[1:]),
+                rows)
+        return lax.scan(minibatch_step, carry, minibatches)
+
+    (params, opt_state), metrics = lax.scan(
+        epoch, (state.params, state.opt_state), jnp.stack(epoch_keys))
+    metrics = jax.tree_util.tree_map(jnp.mean, metrics)
+    new_state = state.replace(params=params, opt_state=opt_state,
+                              step=state.step + 1, key=key)
+    return nan_unless_valid(config, new_state, dict(metrics, **stats))
+
+
+def _reference_rows(state: TrainState, rows):
+    """``ref_log_probs`` of every row, scored in ``num_micro_batches``
+    micro-batches (one micro-batch's reference activations at a time)."""
+    k = state.config.num_micro_batches
+    score = lambda micro: with_reference_log_probs(state, micro)[
+        "ref_log_probs"]
+    if k == 1:
+        return score(rows)
+    split = micro_batches(rows, k)
+    out = lax.map(score, split)        # [k, n / k, ...]: row p * k + j at [j, p]
+    out = jnp.swapaxes(out, 0, 1)
+    return jnp.reshape(out, (out.shape[0] * k,) + out.shape[2:])
+
+
+def reward_metrics(rewards, *, group_size: int):
+    """Mean, spread and zero-spread groups of each named reward.
+
+    Args:
+      rewards: ``{name: [B] rewards}`` (e.g. the parts of a composite
+        reward and its ``"total"``), ``B`` a multiple of ``group_size``
+        with the samples of one prompt contiguous.
+      group_size: samples per prompt ``G``.
+
+    Returns:
+      ``{"rewards/<name>/mean", "rewards/<name>/std",
+      "rewards/<name>/frac_zero_std"}`` scalars for each name:
+      ``frac_zero_std`` is the fraction of groups whose rewards of that
+      name are all equal (no learning signal from that reward alone).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> m = reward_metrics({"exact": jnp.array([1., 0., 1., 1.])},
+      ...                    group_size=2)
+      >>> [round(float(m[k]), 3) for k in sorted(m)]
+      [0.5, 0.75, 0.433]
+    """
+    out = {}
+    for name, r in rewards.items():
+        r = jnp.asarray(r)
+        if r.ndim != 1 or r.shape[0] % group_size:
+            raise ValueError(
+                f"reward {name!r} must be [B] with B a multiple of the "
+                f"group size {group_size}, got shape {tuple(r.shape)}.")
+        mean, std = masked_mean_std(r)
+        zero = group_advantages(r, group_size=group_size, eps=0.0).zero_std
+        out[f"rewards/{name}/mean"] = mean
+        out[f"rewards/{name}/std"] = std
+        out[f"rewards/{name}/frac_zero_std"] = jnp.mean(
+            zero.astype(jnp.float32))
+    return out

@@ -29,16 +29,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax import lax
 
 from artifex_fn import TrainState
+from artifex_fn import select_groups
+from artifex_fn import truncated_completions
 from artifex_fn import dpo as _dpo
 from artifex_fn import grpo as _grpo
 from artifex_fn import ppo as _ppo
 from artifex_fn import reinforce as _reinforce
 from artifex_fn import sampling
 from artifex_fn.training.reward_functions import is_host_reward
+from artifex_fn.training.reward_functions import reward_parts
 from artifex_fn.training.trainers.base import Trainer
 from artifex_fn.training.trainers.base import VariableBinding
 from artifex_fn.training.trainers.base import key_data
@@ -53,6 +57,33 @@ def _apply(graphdef, state, apply_fn, params, observations):
 
 def _call(model, observations):
     return model(observations)
+
+
+def _apply_pair(graphdef, apply_fn, params_and_rest, observations):
+    """``_apply`` with the parameters and the other variables as one pair
+    (the reference state of a LoRA policy)."""
+    params, rest = params_and_rest
+    return _apply(graphdef, rest, apply_fn, params, observations)
+
+
+def _zero_where(tree, flags):
+    """``tree`` with the leaves flagged True (in flattening order)
+    replaced by zeros."""
+    if tree is None:
+        return None
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return jax.tree_util.tree_unflatten(treedef, [
+        jnp.zeros_like(x) if f else x for x, f in zip(leaves, flags)])
+
+
+def _mix_into(policy, reference, mix):
+    """``mix * policy + (1 - mix) * reference`` on floating leaves (other
+    leaves are copied from the policy)."""
+    def one(p, r):
+        if jnp.issubdtype(jnp.asarray(p).dtype, jnp.floating):
+            return optax.incremental_update(p, r, mix).astype(r.dtype)
+        return p
+    return jax.tree_util.tree_map(one, policy, reference)
 
 
 def _call_policy_outputs(model, observations):
@@ -121,25 +152,87 @@ class _RLTrainer(Trainer):
                 f"(artifex_fn.{name}) with your own policy function")
 
     def __init__(self, model, optimizer, config=None, *, reference_model=None,
+                 lora_reference: bool = False,
+                 ref_sync_steps: int | None = None, ref_sync_mix: float = 1.0,
                  generation: sampling.GenerationConfig | None = None,
                  apply_fn=None, key=None):
         super().__init__(model, optimizer, config, key=key)
         self.generation = generation or sampling.GenerationConfig()
         self.apply_fn = resolve_apply_fn(model, apply_fn)
         self.reference_model = reference_model
+        self.lora_reference = bool(lora_reference)
+        uses_reference = reference_model is not None or self.lora_reference
+        if uses_reference and not hasattr(self._algorithm,
+                                          "with_reference_log_probs"):
+            raise ValueError(
+                f"{type(self).__name__} does not use a reference model "
+                "(only GRPO and DPO do): drop `reference_model` / "
+                "`lora_reference`.")
         if reference_model is not None:
-            if not hasattr(self._algorithm, "with_reference_log_probs"):
+            if self.lora_reference:
                 raise ValueError(
-                    f"{type(self).__name__} does not use a reference model "
-                    "(only GRPO and DPO do): drop `reference_model`.")
+                    "give either `reference_model` or `lora_reference=True` "
+                    "(the policy with its LoRA adapters off), not both.")
             if not isinstance(reference_model, nnx.Module):
                 raise TypeError("`reference_model` must be a flax.nnx.Module.")
             self._ref_graphdef = nnx.graphdef(reference_model)
             self._ref = VariableBinding(reference_model)
             self._ref_apply_fn = resolve_apply_fn(reference_model, apply_fn)
+        if self.lora_reference:
+            self._lora_leaves = (
+                tuple(isinstance(v, nnx.LoRAParam)
+                      for v in self._params.variables),
+                tuple(isinstance(v, nnx.LoRAParam)
+                      for v in self._rest.variables))
+            if not any(self._lora_leaves[0] + self._lora_leaves[1]):
+                raise ValueError(
+                    "`lora_reference=True` needs a model with LoRA adapters "
+                    "(nnx.LoRAParam variables, e.g. from nnx.LoRA / "
+                    "nnx.LoRALinear or artifex_fn.training.add_lora); "
+                    f"{type(model).__name__} has none.")
+            if not all(self._lora_leaves[0]):
+                raise ValueError(
+                    "`lora_reference=True` takes the frozen base as the "
+                    "reference, so only the adapters may be trained: build "
+                    "the optimiser with `nnx.Optimizer(model, tx, "
+                    "wrt=nnx.LoRAParam)` (its `wrt` now also selects base "
+                    "weights, which would move the reference).")
+        self._init_ref_sync(ref_sync_steps, ref_sync_mix)
         self._update = jax.jit(self._pure_update)
         self._evaluate = jax.jit(self._pure_evaluate)
         self.last_rollout = None
+
+    def _init_ref_sync(self, steps, mix):
+        """Reference refresh every ``steps`` steps: ``ref <- mix * policy +
+        (1 - mix) * ref`` (a hard copy at ``mix = 1``; TR-DPO's soft
+        update below)."""
+        self.ref_sync_steps, self.ref_sync_mix = steps, float(mix)
+        if steps is None:
+            return
+        if self.reference_model is None:
+            raise ValueError(
+                "`ref_sync_steps` refreshes `reference_model` from the "
+                "policy: pass a `reference_model` (a LoRA reference needs no "
+                "refresh).")
+        if not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(
+                f"`ref_sync_steps` must be an int >= 1, got {steps!r}.")
+        if not 0.0 < self.ref_sync_mix <= 1.0:
+            raise ValueError(
+                f"`ref_sync_mix` must be in (0, 1], got {mix!r}.")
+        self._policy_all = VariableBinding(self.model)
+        if (jax.tree_util.tree_structure(self._policy_all.read())
+                != jax.tree_util.tree_structure(self._ref.read())):
+            raise ValueError(
+                "`ref_sync_steps` needs a `reference_model` with the "
+                "policy's structure (the same module class and sizes).")
+        self._sync = jax.jit(_mix_into)
+
+    def _maybe_sync_reference(self) -> None:
+        if self.ref_sync_steps and self.step % self.ref_sync_steps == 0:
+            self._ref.write(self._sync(self._policy_all.read(),
+                                       self._ref.read(),
+                                       np.float32(self.ref_sync_mix)))
 
     # -- pieces used inside the compiled functions ------------------------
     def _policy_apply_fn(self, apply_fn):
@@ -159,14 +252,25 @@ class _RLTrainer(Trainer):
         return dataclasses.replace(config, policy=self._policy(rest),
                                    optimizer=self.optimizer.tx)
 
-    def _with_reference(self, config, ref_state, batch):
-        """Adds the reference model's log-probs the batch lacks."""
-        if ref_state is None:
+    def _with_reference(self, config, ref_state, batch, params=None,
+                        rest=None):
+        """Adds the reference model's log-probs the batch lacks: from
+        ``reference_model`` (``ref_state``) or, with ``lora_reference``,
+        from ``params`` and ``rest`` with every LoRA adapter zeroed."""
+        if self.lora_reference and params is not None:
+            policy = functools.partial(_apply_pair, self.graphdef,
+                                       self._policy_apply_fn(self.apply_fn))
+            ref_state = lax.stop_gradient(
+                (_zero_where(params, self._lora_leaves[0]),
+                 _zero_where(rest, self._lora_leaves[1])))
+        elif ref_state is None:
             return batch
+        else:
+            policy = self._ref_policy()
         ref = TrainState(
             params=None, opt_state=None, step=None, key=None,
             ref_params=ref_state,
-            config=dataclasses.replace(config, policy=self._ref_policy()))
+            config=dataclasses.replace(config, policy=policy))
         return self._algorithm.with_reference_log_probs(ref, batch)
 
     def _num_updates(self, config) -> int:
@@ -175,7 +279,7 @@ class _RLTrainer(Trainer):
     def _pure_update(self, params, rest, opt_state, opt_step, step, key,
                      ref_state, config, batch):
         config = self._full_config(config, rest)
-        batch = self._with_reference(config, ref_state, batch)
+        batch = self._with_reference(config, ref_state, batch, params, rest)
         state = TrainState(params=params, opt_state=opt_state,
                                   step=step, key=key, ref_params=None,
                                   config=config)
@@ -202,6 +306,7 @@ class _RLTrainer(Trainer):
             self._ref_arg(), config, batch)
         self._write(params, opt_state, opt_step)
         self.step += 1
+        self._maybe_sync_reference()
         return metrics
 
     def compute_loss(self, model, batch, key=None):
@@ -217,7 +322,7 @@ class _RLTrainer(Trainer):
 
     def _pure_evaluate(self, params, rest, ref_state, config, batch):
         config = self._full_config(config, rest)
-        batch = self._with_reference(config, ref_state, batch)
+        batch = self._with_reference(config, ref_state, batch, params, rest)
         return self._algorithm.loss(params, batch, config)
 
 
@@ -320,15 +425,37 @@ class GRPOTrainer(_RLTrainer):
     config_type = _grpo.GRPOConfig
 
     def __init__(self, model, optimizer, config=None, *, reference_model=None,
-                 generation=None, jit_reward: bool = True, apply_fn=None,
-                 key=None):
+                 lora_reference: bool = False,
+                 ref_sync_steps: int | None = None, ref_sync_mix: float = 1.0,
+                 generation=None, jit_reward: bool = True,
+                 keep_groups: int | None = None, apply_fn=None, key=None):
         super().__init__(model, optimizer, config,
                          reference_model=reference_model,
+                         lora_reference=lora_reference,
+                         ref_sync_steps=ref_sync_steps,
+                         ref_sync_mix=ref_sync_mix,
                          generation=generation, apply_fn=apply_fn, key=key)
         self.jit_reward = jit_reward
+        if keep_groups is not None and (
+                not isinstance(keep_groups, (int, np.integer))
+                or keep_groups < 1):
+            raise ValueError(
+                f"`keep_groups` must be an int >= 1, got {keep_groups!r}.")
+        self.keep_groups = keep_groups
+        if self.config.mask_truncated_completions and not (
+                self.generation.eos_token_id is not None
+                or self.generation.stop_token_ids):
+            raise ValueError(
+                "`mask_truncated_completions` needs the generation's stop "
+                "tokens (`generation.eos_token_id` or `stop_token_ids`) to "
+                "tell a finished completion from a truncated one.")
         self._generate_update = jax.jit(
             self._pure_generate_update, static_argnames=("reward_static",))
         self._sample = jax.jit(self._pure_sample)
+        self._scored_update = jax.jit(self._pure_scored_update)
+
+    def _num_updates(self, config) -> int:
+        return config.num_epochs * config.num_minibatches
 
     def _prepare(self, batch):
         batch, config = super()._prepare(batch)
@@ -390,6 +517,10 @@ class GRPOTrainer(_RLTrainer):
             rollout = dict(observations=observations, actions=out.tokens,
                            log_probs=lax.stop_gradient(out.log_probs),
                            mask=out.mask)
+            if gen.eos_token_id is not None or gen.stop_token_ids:
+                rollout["truncated"] = truncated_completions(
+                    out.tokens, out.mask, eos_token_id=gen.eos_token_id,
+                    stop_token_ids=gen.stop_token_ids)
             samples = out.tokens
         else:
             model_apply = functools.partial(_apply, self.graphdef, rest,
@@ -416,13 +547,27 @@ class GRPOTrainer(_RLTrainer):
         rollout, samples, conditions = self._pure_sample(
             params, rest, config, prompts, prompt_mask, key)
         reward_fn = _join_callable(reward_static, reward_dynamic)
-        rewards = self._check_rewards(reward_fn(samples, conditions),
-                                      rollout["log_probs"].shape[0])
+        rewards, parts = reward_parts(reward_fn, samples, conditions)
+        rewards = self._check_rewards(rewards, rollout["log_probs"].shape[0])
+        return self._pure_scored_update(
+            params, rest, opt_state, opt_step, step, state_key, ref_state,
+            config, rollout, samples, conditions, rewards, parts)
+
+    def _pure_scored_update(self, params, rest, opt_state, opt_step, step,
+                            state_key, ref_state, config, rollout, samples,
+                            conditions, rewards, parts):
+        """The update on a scored rollout: reward metrics on every sample,
+        then (with ``keep_groups``) dynamic sampling, then the update."""
+        g = config.num_generations
+        info = _grpo.reward_metrics(dict(parts, total=rewards), group_size=g)
         batch = dict(rollout, rewards=rewards)
+        if self.keep_groups is not None:
+            batch, selected = _select(batch, rewards, g, self.keep_groups)
+            info.update(selected)
         params, opt_state, opt_step, state_key, metrics = self._pure_update(
             params, rest, opt_state, opt_step, step, state_key, ref_state,
             config, batch)
-        metrics = self._rollout_metrics(metrics, rollout)
+        metrics = self._rollout_metrics(dict(metrics, **info), rollout)
         return (params, opt_state, opt_step, state_key, metrics,
                 self._last_rollout(rollout, samples, conditions, rewards))
 
@@ -482,17 +627,17 @@ class GRPOTrainer(_RLTrainer):
         else:
             rollout, samples, conditions = self._sample(
                 params, rest, config, prompts, prompt_mask, key)
-            rewards = self._check_rewards(reward_fn(samples, conditions),
+            rewards, parts = reward_parts(reward_fn, samples, conditions)
+            rewards = self._check_rewards(rewards,
                                           rollout["log_probs"].shape[0])
-            batch = dict(rollout, rewards=rewards)
-            params, opt_state, opt_step, self.key, metrics = self._update(
+            (params, opt_state, opt_step, self.key, metrics,
+             self.last_rollout) = self._scored_update(
                 params, rest, opt_state, opt_step, np.int32(self.step),
-                self.key, ref, config, batch)
-            metrics = self._rollout_metrics(metrics, rollout)
-            self.last_rollout = self._last_rollout(rollout, samples,
-                                                   conditions, rewards)
+                self.key, ref, config, rollout, samples, conditions, rewards,
+                parts)
         self._write(params, opt_state, opt_step)
         self.step += 1
+        self._maybe_sync_reference()
         return metrics
 
 
@@ -536,6 +681,34 @@ class DPOTrainer(_RLTrainer):
             self.step += 1
             return metrics
         return super().train_step(batch)
+
+
+def _select(batch, rewards, group_size, keep_groups):
+    """Dynamic sampling: the batch's rows of ``keep_groups`` groups whose
+    rewards differ (:func:`artifex_fn.select_groups`), with the loss mask of
+    the slots left unfilled set to zero; and the selection's metrics."""
+    n = rewards.shape[0]
+    if keep_groups * group_size > n:
+        raise ValueError(
+            f"`keep_groups`={keep_groups} groups of {group_size} need at "
+            f"least {keep_groups * group_size} samples; the step generated "
+            f"{n}: give it more prompts (dynamic sampling over-generates).")
+    sel = select_groups(rewards, group_size=group_size,
+                        num_groups=keep_groups)
+    out = jax.tree_util.tree_map(lambda x: x[sel.rows], batch)
+    keep = jnp.repeat(sel.valid, group_size)
+    old = out["log_probs"]
+    if "mask" in out:
+        keep = keep[:, None] if old.ndim == 2 else keep
+        out["mask"] = jnp.where(keep, out["mask"],
+                                jnp.zeros((), out["mask"].dtype))
+    else:
+        out["mask"] = jnp.broadcast_to(
+            keep if old.ndim == 1 else keep[:, None],
+            old.shape).astype(jnp.float32)
+    return out, {"dynamic_sampling/fill_rate": sel.fill_rate,
+                 "dynamic_sampling/qualifying_groups":
+                     sel.num_qualifying.astype(jnp.float32)}
 
 
 def _describe(out) -> str:
