@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_cartpole.py
 	$(PY) benchmarks/bench_distributed.py
 	$(PY) benchmarks/bench_generation.py
+	$(PY) benchmarks/bench_grpo_knobs.py --seeds 3
 
 # The generation benchmark with its tunix column (installs google-tunix and
 # its dependencies into the same environment).

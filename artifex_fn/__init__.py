@@ -35,6 +35,7 @@ from artifex_fn._src.policy_gradients import policy_gradient_loss
 from artifex_fn._src.policy_gradients import value_loss
 from artifex_fn._src.preference import PREFERENCE_LOSS_TYPES
 from artifex_fn._src.preference import PreferenceLoss
+from artifex_fn._src.preference import bradley_terry_loss
 from artifex_fn._src.preference import dpo_loss
 from artifex_fn._src.preference import simpo_loss
 
@@ -63,6 +64,7 @@ __all__ = (
     "PreferenceLoss",
     "aggregate_loss",
     "aggregate_loss_parts",
+    "bradley_terry_loss",
     "clip_fraction",
     "clipped_surrogate_loss",
     "completion_lengths",

@@ -39,6 +39,7 @@ from artifex_fn._src.sampling import pad_prompts
 from artifex_fn._src.sampling import prompt_positions
 from artifex_fn._src.sampling import sample_next_token
 from artifex_fn._src.sampling import sample_one_step
+from artifex_fn._src.sampling import token_actor_critic
 from artifex_fn._src.sampling import token_policy
 from artifex_fn._src.sampling import transform_logits
 
@@ -46,4 +47,4 @@ __all__ = ("MASKED_LOGIT", "Generation", "GenerationConfig", "bucket_length",
            "cache_windows", "categorical", "completion_logits",
            "completion_mask", "generate", "grow_cache", "is_decoder",
            "pad_prompts", "prompt_positions", "sample_next_token",
-           "sample_one_step", "token_policy", "transform_logits")
+           "sample_one_step", "token_actor_critic", "token_policy", "transform_logits")

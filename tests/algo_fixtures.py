@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,16 @@ import artifex_fn as afn
 
 N_OBS = 4
 N_ACT = 4
+
+
+def examples(n: int) -> int:
+    """Hypothesis examples of the heaviest property tests: ``n`` locally
+    (random examples, which keep looking for new counterexamples), half
+    under CI (the derandomized profile of ``tests/conftest.py``: the same
+    examples on every run, so half of them keep the suite in its time
+    budget)."""
+    ci = os.environ.get("CI", "").lower() not in ("", "0", "false")
+    return max(5, n // 2) if ci else n
 
 # Python-level calls of each policy. Under ``jax.jit`` a policy runs only
 # while tracing, so an unchanged count across calls means no retrace.

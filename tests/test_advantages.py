@@ -20,6 +20,8 @@ from hypothesis.extra import numpy as hnp
 import artifex_fn as afn
 from artifex_fn import testing as aft
 
+from algo_fixtures import examples
+
 BASELINES = ("mean", "rloo")
 SCALES = ("group", "batch", "none")
 GROUPS = 6
@@ -29,7 +31,8 @@ EPS_VALUES = (0.0, 1e-8, 1e-6, 1e-2)
 _GROUPED = aft.grouped_rewards(max_group_size=6)
 _PAIRS_UP = aft.grouped_rewards(max_group_size=6, min_group_size=2)
 
-PROPERTY = settings(max_examples=40, deadline=None,
+
+PROPERTY = settings(max_examples=examples(40), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 

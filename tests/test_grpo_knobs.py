@@ -18,10 +18,12 @@ from hypothesis import strategies as st
 import artifex_fn as afn
 from artifex_fn import sampling
 from artifex_fn._src.algorithms.batching import shuffle_indices
+from artifex_fn.lora import add_lora
 from artifex_fn import training
 from artifex_fn.families.autoregressive import TinyCausalLM
 
-from algo_fixtures import assert_trees_close, grpo_problem, with_fields
+from algo_fixtures import (assert_trees_close, examples, grpo_problem,
+                           with_fields)
 
 _update = jax.jit(afn.grpo.update)
 
@@ -150,7 +152,7 @@ def _np_lengths(tokens, stops):
     return np.array(out)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(st.lists(st.lists(st.integers(0, 5), min_size=6, max_size=6),
                 min_size=1, max_size=6))
 def test_lengths_and_truncation_match_a_loop(rows):
@@ -185,7 +187,7 @@ def test_overlong_penalty_is_dapo_eq_13():
 
 # -- dynamic sampling ----------------------------------------------------------
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(st.sampled_from([1, 2, 4]), st.integers(1, 4), st.data())
 def test_select_groups_keeps_the_first_groups_that_differ(g, m, data):
     rewards = np.asarray(data.draw(st.lists(st.integers(0, 2),
@@ -331,7 +333,7 @@ def test_lora_reference_equals_a_frozen_copy_of_the_base():
     trainer holding a second copy of the base."""
     base = _lm()
     frozen = copy.deepcopy(base)
-    n = training.add_lora(base, rank=2, rngs=nnx.Rngs(1))
+    n = add_lora(base, rank=2, rngs=nnx.Rngs(1))
     assert n == 5              # qkv, out, mlp_in, mlp_out and the head
     gen = sampling.GenerationConfig(max_new_tokens=4, eos_token_id=1)
     cfg = afn.grpo.GRPOConfig(num_generations=2, beta=0.5)
@@ -376,7 +378,7 @@ def test_lora_reference_errors_name_the_fix():
         training.GRPOTrainer(model, nnx.Optimizer(model, optax.sgd(0.1),
                                                   wrt=nnx.Param),
                              lora_reference=True)
-    training.add_lora(model, rank=2, rngs=nnx.Rngs(0))
+    add_lora(model, rank=2, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="wrt=nnx.LoRAParam"):
         training.GRPOTrainer(model, nnx.Optimizer(model, optax.sgd(0.1),
                                                   wrt=nnx.Param),
@@ -415,3 +417,34 @@ def test_reference_refresh_every_n_steps(mix):
                        atol=1e-7)
     with pytest.raises(ValueError, match="reference_model"):
         training.GRPOTrainer(model, trainer.optimizer, ref_sync_steps=2)
+
+
+def test_dpo_takes_the_lora_reference_too():
+    base = _Tokens(nnx.Rngs(3))
+    frozen = copy.deepcopy(base)
+    assert add_lora(base, rank=2, rngs=nnx.Rngs(4)) == 1
+    # move the adapters away from zero (random: a constant B would shift
+    # every logit of a row alike and change no log-prob)
+    adapters = nnx.state(base, nnx.LoRAParam)
+    nnx.update(base, jax.tree_util.tree_map(
+        lambda x: x + jax.random.normal(jax.random.key(5), x.shape),
+        adapters))
+    rng = np.random.default_rng(0)
+    obs = jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)
+    batch = {"chosen": {"observations": obs,
+                        "actions": jnp.asarray(rng.integers(0, 6, 6))},
+             "rejected": {"observations": obs,
+                          "actions": jnp.asarray(rng.integers(0, 6, 6))}}
+    cfg = afn.dpo.DPOConfig(beta=0.5)
+    lora = training.DPOTrainer(
+        base, nnx.Optimizer(base, optax.sgd(0.1), wrt=nnx.LoRAParam), cfg,
+        lora_reference=True)
+    twin = training.DPOTrainer(
+        base, nnx.Optimizer(base, optax.sgd(0.1), wrt=nnx.LoRAParam), cfg,
+        reference_model=frozen)
+    _, m1 = lora.compute_loss(base, batch)
+    _, m2 = twin.compute_loss(base, batch)
+    assert abs(float(m1["reward_margin"])) > 1e-3
+    for k in ("loss", "reward_margin", "chosen_reward"):
+        np.testing.assert_allclose(m1[k], m2[k], rtol=1e-5, atol=1e-7,
+                                   err_msg=k)

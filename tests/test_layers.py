@@ -58,7 +58,7 @@ BELOW_TRAINERS = [p for p in ALL_FILES
                              "experiments")]
 FACADES = {PACKAGE / f"{name}.py" for name in (
     "__init__", "ppo", "grpo", "dpo", "reinforce", "distributed", "sampling",
-    "checks", "toy_data", "lora")} | set((PACKAGE / "families").glob("*.py"))
+    "checks", "toy_data", "lora", "reward_model")} | set((PACKAGE / "families").glob("*.py"))
 
 
 def _ids(p):

@@ -30,10 +30,13 @@ from hypothesis import strategies as st
 import artifex_fn as afn
 from artifex_fn import testing as aft
 
+from algo_fixtures import examples
+
 B, L, A = 3, 6, 5
 POISONS = (math.nan, math.inf, -math.inf)
 DTYPES = ("float32", "bfloat16", "float64")
-PROPERTY = settings(max_examples=25, deadline=None,
+
+PROPERTY = settings(max_examples=examples(25), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 MODES = afn.AGGREGATION_MODES
 

@@ -19,12 +19,15 @@ from jax.test_util import check_grads
 import artifex_fn as afn
 from artifex_fn import testing as aft
 
+from algo_fixtures import examples
+
 METHODS = ("scan", "associative")
 LENGTHS = (1, 3, 11)
 BATCH = 4
 RTOL, ATOL = 1e-4, 1e-3
 
-PROPERTY = settings(max_examples=40, deadline=None,
+
+PROPERTY = settings(max_examples=examples(40), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 # Ways of passing the bootstrap values, evaluated by `_all_outputs`.

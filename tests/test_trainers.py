@@ -313,7 +313,7 @@ def test_constructor_errors():
     with pytest.raises(TypeError, match="reference_model"):
         GRPOTrainer(model, opt, reference_model=lambda x: x)
     with pytest.raises(ValueError, match="does not use a reference model"):
-        PPOTrainer(model, opt, reference_model=Policy(nnx.Rngs(2)))
+        REINFORCETrainer(model, opt, reference_model=Policy(nnx.Rngs(2)))
     # default configs are the guide's defaults
     t = PPOTrainer(model, opt)
     assert (t.config.gamma, t.config.gae_lambda, t.config.clip_param,

@@ -10,8 +10,7 @@ model and every adapter zeroed, which is the frozen base: no second copy
 of the weights is held. In the functional API the same holds with the
 adapters as the parameters: ``ref_params = zeros_like(adapters)``.
 
-Public as :mod:`artifex_fn.lora` (and ``add_lora`` in
-:mod:`artifex_fn.training`).
+Public as :mod:`artifex_fn.lora`.
 """
 
 from __future__ import annotations

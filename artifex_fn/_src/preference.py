@@ -194,3 +194,55 @@ def simpo_loss(
     return checks.nan_unless(ok, PreferenceLoss(
         loss.astype(out_dtype), lax.stop_gradient(r_w).astype(out_dtype),
         lax.stop_gradient(r_l).astype(out_dtype)))
+
+
+def bradley_terry_loss(
+    chosen_rewards: jax.Array,
+    rejected_rewards: jax.Array,
+    *,
+    margin: jax.Array | float | None = None,
+    center_coeff: float | jax.Array = 0.0,
+) -> jax.Array:
+    r"""Reward-model loss per preference pair (Bradley-Terry).
+
+    With scalar rewards :math:`r_w` (chosen) and :math:`r_l` (rejected) from
+    a reward model, the probability that the chosen response is preferred
+    is :math:`\sigma(r_w - r_l)` (Bradley & Terry 1952; Ouyang et al. 2022,
+    eq. 1). The loss is its negative log-likelihood, with an optional
+    per-pair margin :math:`m` (Llama 2, Touvron et al. 2023, eq. 2: a
+    clearer preference asks for a larger gap) and an optional centering
+    term that keeps the rewards near zero (Eisenstein et al. 2023):
+
+    .. math::
+        \ell = -\log\sigma(r_w - r_l - m) + c\,(r_w + r_l)^2
+
+    (its mean over pairs has the issue's form
+    :math:`c\,\mathrm{mean}((r_w + r_l)^2)`).
+
+    Args:
+      chosen_rewards: ``[B]`` rewards of the chosen responses.
+      rejected_rewards: ``[B]`` rewards of the rejected responses.
+      margin: optional ``[B]`` (or scalar) margins, finite.
+      center_coeff: the centering coefficient ``c >= 0``.
+
+    Returns:
+      ``[B]`` per-pair losses (float32 or wider).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import artifex_fn as afn
+      >>> afn.bradley_terry_loss(jnp.array([1.0, 0.0]), jnp.array([0.0, 0.0]))
+      Array([0.3132617, 0.6931472], dtype=float32)
+    """
+    ok = checks.check_hparam(center_coeff, "center_coeff", lo=0.0)
+    rw, rl = _pair_arrays([("chosen_rewards", chosen_rewards),
+                           ("rejected_rewards", rejected_rewards)])
+    out_dtype, dt = checks.float_dtypes(rw, rl)
+    rw, rl = rw.astype(dt), rl.astype(dt)
+    gap = rw - rl
+    if margin is not None:
+        margin = jnp.asarray(margin)
+        checks.check_broadcastable(margin, rw.shape, "margin")
+        gap = gap - margin.astype(dt)
+    loss = -jax.nn.log_sigmoid(gap) + center_coeff * jnp.square(rw + rl)
+    return checks.nan_unless(ok, loss.astype(out_dtype))

@@ -408,6 +408,14 @@ def completion_logits(model: Callable[..., Any], prompt: jax.Array,
     return logits[:, prompt.shape[1] - 1:]
 
 
+def _check_token_observations(observations) -> None:
+    if not isinstance(observations, dict) or not {
+            "prompt", "completion"} <= set(observations):
+        raise ValueError(
+            "with autoregressive generation, observations must be "
+            "{'prompt': [B, Lp], 'completion': [B, N], 'prompt_mask'?}.")
+
+
 def token_policy(model: Callable[..., Any], observations,
                  temperature: float | jax.Array = 1.0, *,
                  top_k: int | None = None, top_p: float | None = None):
@@ -419,17 +427,64 @@ def token_policy(model: Callable[..., Any], observations,
     kept in its step's support, so that the log-probs of a fresh
     completion equal the behaviour log-probs :func:`generate` returned.
     """
-    if not isinstance(observations, dict) or not {
-            "prompt", "completion"} <= set(observations):
-        raise ValueError(
-            "with autoregressive generation, observations must be "
-            "{'prompt': [B, Lp], 'completion': [B, N], 'prompt_mask'?}.")
+    _check_token_observations(observations)
     completion = observations["completion"]
     logits = completion_logits(model, observations["prompt"], completion,
                                observations.get("prompt_mask"))
     return as_distribution(transform_logits(
         logits, temperature=temperature, top_k=top_k, top_p=top_p,
         keep=completion))
+
+
+class _LogitsAndValues:
+    """A decoder whose call returns ``[B, T, V + 1]``: the model's logits
+    and its values (the last channel), from one pass of its trunk."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def init_cache(self, *args, **kwargs):   # the decoder protocol
+        return self.model.init_cache(*args, **kwargs)
+
+    def __call__(self, tokens, positions=None, attention_mask=None):
+        logits, values = self.model.logits_and_values(
+            tokens, positions=positions, attention_mask=attention_mask)
+        return jnp.concatenate(
+            [logits.astype(jnp.float32),
+             values.astype(jnp.float32)[..., None]], axis=-1)
+
+
+def token_actor_critic(model, observations,
+                       temperature: float | jax.Array = 1.0, *,
+                       top_k: int | None = None, top_p: float | None = None):
+    """``(Categorical [B, N], values [B, N])`` over the completion tokens.
+
+    The distribution is :func:`token_policy`'s (the sampling transform,
+    each completion token kept in its step's support); ``values[:, t]`` is
+    the model's value of the state in which completion token ``t`` was
+    drawn (the same position as its logits). ``model`` provides
+    ``logits_and_values(tokens, positions=, attention_mask=) -> ([B, T,
+    V], [B, T])`` (e.g.
+    :class:`~artifex_fn.families.autoregressive.ActorCriticLM`), and
+    ``init_cache`` for padded prompts; both come from one pass.
+    """
+    if not callable(getattr(model, "logits_and_values", None)):
+        raise ValueError(
+            "an actor-critic token model needs `logits_and_values(tokens, "
+            "positions=, attention_mask=) -> (logits, values)`; see "
+            "artifex_fn.families.autoregressive.ActorCriticLM.")
+    _check_token_observations(observations)
+    completion = observations["completion"]
+    wrapped = _LogitsAndValues(model)
+    prompt, prompt_mask = observations["prompt"], observations.get(
+        "prompt_mask")
+    if prompt_mask is None and is_decoder(model):
+        prompt_mask = jnp.ones(jnp.shape(prompt), bool)
+    both = completion_logits(wrapped, prompt, completion, prompt_mask)
+    logits, values = both[..., :-1], both[..., -1]
+    return as_distribution(transform_logits(
+        logits, temperature=temperature, top_k=top_k, top_p=top_p,
+        keep=completion)), values
 
 
 def bucket_length(length: int, bucketing: str | int | None = "pow2") -> int:

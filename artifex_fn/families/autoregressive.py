@@ -5,6 +5,7 @@ See :mod:`artifex_fn._src.families.autoregressive` for the maths and batch
 layout.
 """
 
+from artifex_fn._src.families.networks import ActorCriticLM
 from artifex_fn._src.families.networks import TinyCausalLM
 from artifex_fn._src.families.autoregressive import AutoregressiveConfig
 from artifex_fn._src.families.autoregressive import cross_entropy
@@ -17,6 +18,7 @@ from artifex_fn._src.families.autoregressive import (
 from artifex_fn._src.families.autoregressive import update
 
 __all__ = (
+    "ActorCriticLM",
     "TinyCausalLM",
     "AutoregressiveConfig",
     "cross_entropy",

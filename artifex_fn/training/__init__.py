@@ -24,9 +24,6 @@ Example::
 """
 
 from artifex_fn.training import callbacks
-from artifex_fn.lora import add_lora
-from artifex_fn.lora import optimizer_bytes
-from artifex_fn.lora import parameter_bytes
 from artifex_fn.training.reward_functions import ClippedReward
 from artifex_fn.training.reward_functions import CompositeReward
 from artifex_fn.training.reward_functions import ConstantReward
@@ -50,20 +47,19 @@ from artifex_fn.training.trainers.rl import DPOTrainer
 from artifex_fn.training.trainers.rl import GRPOTrainer
 from artifex_fn.training.trainers.rl import PPOTrainer
 from artifex_fn.training.trainers.rl import REINFORCETrainer
+from artifex_fn.training.trainers.rl import RewardModelTrainer
 from artifex_fn.training.trainers.vae import VAETrainer
 
 __all__ = (
     # trainers
     "Trainer", "REINFORCETrainer", "PPOTrainer", "GRPOTrainer", "DPOTrainer",
     "VAETrainer", "GANTrainer", "DiffusionTrainer", "FlowTrainer",
-    "EnergyTrainer", "AutoregressiveTrainer",
+    "EnergyTrainer", "AutoregressiveTrainer", "RewardModelTrainer",
     # reward functions
     "RewardFunction", "ConstantReward", "CompositeReward", "ThresholdReward",
     "ScaledReward", "ClippedReward", "TextReward", "format_reward",
     "exact_answer_reward", "is_host_reward", "OverlongPenalty",
     "reward_name", "reward_parts",
-    # LoRA adapters and memory
-    "add_lora", "parameter_bytes", "optimizer_bytes",
     # callbacks
     "callbacks",
 )

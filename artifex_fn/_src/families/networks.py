@@ -198,10 +198,22 @@ class TinyCausalLM(nnx.Module):
                                  v=jnp.zeros(shape, dtype))
                             for _ in self.blocks])
 
+    def features(self, tokens: jax.Array, *, positions=None,
+                 attention_mask=None) -> jax.Array:
+        """The final (layer-normed) hidden states ``[B, T, D]`` of ``tokens
+        [B, T]``, before the vocabulary head: features for value and reward
+        heads (no cache)."""
+        return self._hidden(tokens, positions, attention_mask, None)[0]
+
     def __call__(self, tokens: jax.Array, *, positions=None,
                  attention_mask=None, cache=None):
         """Next-token logits ``[B, T, V]`` for ``tokens [B, T]`` (with a
         cache: ``(logits, new cache)``)."""
+        h, cache = self._hidden(tokens, positions, attention_mask, cache)
+        logits = self.head(h)
+        return logits if cache is None else (logits, cache)
+
+    def _hidden(self, tokens, positions, attention_mask, cache):
         tokens = jnp.asarray(tokens)
         b, t = tokens.shape
         if cache is None:
@@ -222,10 +234,10 @@ class TinyCausalLM(nnx.Module):
                              None if cache is None else cache["layers"][i],
                              index)
             layers.append(layer)
-        logits = self.head(self.ln_f(h))
+        h = self.ln_f(h)
         if cache is None:
-            return logits
-        return logits, dict(index=index + t, layers=layers)
+            return h, None
+        return h, dict(index=index + t, layers=layers)
 
 
 def _attention_mask(attention_mask, b, t, slots, index):
@@ -268,3 +280,64 @@ class EpsMLP(nnx.Module):
         h = nnx.silu(self.h1(h) + e)
         h = nnx.silu(self.h2(h))
         return self.out(h)
+
+
+class ActorCriticLM(nnx.Module):
+    """A decoder language model with a value head: the actor-critic of
+    RLHF-PPO.
+
+    The value head reads the features of the policy's own trunk (the
+    default: one forward pass gives both) or of a separate ``critic``
+    trunk (the same architecture or another; twice the compute, no
+    interference between the two objectives). The value at a position is
+    that of the state whose next token is drawn there.
+
+    Args:
+      lm: a decoder with ``features(tokens, positions=, attention_mask=)``
+        and a vocabulary ``head`` (e.g. :class:`TinyCausalLM`).
+      critic: optional separate trunk with ``features``.
+      num_features: the features' width (default: ``lm.head.in_features``).
+      rngs: initialises the value head (zero kernel: values start at the
+        head's bias, 0).
+
+    The decoder protocol (``init_cache``, ``model(tokens, positions=,
+    attention_mask=, cache=)``) is the ``lm``'s, so
+    :func:`artifex_fn.sampling.generate` samples from it;
+    ``logits_and_values(tokens, positions=, attention_mask=)`` gives
+    ``([B, T, V], [B, T])`` for
+    :func:`artifex_fn.sampling.token_actor_critic`.
+    """
+
+    def __init__(self, lm: nnx.Module, *, critic: nnx.Module | None = None,
+                 num_features: int | None = None, rngs: nnx.Rngs):
+        self.lm = lm
+        self.critic = critic
+        if num_features is None:
+            source = lm if critic is None else critic
+            head = getattr(source, "head", None)
+            if head is None:
+                raise ValueError("give `num_features`: the width of the "
+                                 "trunk's features.")
+            num_features = head.in_features
+        self.value_head = nnx.Linear(num_features, 1,
+                                     kernel_init=nnx.initializers.zeros,
+                                     rngs=rngs)
+
+    def init_cache(self, *args, **kwargs):
+        return self.lm.init_cache(*args, **kwargs)
+
+    def __call__(self, tokens, *, positions=None, attention_mask=None,
+                 cache=None):
+        return self.lm(tokens, positions=positions,
+                       attention_mask=attention_mask, cache=cache)
+
+    def logits_and_values(self, tokens, *, positions=None,
+                          attention_mask=None):
+        h = self.lm.features(tokens, positions=positions,
+                             attention_mask=attention_mask)
+        logits = self.lm.head(h)
+        if self.critic is not None:
+            h = self.critic.features(tokens, positions=positions,
+                                     attention_mask=attention_mask)
+        values = self.value_head(h.astype(jnp.float32))[..., 0]
+        return logits, values

@@ -1,4 +1,4 @@
-"""NNX trainers for REINFORCE, PPO, GRPO and DPO.
+"""NNX trainers for REINFORCE, PPO, GRPO, DPO and reward models.
 
 Each trainer is a thin shell over an algorithm's pure ``update``: a step
 reads the model's trainable variables and the optimiser state, runs
@@ -40,6 +40,7 @@ from artifex_fn import dpo as _dpo
 from artifex_fn import grpo as _grpo
 from artifex_fn import ppo as _ppo
 from artifex_fn import reinforce as _reinforce
+from artifex_fn import reward_model as _reward_model
 from artifex_fn import sampling
 from artifex_fn.training.reward_functions import is_host_reward
 from artifex_fn.training.reward_functions import reward_parts
@@ -166,7 +167,7 @@ class _RLTrainer(Trainer):
                                           "with_reference_log_probs"):
             raise ValueError(
                 f"{type(self).__name__} does not use a reference model "
-                "(only GRPO and DPO do): drop `reference_model` / "
+                "(only GRPO, DPO and PPO do): drop `reference_model` / "
                 "`lora_reference`.")
         if reference_model is not None:
             if self.lora_reference:
@@ -188,7 +189,7 @@ class _RLTrainer(Trainer):
                 raise ValueError(
                     "`lora_reference=True` needs a model with LoRA adapters "
                     "(nnx.LoRAParam variables, e.g. from nnx.LoRA / "
-                    "nnx.LoRALinear or artifex_fn.training.add_lora); "
+                    "nnx.LoRALinear or artifex_fn.lora.add_lora); "
                     f"{type(model).__name__} has none.")
             if not all(self._lora_leaves[0]):
                 raise ValueError(
@@ -287,6 +288,98 @@ class _RLTrainer(Trainer):
         return (new.params, new.opt_state,
                 opt_step + self._num_updates(config), new.key, metrics)
 
+    # -- generation -------------------------------------------------------
+    @staticmethod
+    def _prompts(batch):
+        if isinstance(batch, dict):
+            if "observations" not in batch:
+                raise ValueError(
+                    "a generation batch needs the prompts (or conditions) "
+                    f"under 'observations'; got keys {sorted(batch)}.")
+            return batch["observations"]
+        return batch
+
+    def _decodes(self) -> bool:
+        """Whether generation goes through the decoder protocol (ragged,
+        bucketed prompts and a key-value cache)."""
+        return (self.generation.autoregressive and self.apply_fn is _call
+                and sampling.is_decoder(self.model))
+
+    def _host_prompts(self, batch):
+        """The prompts (and their mask) as the compiled step takes them:
+        for a decoder left-padded to the bucketed length (a list of token
+        lists is accepted), else unchanged."""
+        prompts = self._prompts(batch)
+        mask = batch.get("prompt_mask") if isinstance(batch, dict) else None
+        if self._decodes():
+            gen = self.generation
+            return sampling.pad_prompts(prompts, mask,
+                                        pad_token_id=gen.pad_token_id,
+                                        bucketing=gen.prompt_bucketing)
+        if mask is not None:
+            raise ValueError(
+                "`prompt_mask` (padded prompts) needs a token model with the "
+                "decoder protocol (see artifex_fn.sampling), called without "
+                "`apply_fn`, and `generation.max_new_tokens` set.")
+        return prompts, None
+
+    def _pure_generate_update(self, params, rest, opt_state, opt_step, step,
+                              state_key, ref_state, config, prompts,
+                              prompt_mask, key, reward_dynamic, *,
+                              reward_static):
+        """Sample, score with a traceable reward, update: one program."""
+        rollout, samples, conditions = self._pure_sample(
+            params, rest, config, prompts, prompt_mask, key)
+        reward_fn = _join_callable(reward_static, reward_dynamic)
+        rewards, parts = reward_parts(reward_fn, samples, conditions)
+        rewards = _check_rewards(rewards, rollout["log_probs"].shape[0])
+        return self._pure_scored_update(
+            params, rest, opt_state, opt_step, step, state_key, ref_state,
+            config, rollout, samples, conditions, rewards, parts)
+
+    def _jit_generation(self) -> None:
+        """The compiled programs of :meth:`_generate_step`."""
+        self._generate_update = jax.jit(
+            self._pure_generate_update, static_argnames=("reward_static",))
+        self._sample = jax.jit(self._pure_sample)
+        self._scored_update = jax.jit(self._pure_scored_update)
+
+    def _generate_step(self, batch, reward_fn, key, config):
+        """Generate, score and update (the generating trainers' step):
+        one compiled call with a traceable reward, or two around a reward
+        that runs on the host. Subclasses provide ``_generate_update``,
+        ``_sample`` and ``_scored_update``."""
+        if not callable(reward_fn):
+            raise TypeError("`reward_fn` must be callable.")
+        prompts, prompt_mask = self._place_batch(self._host_prompts(batch))
+        if key is None:
+            self.key, key = jax.random.split(self.key)
+        else:
+            key = key_data(key)
+        params, rest, opt_state, opt_step = self._read()
+        ref = self._ref_arg()
+        if self.jit_reward and not is_host_reward(reward_fn):
+            static, dynamic = _split_callable(reward_fn)
+            (params, opt_state, opt_step, self.key, metrics,
+             self.last_rollout) = self._generate_update(
+                params, rest, opt_state, opt_step, np.int32(self.step),
+                self.key, ref, config, prompts, prompt_mask, key, dynamic,
+                reward_static=static)
+        else:
+            rollout, samples, conditions = self._sample(
+                params, rest, config, prompts, prompt_mask, key)
+            rewards, parts = reward_parts(reward_fn, samples, conditions)
+            rewards = _check_rewards(rewards, rollout["log_probs"].shape[0])
+            (params, opt_state, opt_step, self.key, metrics,
+             self.last_rollout) = self._scored_update(
+                params, rest, opt_state, opt_step, np.int32(self.step),
+                self.key, ref, config, rollout, samples, conditions,
+                rewards, parts)
+        self._write(params, opt_state, opt_step)
+        self.step += 1
+        self._maybe_sync_reference()
+        return metrics
+
     # -- host side --------------------------------------------------------
     def _ref_arg(self):
         return None if self.reference_model is None else self._ref.read()
@@ -346,14 +439,49 @@ class PPOTrainer(_RLTrainer):
     batch layout). Metrics: ``loss, policy_loss, value_loss, entropy,
     approx_kl, kl_divergence, clip_fraction, mean_reward, advantage_mean,
     advantage_std, explained_variance, grad_norm``.
+
+    RLHF-PPO on a language model: with ``generation.max_new_tokens`` set
+    and an actor-critic decoder (e.g.
+    :class:`~artifex_fn.families.autoregressive.ActorCriticLM`, called
+    without ``apply_fn``), ``train_step(batch, reward_fn, key)`` samples
+    one completion per prompt of ``batch["observations"]`` (ragged prompts
+    as for :class:`GRPOTrainer`), scores the values of the sampled tokens
+    in the same pass that computes their log-probs, calls
+    ``reward_fn(samples, conditions) -> [B]`` (a compiled function, a text
+    reward on the host, or a trained
+    :class:`~artifex_fn.reward_model.SequenceRewardModel`), and runs the
+    PPO phase on the sequences: per-token reward ``-beta * KL_t`` against
+    the reference (``reference_model``, or the LoRA base with
+    ``lora_reference=True``) plus the score at the last token, GAE over
+    tokens, whitened advantages. With ``config.kl_target`` the coefficient
+    adapts after each step (``trainer.config.beta``). Extra metrics:
+    ``score``, ``kl`` (per completion), ``non_score_reward``, ``beta``,
+    ``completion_length`` and ``rewards/<name>/{mean,std}`` of a composite
+    reward's parts. ``trainer.last_rollout`` holds the samples, conditions,
+    rewards, log-probs and masks of the last step.
     """
     _algorithm = _ppo
     config_type = _ppo.PPOConfig
+
+    def __init__(self, model, optimizer, config=None, *,
+                 jit_reward: bool = True, **kwargs):
+        # kwargs: reference_model, lora_reference, ref_sync_steps,
+        # ref_sync_mix, generation, apply_fn, key (as for GRPOTrainer).
+        super().__init__(model, optimizer, config, **kwargs)
+        self.jit_reward = jit_reward
+        self._jit_generation()
 
     def _num_updates(self, config) -> int:
         return config.num_epochs * config.num_minibatches
 
     def _policy_apply_fn(self, apply_fn):
+        if self.generation.autoregressive:
+            transform = self.generation.transform_kwargs()
+
+            def token_actor_critic(model, observations):
+                return sampling.token_actor_critic(
+                    _token_model(apply_fn, model), observations, **transform)
+            return token_actor_critic
         apply_fn = super()._policy_apply_fn(apply_fn)
 
         def actor_critic(model, observations):
@@ -376,6 +504,81 @@ class PPOTrainer(_RLTrainer):
             return out
         return actor_critic
 
+    def _ref_policy(self):
+        if not self.generation.autoregressive:
+            return super()._ref_policy()
+        # The reference is a plain language model: its token distribution.
+        return functools.partial(
+            _apply, self._ref_graphdef, None,
+            _token_apply_fn(self._ref_apply_fn, self.generation))
+
+    # -- generation -------------------------------------------------------
+    def _pure_sample(self, params, rest, config, prompts, prompt_mask, key):
+        del config
+        gen = self.generation
+        model = (nnx.merge(self.graphdef, params, rest) if rest is not None
+                 else nnx.merge(self.graphdef, params))
+        decoder = _token_model(self.apply_fn, model)
+        out = sampling.generate(decoder, prompts, key,
+                                prompt_mask=prompt_mask,
+                                **gen.sampling_kwargs())
+        observations = dict(prompt=prompts, completion=out.tokens)
+        if prompt_mask is not None:
+            observations["prompt_mask"] = prompt_mask
+        _, values = sampling.token_actor_critic(decoder, observations,
+                                                **gen.transform_kwargs())
+        rollout = dict(observations=observations, actions=out.tokens,
+                       log_probs=lax.stop_gradient(out.log_probs),
+                       values=lax.stop_gradient(values), mask=out.mask)
+        return rollout, out.tokens, prompts
+
+    def _pure_scored_update(self, params, rest, opt_state, opt_step, step,
+                            state_key, ref_state, config, rollout, samples,
+                            conditions, rewards, parts):
+        info = {}
+        for name, r in dict(parts, total=rewards).items():
+            mean, std = jnp.mean(r), jnp.std(r)
+            info[f"rewards/{name}/mean"] = mean
+            info[f"rewards/{name}/std"] = std
+        batch = dict(rollout, rewards=rewards)
+        params, opt_state, opt_step, state_key, metrics = self._pure_update(
+            params, rest, opt_state, opt_step, step, state_key, ref_state,
+            config, batch)
+        metrics = GRPOTrainer._rollout_metrics(dict(metrics, **info),
+                                               rollout)
+        last = dict(samples=samples, conditions=conditions, rewards=rewards,
+                    log_probs=rollout["log_probs"], mask=rollout["mask"],
+                    values=rollout["values"],
+                    prompt_mask=rollout["observations"].get("prompt_mask"))
+        return params, opt_state, opt_step, state_key, metrics, last
+
+    def train_step(self, batch, reward_fn=None, key=None):
+        """A PPO phase on a collected batch, or (with ``reward_fn``)
+        generate, score and train (class docstring)."""
+        if reward_fn is None:
+            if key is not None:
+                raise ValueError("`key` is only used with `reward_fn`.")
+            metrics = super().train_step(batch)
+            self._adapt_beta(metrics)
+            return metrics
+        if not self.generation.autoregressive:
+            raise ValueError(
+                "PPOTrainer generates from token models only: set "
+                "`generation=GenerationConfig(max_new_tokens=...)` and give "
+                "an actor-critic decoder (artifex_fn.families.autoregressive."
+                "ActorCriticLM).")
+        metrics = self._generate_step(batch, reward_fn, key,
+                                      self.config_arg())
+        self._adapt_beta(metrics)
+        return metrics
+
+    def _adapt_beta(self, metrics) -> None:
+        """The adaptive KL controller's next coefficient, into the config
+        (a traced number: no recompilation)."""
+        if self.config.kl_target is not None and "next_beta" in metrics:
+            self.config = dataclasses.replace(
+                self.config, beta=float(metrics["next_beta"]))
+
 
 class GRPOTrainer(_RLTrainer):
     """GRPO on an NNX policy, from collected groups or by generating them.
@@ -383,8 +586,15 @@ class GRPOTrainer(_RLTrainer):
     Args:
       model, optimizer, config: as for every trainer.
       reference_model: optional frozen ``nnx.Module`` scoring
-        ``ref_log_probs`` for the KL penalty (never updated). Without it
-        the penalty applies only when the batch carries ``ref_log_probs``.
+        ``ref_log_probs`` for the KL penalty (never updated, except by
+        ``ref_sync_steps``). Without it the penalty applies only when the
+        batch carries ``ref_log_probs`` or with ``lora_reference``.
+      lora_reference: the reference is the model itself with every
+        ``nnx.LoRAParam`` zeroed, i.e. its frozen base (the optimiser must
+        train the adapters only: ``wrt=nnx.LoRAParam``); no second copy.
+      ref_sync_steps, ref_sync_mix: every ``ref_sync_steps`` steps set the
+        ``reference_model`` to ``mix * policy + (1 - mix) * reference``
+        (hard copy at ``mix = 1``, TR-DPO's soft update below).
       generation: :class:`~artifex_fn.training.GenerationConfig`; set
         ``max_new_tokens`` for autoregressive token models.
       jit_reward: trace ``reward_fn`` into the compiled generation step
@@ -392,9 +602,20 @@ class GRPOTrainer(_RLTrainer):
         step is two compiled calls around the reward); rewards that read
         decoded text (:class:`~artifex_fn.training.TextReward`, and
         combinators of them) always run on the host.
+      keep_groups: dynamic sampling (DAPO): of the groups generated for
+        the batch's prompts, train on the first ``keep_groups`` whose
+        rewards differ (:func:`artifex_fn.select_groups`); unfilled slots
+        are masked out. Logs ``dynamic_sampling/fill_rate``.
       apply_fn: optional ``(model, observations) -> outputs`` (see the
         module docstring); for token models it must return logits.
       key: the trainer's PRNG seed.
+
+    A generating step also logs, over every generated sample,
+    ``rewards/<name>/{mean,std,frac_zero_std}`` for each named part of a
+    :class:`~artifex_fn.training.CompositeReward` and for ``total``. With
+    stop tokens in ``generation`` the rollout flags truncated completions
+    (``batch["truncated"]``), which
+    ``GRPOConfig.mask_truncated_completions`` leaves out of the loss.
 
     ``train_step(batch)`` trains on pre-collected groups (keys as in
     :mod:`artifex_fn.grpo`; ``batch["group_size"]`` may override
@@ -424,17 +645,12 @@ class GRPOTrainer(_RLTrainer):
     _algorithm = _grpo
     config_type = _grpo.GRPOConfig
 
-    def __init__(self, model, optimizer, config=None, *, reference_model=None,
-                 lora_reference: bool = False,
-                 ref_sync_steps: int | None = None, ref_sync_mix: float = 1.0,
-                 generation=None, jit_reward: bool = True,
-                 keep_groups: int | None = None, apply_fn=None, key=None):
-        super().__init__(model, optimizer, config,
-                         reference_model=reference_model,
-                         lora_reference=lora_reference,
-                         ref_sync_steps=ref_sync_steps,
-                         ref_sync_mix=ref_sync_mix,
-                         generation=generation, apply_fn=apply_fn, key=key)
+    def __init__(self, model, optimizer, config=None, *,
+                 jit_reward: bool = True, keep_groups: int | None = None,
+                 **kwargs):
+        # kwargs: reference_model, lora_reference, ref_sync_steps,
+        # ref_sync_mix, generation, apply_fn, key (the class docstring).
+        super().__init__(model, optimizer, config, **kwargs)
         self.jit_reward = jit_reward
         if keep_groups is not None and (
                 not isinstance(keep_groups, (int, np.integer))
@@ -449,10 +665,7 @@ class GRPOTrainer(_RLTrainer):
                 "`mask_truncated_completions` needs the generation's stop "
                 "tokens (`generation.eos_token_id` or `stop_token_ids`) to "
                 "tell a finished completion from a truncated one.")
-        self._generate_update = jax.jit(
-            self._pure_generate_update, static_argnames=("reward_static",))
-        self._sample = jax.jit(self._pure_sample)
-        self._scored_update = jax.jit(self._pure_scored_update)
+        self._jit_generation()
 
     def _num_updates(self, config) -> int:
         return config.num_epochs * config.num_minibatches
@@ -464,41 +677,6 @@ class GRPOTrainer(_RLTrainer):
             batch = {k: v for k, v in batch.items() if k != "group_size"}
             config = dataclasses.replace(config, num_generations=size)
         return batch, config
-
-    # -- generation -------------------------------------------------------
-    @staticmethod
-    def _prompts(batch):
-        if isinstance(batch, dict):
-            if "observations" not in batch:
-                raise ValueError(
-                    "a generation batch needs the prompts (or conditions) "
-                    f"under 'observations'; got keys {sorted(batch)}.")
-            return batch["observations"]
-        return batch
-
-    def _decodes(self) -> bool:
-        """Whether generation goes through the decoder protocol (ragged,
-        bucketed prompts and a key-value cache)."""
-        return (self.generation.autoregressive and self.apply_fn is _call
-                and sampling.is_decoder(self.model))
-
-    def _host_prompts(self, batch):
-        """The prompts (and their mask) as the compiled step takes them:
-        for a decoder left-padded to the bucketed length (a list of token
-        lists is accepted), else unchanged."""
-        prompts = self._prompts(batch)
-        mask = batch.get("prompt_mask") if isinstance(batch, dict) else None
-        if self._decodes():
-            gen = self.generation
-            return sampling.pad_prompts(prompts, mask,
-                                        pad_token_id=gen.pad_token_id,
-                                        bucketing=gen.prompt_bucketing)
-        if mask is not None:
-            raise ValueError(
-                "`prompt_mask` (padded prompts) needs a token model with the "
-                "decoder protocol (see artifex_fn.sampling), called without "
-                "`apply_fn`, and `generation.max_new_tokens` set.")
-        return prompts, None
 
     def _pure_sample(self, params, rest, config, prompts, prompt_mask, key):
         g = config.num_generations
@@ -530,28 +708,6 @@ class GRPOTrainer(_RLTrainer):
             rollout = dict(observations=conditions, actions=samples,
                            log_probs=lax.stop_gradient(log_probs))
         return rollout, samples, conditions
-
-    @staticmethod
-    def _check_rewards(rewards, n):
-        rewards = jnp.asarray(rewards)
-        if rewards.shape != (n,):
-            raise ValueError(
-                f"reward_fn must return rewards of shape ({n},) (one per "
-                f"sample), got {tuple(rewards.shape)}.")
-        return rewards
-
-    def _pure_generate_update(self, params, rest, opt_state, opt_step, step,
-                              state_key, ref_state, config, prompts,
-                              prompt_mask, key, reward_dynamic, *,
-                              reward_static):
-        rollout, samples, conditions = self._pure_sample(
-            params, rest, config, prompts, prompt_mask, key)
-        reward_fn = _join_callable(reward_static, reward_dynamic)
-        rewards, parts = reward_parts(reward_fn, samples, conditions)
-        rewards = self._check_rewards(rewards, rollout["log_probs"].shape[0])
-        return self._pure_scored_update(
-            params, rest, opt_state, opt_step, step, state_key, ref_state,
-            config, rollout, samples, conditions, rewards, parts)
 
     def _pure_scored_update(self, params, rest, opt_state, opt_step, step,
                             state_key, ref_state, config, rollout, samples,
@@ -604,41 +760,11 @@ class GRPOTrainer(_RLTrainer):
             if key is not None:
                 raise ValueError("`key` is only used with `reward_fn`.")
             return super().train_step(batch)
-        if not callable(reward_fn):
-            raise TypeError("`reward_fn` must be callable.")
         config = self.config_arg()
         if isinstance(batch, dict) and "group_size" in batch:
             config = dataclasses.replace(
                 config, num_generations=_grpo.group_size_of(batch, config))
-        prompts, prompt_mask = self._place_batch(self._host_prompts(batch))
-        if key is None:
-            self.key, key = jax.random.split(self.key)
-        else:
-            key = key_data(key)
-        params, rest, opt_state, opt_step = self._read()
-        ref = self._ref_arg()
-        if self.jit_reward and not is_host_reward(reward_fn):
-            static, dynamic = _split_callable(reward_fn)
-            (params, opt_state, opt_step, self.key, metrics,
-             self.last_rollout) = self._generate_update(
-                params, rest, opt_state, opt_step, np.int32(self.step),
-                self.key, ref, config, prompts, prompt_mask, key, dynamic,
-                reward_static=static)
-        else:
-            rollout, samples, conditions = self._sample(
-                params, rest, config, prompts, prompt_mask, key)
-            rewards, parts = reward_parts(reward_fn, samples, conditions)
-            rewards = self._check_rewards(rewards,
-                                          rollout["log_probs"].shape[0])
-            (params, opt_state, opt_step, self.key, metrics,
-             self.last_rollout) = self._scored_update(
-                params, rest, opt_state, opt_step, np.int32(self.step),
-                self.key, ref, config, rollout, samples, conditions, rewards,
-                parts)
-        self._write(params, opt_state, opt_step)
-        self.step += 1
-        self._maybe_sync_reference()
-        return metrics
+        return self._generate_step(batch, reward_fn, key, config)
 
 
 class DPOTrainer(_RLTrainer):
@@ -648,8 +774,11 @@ class DPOTrainer(_RLTrainer):
     "mask"?}, "rejected": {...}}`` scores both responses with the model
     (masked token log-prob sums; SimPO: length-normalised) and takes one
     gradient step. Reference log-probs come from the batch
-    (``ref_chosen_log_probs`` / ``ref_rejected_log_probs``) or from
-    ``reference_model``; ``reference_free=True`` (SimPO) needs neither.
+    (``ref_chosen_log_probs`` / ``ref_rejected_log_probs``), from
+    ``reference_model`` (refreshed every ``ref_sync_steps`` steps if set,
+    as in TR-DPO) or, with ``lora_reference=True``, from the model with its
+    LoRA adapters off (see :class:`GRPOTrainer`); ``reference_free=True``
+    (SimPO) needs none.
 
     A batch of precomputed ``chosen_log_probs`` / ``rejected_log_probs``
     (the guide's example) carries no gradient to the model: the step
@@ -659,11 +788,10 @@ class DPOTrainer(_RLTrainer):
     _algorithm = _dpo
     config_type = _dpo.DPOConfig
 
-    def __init__(self, model, optimizer, config=None, *, reference_model=None,
-                 generation=None, apply_fn=None, key=None):
-        super().__init__(model, optimizer, config,
-                         reference_model=reference_model,
-                         generation=generation, apply_fn=apply_fn, key=key)
+    def __init__(self, model, optimizer, config=None, **kwargs):
+        # kwargs: reference_model, lora_reference, ref_sync_steps,
+        # ref_sync_mix, generation, apply_fn, key (see GRPOTrainer).
+        super().__init__(model, optimizer, config, **kwargs)
         self._warned_flat = False
 
     def train_step(self, batch) -> dict[str, jax.Array]:
@@ -681,6 +809,48 @@ class DPOTrainer(_RLTrainer):
             self.step += 1
             return metrics
         return super().train_step(batch)
+
+
+class RewardModelTrainer(_RLTrainer):
+    """Trains a reward model on preference pairs (:mod:`artifex_fn.reward_model`).
+
+    The model scores observations: by default its
+    ``policy_outputs(observations)`` (a
+    :class:`~artifex_fn.reward_model.SequenceRewardModel` scores
+    ``{"tokens": [B, L], "mask": [B, L]}``) or ``apply_fn(model,
+    observations) -> [B]``.
+
+    ``train_step({"chosen": obs, "rejected": obs, "margin"?: [B]})`` takes
+    one gradient step on the mean Bradley-Terry loss; metrics ``loss,
+    accuracy, margin, chosen_reward, rejected_reward, grad_norm``.
+    ``compute_loss(model, batch)`` evaluates held-out pairs. The trained
+    model is itself a reward function (``model(samples, conditions)``):
+    pass it to ``GRPOTrainer.train_step`` or ``PPOTrainer.train_step`` as
+    ``reward_fn``; its weights travel as arrays, so retraining it does not
+    recompile them.
+    """
+    _algorithm = _reward_model
+    config_type = _reward_model.RewardModelConfig
+    model_fields = ("model",)
+
+    @property
+    def model_fields_hint(self) -> str:
+        return ("the trainer's reward function is the model. Use the "
+                "functional API (artifex_fn.reward_model) with your own "
+                "function")
+
+    def _full_config(self, config, rest):
+        return dataclasses.replace(config, model=self._policy(rest),
+                                   optimizer=self.optimizer.tx)
+
+
+def _check_rewards(rewards, n):
+    rewards = jnp.asarray(rewards)
+    if rewards.shape != (n,):
+        raise ValueError(
+            f"reward_fn must return rewards of shape ({n},) (one per "
+            f"sample), got {tuple(rewards.shape)}.")
+    return rewards
 
 
 def _select(batch, rewards, group_size, keep_groups):
