@@ -373,7 +373,12 @@ def test_program_rejects_bad_settings():
 # --- the generative tasks, tiny budgets ---------------------------------------
 
 _TINY = {
-    ("arith", "grpo"): arith.TEST_SETTINGS["grpo"],
+    # GRPO's knobs on (two epochs of two minibatches, dynamic sampling, a
+    # LoRA policy over the frozen base): tests/test_arith.py checks what
+    # they produce.
+    ("arith", "grpo"): dict(arith.TEST_SETTINGS["grpo"], num_epochs=2,
+                            num_minibatches=2, num_groups=3, keep_groups=2,
+                            lora_rank=2),
     ("lm", "grpo"): lm.TEST_SETTINGS["grpo"],
     ("lm", "dpo"): lm.TEST_SETTINGS["dpo"],
     ("diffusion", "grpo"): dict(pretrain_steps=20, pretrain_batch=64,

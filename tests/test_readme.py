@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pathlib
 import re
 
@@ -41,3 +42,9 @@ def test_other_examples_run(capsys, tmp_path, monkeypatch):
     out = capsys.readouterr().out
     reward = float(re.search(r"exact-answer reward ([\d.]+)", out).group(1))
     assert reward > 0.5
+    # The reward model separates its (separable) training pairs, and PPO
+    # against it reports finite score, KL and coefficient.
+    found = re.search(r"reward-model accuracy ([\d.]+); PPO score "
+                      r"(-?[\d.]+), KL (-?[\d.]+), beta ([\d.]+)", out)
+    assert float(found.group(1)) == 1.0
+    assert all(map(math.isfinite, map(float, found.groups()[1:])))
