@@ -297,3 +297,30 @@ def test_ppo_trainer_generates_scores_with_a_reward_model_and_compiles_once():
     for k in ("loss", "value_loss", "score", "non_score_reward", "beta",
               "completion_length", "rewards/total/mean"):
         assert np.isfinite(float(m2[k])), k
+
+
+def test_likelihood_features_sum_the_response_log_probs():
+    """The appended channel at the last token is the trunk's log-likelihood
+    of the response alone (the prompt's cancels in pairs and would swamp
+    RL rewards), and the reward-function call passes the response."""
+    lm = _lm(8)
+    tokens = jnp.array([[0, 4, 5, 3, 7, 1]])
+    mask = jnp.array([[0, 1, 1, 1, 1, 1]]) > 0
+    response = jnp.array([[0, 0, 0, 1, 1, 1]]) > 0
+    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    feats = jax.jit(lambda t, p, m, r: rm.likelihood_features(
+        lm, t, p, m, response_mask=r))(tokens, positions, mask, response)
+    logits = lm(tokens, positions=positions, attention_mask=mask)
+    log_p = np.asarray(jax.nn.log_softmax(logits), np.float64)[0]
+    want = sum(log_p[t - 1, int(tokens[0, t])] for t in (3, 4, 5))
+    np.testing.assert_allclose(feats[0, -1, -1], want, rtol=1e-5)
+    np.testing.assert_allclose(feats[0, :, :-1],
+                               lm.features(tokens, positions=positions,
+                                           attention_mask=mask)[0],
+                               rtol=1e-5, atol=1e-6)
+    model = rm.SequenceRewardModel(lm, 17, pad_token_id=0, eos_token_id=1,
+                                   features=rm.likelihood_features,
+                                   rngs=nnx.Rngs(9))
+    call = jax.jit(lambda s, c: model(s, c))(tokens[:, 3:], tokens[:, :3])
+    direct = model.head(feats[:, -1])[..., 0]
+    np.testing.assert_allclose(call, direct, rtol=1e-5, atol=1e-6)

@@ -162,6 +162,34 @@ def last_valid_index(mask: jax.Array) -> jax.Array:
                      0).astype(jnp.int32)
 
 
+def likelihood_features(trunk, tokens, positions, mask, response_mask=None):
+    r"""The trunk's features with its running log-likelihood appended.
+
+    ``[B, L, D + 1]``: the features ``h_t`` of ``trunk.features`` and, as
+    the last channel, :math:`\sum_{s \le t} \log p(x_s | x_{<s})` under
+    the trunk's own language-model ``head``, over the response tokens
+    (``response_mask``; default: every valid token). At the last token that
+    is the log-likelihood of the response: what a language model knows
+    about which answer is likelier, as a feature (without the prompt's
+    log-likelihood, an offset per prompt that a pairwise loss cannot see
+    and that would swamp the rewards of RL fine-tuning). A small
+    trunk fine-tuned as a reward model on few prompts tends to memorise
+    them; a frozen trunk with this feature generalises to prompts it never
+    saw (``examples/arith_rlhf.py``). Pass as
+    ``SequenceRewardModel(..., num_features=D + 1,
+    features=likelihood_features)``.
+    """
+    h = trunk.features(tokens, positions=positions, attention_mask=mask)
+    log_p = jax.nn.log_softmax(trunk.head(h).astype(jnp.float32))[:, :-1]
+    log_p = jnp.take_along_axis(log_p, tokens[:, 1:, None], axis=-1)[..., 0]
+    counted = mask if response_mask is None else response_mask
+    log_p = jnp.where(jnp.asarray(counted)[:, 1:] > 0, log_p, 0.0)
+    running = jnp.concatenate([jnp.zeros_like(log_p[:, :1]),
+                               jnp.cumsum(log_p, axis=1)], axis=1)
+    return jnp.concatenate([h.astype(jnp.float32), running[..., None]],
+                           axis=-1)
+
+
 class SequenceRewardModel(nnx.Module):
     """A scalar reward head on any NNX trunk, read at the last valid token.
 
@@ -180,16 +208,20 @@ class SequenceRewardModel(nnx.Module):
       pad_token_id: the padding id of prompts (left-padded ``conditions``).
       eos_token_id, stop_token_ids: the ids that end a completion (the
         tokens after the first one are not read).
-      features: optional ``(trunk, tokens, positions, mask) -> [B, L, D]``.
+      features: optional ``(trunk, tokens, positions, mask, **kw) -> [B, L,
+        D]``; ``kw`` holds ``response_mask`` when the response is known
+        (e.g. :func:`likelihood_features`).
       rngs: initialises the head.
 
     Methods:
-      ``score(tokens, mask)``: ``[B]`` rewards of ``tokens [B, L]`` with
-      validity ``mask [B, L]`` (positions count valid tokens);
+      ``score(tokens, mask, response_mask=None)``: ``[B]`` rewards of
+      ``tokens [B, L]`` with validity ``mask [B, L]`` (positions count
+      valid tokens) and optionally which tokens are the response;
       ``model(samples, conditions)``: the reward-function protocol, ``[B]``
       rewards of completions ``samples [B, N]`` after the left-padded
       prompts ``conditions [B, Lp]``; ``policy_outputs(observations)``:
-      ``score`` of ``{"tokens", "mask"}`` (what the trainers call).
+      ``score`` of ``{"tokens", "mask", "response_mask"?}`` (what the
+      trainers call).
     """
 
     def __init__(self, trunk: nnx.Module, num_features: int, *,
@@ -204,12 +236,14 @@ class SequenceRewardModel(nnx.Module):
         self.stop_token_ids = tuple(int(i) for i in stop_token_ids)
         self._features = features
 
-    def score(self, tokens, mask):
+    def score(self, tokens, mask, response_mask=None):
         tokens = jnp.asarray(tokens)
         valid = jnp.asarray(mask) > 0
         positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
         if self._features is not None:
-            h = self._features(self.trunk, tokens, positions, valid)
+            extra = {} if response_mask is None else dict(
+                response_mask=jnp.asarray(response_mask) > 0)
+            h = self._features(self.trunk, tokens, positions, valid, **extra)
         else:
             h = self.trunk.features(tokens, positions=positions,
                                     attention_mask=valid)
@@ -218,7 +252,8 @@ class SequenceRewardModel(nnx.Module):
         return self.head(h_last)[..., 0].astype(jnp.float32)
 
     def policy_outputs(self, observations):
-        return self.score(observations["tokens"], observations["mask"])
+        return self.score(observations["tokens"], observations["mask"],
+                          observations.get("response_mask"))
 
     def __call__(self, samples, conditions=None, **kwargs):
         samples = jnp.asarray(samples)
@@ -230,6 +265,8 @@ class SequenceRewardModel(nnx.Module):
             return self.score(samples, completion_mask)
         conditions = jnp.asarray(conditions)
         tokens = jnp.concatenate([conditions, samples], axis=1)
-        mask = jnp.concatenate([conditions != self.pad_token_id,
-                                completion_mask], axis=1)
-        return self.score(tokens, mask)
+        prompt_mask = conditions != self.pad_token_id
+        mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
+        response = jnp.concatenate([jnp.zeros_like(prompt_mask),
+                                    completion_mask], axis=1)
+        return self.score(tokens, mask, response)
