@@ -21,14 +21,14 @@ N_OBS = 4
 N_ACT = 4
 
 
-def examples(n: int) -> int:
+def examples(n: int, ci_share: int = 2) -> int:
     """Hypothesis examples of the heaviest property tests: ``n`` locally
-    (random examples, which keep looking for new counterexamples), half
-    under CI (the derandomized profile of ``tests/conftest.py``: the same
-    examples on every run, so half of them keep the suite in its time
-    budget)."""
+    (random examples, which keep looking for new counterexamples), a
+    ``ci_share``-th of them under CI (the derandomized profile of
+    ``tests/conftest.py``: the same examples on every run, fewer of them
+    to keep the suite in its time budget)."""
     ci = os.environ.get("CI", "").lower() not in ("", "0", "false")
-    return max(5, n // 2) if ci else n
+    return max(5, n // ci_share) if ci else n
 
 # Python-level calls of each policy. Under ``jax.jit`` a policy runs only
 # while tracing, so an unchanged count across calls means no retrace.

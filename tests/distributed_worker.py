@@ -354,7 +354,7 @@ VARIANTS = [(f"{n}dev", dict(data=n), 1) for n in (2, 8)]
 MICRO = [("micro3", None, 3)]
 MICRO_CASES = ("reinforce", "simpo")
 EXTRA = [("fsdp4x2", dict(data=4, fsdp=2), 1), ("8dev-micro3", dict(data=8), 3)]
-EXTRA_CASES = ("grpo-grpo", "grpo-epochs", "ppo", "dpo")
+EXTRA_CASES = ("grpo-grpo", "ppo", "dpo")
 
 
 def run_aggregation():
@@ -394,6 +394,7 @@ def run_devices():
             margin = MARGINS[name](state, batch)
         variants = ((VARIANTS if name.startswith("grpo") else VARIANTS[1:])
                     + (EXTRA if name in EXTRA_CASES else [])
+                    + (EXTRA[1:] if name == "grpo-epochs" else [])
                     + (MICRO if name in MICRO_CASES else []))
         for label, mesh_shape, k in variants:
             if name == "ppo" and k == 3:

@@ -36,7 +36,7 @@ B, L, A = 3, 6, 5
 POISONS = (math.nan, math.inf, -math.inf)
 DTYPES = ("float32", "bfloat16", "float64")
 
-PROPERTY = settings(max_examples=examples(25), deadline=None,
+PROPERTY = settings(max_examples=examples(25, ci_share=4), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 MODES = afn.AGGREGATION_MODES
 
