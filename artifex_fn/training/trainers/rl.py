@@ -458,7 +458,9 @@ class PPOTrainer(_RLTrainer):
     ``score``, ``kl`` (per completion), ``non_score_reward``, ``beta``,
     ``completion_length`` and ``rewards/<name>/{mean,std}`` of a composite
     reward's parts. ``trainer.last_rollout`` holds the samples, conditions,
-    rewards, log-probs and masks of the last step.
+    rewards, log-probs and masks of the last step. A reference applies to
+    sequence batches only (generated, or collected with ``rewards [B]`` and
+    ``log_probs [B, L]``); trajectory batches of environments ignore it.
     """
     _algorithm = _ppo
     config_type = _ppo.PPOConfig
