@@ -12,10 +12,11 @@ from artifex_fn._src.algorithms.grpo import loss
 from artifex_fn._src.algorithms.grpo import prepare
 from artifex_fn._src.algorithms.grpo import reward_metrics
 from artifex_fn._src.algorithms.grpo import rows_loss
+from artifex_fn._src.algorithms.grpo import select_batch
 from artifex_fn._src.algorithms.grpo import totals_of
 from artifex_fn._src.algorithms.grpo import update
 from artifex_fn._src.algorithms.grpo import with_reference_log_probs
 
 __all__ = ("GRPOConfig", "LOSS_AGGREGATIONS", "advantages_of", "group_size_of",
            "init", "loss", "prepare", "reward_metrics", "rows_loss",
-           "totals_of", "update", "with_reference_log_probs")
+           "select_batch", "totals_of", "update", "with_reference_log_probs")

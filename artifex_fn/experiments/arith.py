@@ -59,7 +59,6 @@ from flax import nnx
 
 from artifex_fn import dpo
 from artifex_fn import grpo
-from artifex_fn import select_groups
 from artifex_fn import text
 from artifex_fn.experiments import lm
 from artifex_fn.experiments._program import Program
@@ -509,10 +508,8 @@ def grpo_program(settings: dict | None = None) -> Program:
         batch = dict(observations=obs, actions=out.tokens,
                      log_probs=out.log_probs, mask=out.mask, rewards=exact)
         if keep:
-            sel = select_groups(exact, group_size=g, num_groups=keep)
-            batch = jax.tree_util.tree_map(lambda x: x[sel.rows], batch)
-            valid = jnp.repeat(sel.valid, g)[:, None]
-            batch["mask"] = jnp.where(valid, batch["mask"], 0.0)
+            batch, sel = grpo.select_batch(batch, num_groups=keep,
+                                           group_size=g)
             info["dynamic_sampling/fill_rate"] = sel.fill_rate
         train, metrics = grpo.update(train, batch)
         return dict(carry, train=train, key=key), dict(metrics, **info)

@@ -168,9 +168,7 @@ def reward_name(fn) -> str:
     """A reward function's name for logs: a :class:`TextReward`'s inner
     function name, a function's ``__name__``, else its class name
     (lambdas are named ``reward``)."""
-    if isinstance(fn, TextReward):
-        fn = fn.fn
-    name = getattr(fn, "__name__", None) or type(fn).__name__
+    name = _name(fn.fn if isinstance(fn, TextReward) else fn)
     return "reward" if name == "<lambda>" else name
 
 

@@ -1,5 +1,5 @@
-"""Gradient steps: the optimiser step, keyed steps and gradients
-accumulated over micro-batches.
+"""Gradient steps: the optimiser step, keyed steps, gradients
+accumulated over micro-batches, and epochs of shuffled minibatches.
 
 Every step clips the gradient by its global norm when the config has a
 ``max_grad_norm`` and reports ``grad_norm``, the norm before clipping.
@@ -13,6 +13,7 @@ import optax
 from jax import lax
 
 from artifex_fn._src.algorithms.batching import micro_batches
+from artifex_fn._src.algorithms.batching import shuffle_indices
 from artifex_fn._src.algorithms.state import TrainState
 
 
@@ -95,3 +96,58 @@ def accumulated_grad(loss_fn, params, rows, num_micro_batches: int, *args,
 
     total, _ = lax.scan(add, zeros, split)
     return total
+
+
+def minibatch_epochs(state: TrainState, loss_fn, rows, prepare_minibatch, *,
+                     size_name: str = "B"):
+    """``config.num_epochs`` passes over ``rows``, each in
+    ``config.num_minibatches`` shuffled minibatches, one optimiser step
+    per minibatch (its gradient accumulated over ``num_micro_batches``
+    micro-batches), all in one ``lax.scan``: the PPO phase, also GRPO's
+    several updates per generation.
+
+    ``prepare_minibatch(minibatch) -> (minibatch, totals)`` computes the
+    minibatch's statistics and denominators before any split;
+    ``loss_fn(params, rows, config, totals)`` is row-additive (see
+    :func:`accumulated_grad`). With one minibatch every epoch sees the
+    whole batch unshuffled. ``size_name`` names the rows in errors.
+
+    Returns ``(params, opt_state, key, metrics)``: the metrics are means
+    over the steps, with ``grad_norm`` (before clipping).
+    """
+    config = state.config
+    n = jax.tree_util.tree_leaves(rows)[0].shape[0]
+    k = config.num_minibatches
+    if n % k:
+        raise ValueError(f"`num_minibatches`={k} must divide the number of "
+                         f"rows {size_name}={n}.")
+    if (n // k) % config.num_micro_batches:
+        raise ValueError(
+            f"`num_micro_batches`={config.num_micro_batches} must divide the "
+            f"minibatch size {size_name}/num_minibatches={n // k}.")
+    key, *epoch_keys = jax.random.split(state.key, config.num_epochs + 1)
+
+    def minibatch_step(carry, minibatch):
+        params, opt_state = carry
+        minibatch, totals = prepare_minibatch(minibatch)
+        grads, metrics = accumulated_grad(
+            loss_fn, params, minibatch, config.num_micro_batches, config,
+            totals, what="minibatch")
+        params, opt_state, grad_norm = optimizer_step(
+            params, opt_state, grads, config.optimizer,
+            getattr(config, "max_grad_norm", None))
+        return (params, opt_state), dict(metrics, grad_norm=grad_norm)
+
+    def epoch(carry, epoch_key):
+        if k == 1:
+            minibatches = jax.tree_util.tree_map(lambda x: x[None], rows)
+        else:
+            perm = shuffle_indices(epoch_key, n)
+            minibatches = jax.tree_util.tree_map(
+                lambda x: jnp.reshape(x[perm], (k, n // k) + x.shape[1:]),
+                rows)
+        return lax.scan(minibatch_step, carry, minibatches)
+
+    (params, opt_state), metrics = lax.scan(
+        epoch, (state.params, state.opt_state), jnp.stack(epoch_keys))
+    return params, opt_state, key, jax.tree_util.tree_map(jnp.mean, metrics)

@@ -57,6 +57,7 @@ from jax import lax
 
 from artifex_fn._src import checks
 from artifex_fn._src.advantages import group_advantages
+from artifex_fn._src.advantages import select_groups
 from artifex_fn._src.aggregation import aggregate_loss
 from artifex_fn._src.aggregation import aggregate_loss_parts
 from artifex_fn._src.algorithms.batching import batch_array
@@ -66,15 +67,13 @@ from artifex_fn._src.algorithms.batching import check_shape_of
 from artifex_fn._src.algorithms.batching import clean_padding
 from artifex_fn._src.algorithms.batching import masked_mean_std
 from artifex_fn._src.algorithms.batching import micro_batches
-from artifex_fn._src.algorithms.batching import shuffle_indices
 from artifex_fn._src.algorithms.config import Bound
 from artifex_fn._src.algorithms.config import bounds_ok
 from artifex_fn._src.algorithms.config import check_bounds
 from artifex_fn._src.algorithms.config import nan_unless_valid
 from artifex_fn._src.algorithms.config import pytree_config
-from artifex_fn._src.algorithms.gradients import accumulated_grad
 from artifex_fn._src.algorithms.gradients import accumulated_gradient_step
-from artifex_fn._src.algorithms.gradients import optimizer_step
+from artifex_fn._src.algorithms.gradients import minibatch_epochs
 from artifex_fn._src.algorithms.policies import as_distribution
 from artifex_fn._src.algorithms.policies import log_prob_and_entropy
 from artifex_fn._src.algorithms.policies import reduce_to_rank
@@ -463,40 +462,11 @@ def update(state: TrainState, batch):
                                                    totals)
         return nan_unless_valid(config, state, dict(metrics, **stats))
 
-    n = jnp.shape(rows["log_probs"])[0]
-    if n % k:
-        raise ValueError(f"`num_minibatches`={k} must divide the batch size "
-                         f"B={n}.")
-    if (n // k) % config.num_micro_batches:
-        raise ValueError(
-            f"`num_micro_batches`={config.num_micro_batches} must divide the "
-            f"minibatch size B/num_minibatches={n // k}.")
     if needs_ref:  # the reference is frozen: scored once for every epoch
         rows = dict(rows, ref_log_probs=_reference_rows(state, rows))
-    key, *epoch_keys = jax.random.split(state.key, epochs + 1)
-
-    def minibatch_step(carry, minibatch):
-        params, opt_state = carry
-        grads, metrics = accumulated_grad(
-            rows_loss, params, minibatch, config.num_micro_batches, config,
-            totals_of(minibatch, config), what="minibatch")
-        params, opt_state, grad_norm = optimizer_step(
-            params, opt_state, grads, config.optimizer, config.max_grad_norm)
-        return (params, opt_state), dict(metrics, grad_norm=grad_norm)
-
-    def epoch(carry, epoch_key):
-        if k == 1:  # every epoch sees the whole batch: no shuffle needed
-            minibatches = jax.tree_util.tree_map(lambda x: x[None], rows)
-        else:
-            perm = shuffle_indices(epoch_key, n)
-            minibatches = jax.tree_util.tree_map(
-                lambda x: jnp.reshape(x[perm], (k, n // k) + x.shape[1:]),
-                rows)
-        return lax.scan(minibatch_step, carry, minibatches)
-
-    (params, opt_state), metrics = lax.scan(
-        epoch, (state.params, state.opt_state), jnp.stack(epoch_keys))
-    metrics = jax.tree_util.tree_map(jnp.mean, metrics)
+    params, opt_state, key, metrics = minibatch_epochs(
+        state, rows_loss, rows,
+        lambda minibatch: (minibatch, totals_of(minibatch, config)))
     new_state = state.replace(params=params, opt_state=opt_state,
                               step=state.step + 1, key=key)
     return nan_unless_valid(config, new_state, dict(metrics, **stats))
@@ -552,3 +522,40 @@ def reward_metrics(rewards, *, group_size: int):
         out[f"rewards/{name}/frac_zero_std"] = jnp.mean(
             zero.astype(jnp.float32))
     return out
+
+
+def select_batch(batch, *, num_groups: int, group_size: int):
+    """Dynamic sampling on a GRPO batch (DAPO): its rows of the first
+    ``num_groups`` groups whose ``rewards`` differ
+    (:func:`artifex_fn.select_groups`), with the loss mask of any slot left
+    to a flat group set to zero (those rows contribute nothing).
+
+    Args:
+      batch: a GRPO batch with ``rewards [B]`` (and any per-row arrays);
+        ``B`` a multiple of ``group_size``, groups contiguous.
+      num_groups: the groups to keep, at most ``B / group_size``.
+      group_size: samples per prompt.
+
+    Returns:
+      ``(batch, selection)``: the ``[num_groups * group_size]``-row batch
+      and the :class:`artifex_fn.GroupSelection` (``fill_rate``, ...).
+    """
+    rewards = jnp.asarray(batch_array(batch, "rewards"))
+    n = rewards.shape[0]
+    if num_groups * group_size > n:
+        raise ValueError(
+            f"`keep_groups`={num_groups} groups of {group_size} need at "
+            f"least {num_groups * group_size} samples; the step generated "
+            f"{n}: give it more prompts (dynamic sampling over-generates).")
+    sel = select_groups(rewards, group_size=group_size,
+                        num_groups=num_groups)
+    out = jax.tree_util.tree_map(lambda x: x[sel.rows], batch)
+    old = jnp.asarray(out["log_probs"])
+    keep = jnp.repeat(sel.valid, group_size)
+    keep = keep if old.ndim == 1 else keep[:, None]
+    if "mask" in out:
+        mask = jnp.asarray(out["mask"])
+        out["mask"] = jnp.where(keep, mask, jnp.zeros((), mask.dtype))
+    else:
+        out["mask"] = jnp.broadcast_to(keep, old.shape).astype(jnp.float32)
+    return out, sel

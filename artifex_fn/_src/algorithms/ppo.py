@@ -64,14 +64,12 @@ from artifex_fn._src.algorithms.batching import check_leading
 from artifex_fn._src.algorithms.batching import check_shape_of
 from artifex_fn._src.algorithms.batching import clean_padding
 from artifex_fn._src.algorithms.batching import masked_mean_std
-from artifex_fn._src.algorithms.batching import shuffle_indices
 from artifex_fn._src.algorithms.config import Bound
 from artifex_fn._src.algorithms.config import bounds_ok
 from artifex_fn._src.algorithms.config import check_bounds
 from artifex_fn._src.algorithms.config import nan_unless_valid
 from artifex_fn._src.algorithms.config import pytree_config
-from artifex_fn._src.algorithms.gradients import accumulated_grad
-from artifex_fn._src.algorithms.gradients import optimizer_step
+from artifex_fn._src.algorithms.gradients import minibatch_epochs
 from artifex_fn._src.algorithms.policies import as_distribution
 from artifex_fn._src.algorithms.policies import log_prob_and_entropy
 from artifex_fn._src.algorithms.policies import require_policy
@@ -489,38 +487,10 @@ def update(state: TrainState, batch):
     config = state.config
     batch = with_reference_log_probs(state, batch)
     samples, stats = prepare(batch, config)
-    n = samples["mask"].shape[0]
-    k = config.num_minibatches
-    if n % k:
-        raise ValueError(
-            f"`num_minibatches`={k} must divide the number of samples "
-            f"B*T={n}.")
-    key, *epoch_keys = jax.random.split(state.key, config.num_epochs + 1)
-    if (n // k) % config.num_micro_batches:
-        raise ValueError(
-            f"`num_micro_batches`={config.num_micro_batches} must divide the "
-            f"minibatch size B*T/num_minibatches={n // k}.")
-
-    def minibatch_step(carry, minibatch):
-        params, opt_state = carry
-        minibatch, totals = prepare_minibatch(minibatch, config)
-        grads, metrics = accumulated_grad(
-            rows_loss, params, minibatch, config.num_micro_batches, config,
-            totals, what="minibatch")
-        params, opt_state, grad_norm = optimizer_step(
-            params, opt_state, grads, config.optimizer, config.max_grad_norm)
-        return (params, opt_state), dict(metrics, grad_norm=grad_norm)
-
-    def epoch(carry, epoch_key):
-        perm = shuffle_indices(epoch_key, n)
-        minibatches = jax.tree_util.tree_map(
-            lambda x: jnp.reshape(x[perm], (k, n // k) + x.shape[1:]),
-            samples)
-        return lax.scan(minibatch_step, carry, minibatches)
-
-    (params, opt_state), metrics = lax.scan(
-        epoch, (state.params, state.opt_state), jnp.stack(epoch_keys))
-    metrics = jax.tree_util.tree_map(jnp.mean, metrics)
+    params, opt_state, key, metrics = minibatch_epochs(
+        state, rows_loss, samples,
+        lambda minibatch: prepare_minibatch(minibatch, config),
+        size_name="B*T" if samples["mask"].ndim == 1 else "B")
     metrics.update(stats)
     new_state = state.replace(params=params, opt_state=opt_state,
                               step=state.step + 1, key=key)

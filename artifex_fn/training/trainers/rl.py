@@ -34,7 +34,6 @@ from flax import nnx
 from jax import lax
 
 from artifex_fn import TrainState
-from artifex_fn import select_groups
 from artifex_fn import truncated_completions
 from artifex_fn import dpo as _dpo
 from artifex_fn import grpo as _grpo
@@ -606,7 +605,7 @@ class GRPOTrainer(_RLTrainer):
         combinators of them) always run on the host.
       keep_groups: dynamic sampling (DAPO): of the groups generated for
         the batch's prompts, train on the first ``keep_groups`` whose
-        rewards differ (:func:`artifex_fn.select_groups`); unfilled slots
+        rewards differ (:func:`artifex_fn.grpo.select_batch`); unfilled slots
         are masked out. Logs ``dynamic_sampling/fill_rate``.
       apply_fn: optional ``(model, observations) -> outputs`` (see the
         module docstring); for token models it must return logits.
@@ -720,8 +719,11 @@ class GRPOTrainer(_RLTrainer):
         info = _grpo.reward_metrics(dict(parts, total=rewards), group_size=g)
         batch = dict(rollout, rewards=rewards)
         if self.keep_groups is not None:
-            batch, selected = _select(batch, rewards, g, self.keep_groups)
-            info.update(selected)
+            batch, sel = _grpo.select_batch(batch, num_groups=self.keep_groups,
+                                            group_size=g)
+            info["dynamic_sampling/fill_rate"] = sel.fill_rate
+            info["dynamic_sampling/qualifying_groups"] = (
+                sel.num_qualifying.astype(jnp.float32))
         params, opt_state, opt_step, state_key, metrics = self._pure_update(
             params, rest, opt_state, opt_step, step, state_key, ref_state,
             config, batch)
@@ -853,34 +855,6 @@ def _check_rewards(rewards, n):
             f"reward_fn must return rewards of shape ({n},) (one per "
             f"sample), got {tuple(rewards.shape)}.")
     return rewards
-
-
-def _select(batch, rewards, group_size, keep_groups):
-    """Dynamic sampling: the batch's rows of ``keep_groups`` groups whose
-    rewards differ (:func:`artifex_fn.select_groups`), with the loss mask of
-    the slots left unfilled set to zero; and the selection's metrics."""
-    n = rewards.shape[0]
-    if keep_groups * group_size > n:
-        raise ValueError(
-            f"`keep_groups`={keep_groups} groups of {group_size} need at "
-            f"least {keep_groups * group_size} samples; the step generated "
-            f"{n}: give it more prompts (dynamic sampling over-generates).")
-    sel = select_groups(rewards, group_size=group_size,
-                        num_groups=keep_groups)
-    out = jax.tree_util.tree_map(lambda x: x[sel.rows], batch)
-    keep = jnp.repeat(sel.valid, group_size)
-    old = out["log_probs"]
-    if "mask" in out:
-        keep = keep[:, None] if old.ndim == 2 else keep
-        out["mask"] = jnp.where(keep, out["mask"],
-                                jnp.zeros((), out["mask"].dtype))
-    else:
-        out["mask"] = jnp.broadcast_to(
-            keep if old.ndim == 1 else keep[:, None],
-            old.shape).astype(jnp.float32)
-    return out, {"dynamic_sampling/fill_rate": sel.fill_rate,
-                 "dynamic_sampling/qualifying_groups":
-                     sel.num_qualifying.astype(jnp.float32)}
 
 
 def _describe(out) -> str:
