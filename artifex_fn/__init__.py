@@ -44,6 +44,7 @@ from artifex_fn import dpo
 from artifex_fn import grpo
 from artifex_fn import ppo
 from artifex_fn import reinforce
+from artifex_fn import reward_model
 from artifex_fn._src.algorithms.state import TrainState
 
 # Generative-model families (`afn.families.diffusion.update`, ...) and toy data.
@@ -88,6 +89,7 @@ __all__ = (
     "policy_gradient_loss",
     "ppo",
     "reinforce",
+    "reward_model",
     "reverse_linear_recurrence",
     "select_groups",
     "sequence_lengths",

@@ -25,10 +25,12 @@ time), with the NNX trainers:
    nats per answer (Ziegler et al.'s controller: with a fixed coefficient
    the policy found, after about 200 steps, answers the reward model
    over-rates, and its KL ran to 65 nats). Score: the true exact-answer
-   success of sampled answers, read from the decoded text, on every
-   question; and the mean KL to the reference per answer.
+   success of sampled answers (four per question), read from the decoded
+   text, on every question; and the mean KL to the reference per answer.
 
-Run ``python examples/arith_rlhf.py [--quick] [--seed N]``.
+Run ``python examples/arith_rlhf.py [--quick] [--seed N] [--plot out.png]``;
+the figure shows the reward model's score, the true success and the KL to
+the reference per PPO step.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ FULL = dict(model=arith.MODEL_SETTINGS, rm_steps=600, rm_pairs=64,
             rm_lr=1e-2, ppo_steps=400, prompts=128, lr=5e-4, beta=0.1,
             kl_target=2.0)
 QUICK = dict(model=dict(arith.MODEL_SETTINGS, **arith.SMALL_MODEL),
-             rm_steps=200, rm_pairs=32, rm_lr=1e-2, ppo_steps=40, prompts=32,
-             lr=2e-3, beta=0.1, kl_target=2.0)
+             rm_steps=200, rm_pairs=32, rm_lr=1e-2, ppo_steps=60,
+             prompts=128, lr=1e-3, beta=0.1, kl_target=2.0)
 
 
 def pairs(d, questions, rng, n):
@@ -81,23 +83,24 @@ def pairs(d, questions, rng, n):
     return {"chosen": side(right), "rejected": side(wrong)}
 
 
-def success(lm, key, d):
-    """True exact-answer success and format rate of one sampled answer per
-    question (read from the decoded text)."""
+def success(lm, key, d, repeats=4):
+    """True exact-answer success and format rate of ``repeats`` sampled
+    answers per question (read from the decoded text)."""
+    prompts = jnp.asarray(np.tile(d.prompts, (repeats, 1)))
+    prompt_mask = jnp.asarray(np.tile(d.prompt_mask, (repeats, 1)))
+
     @nnx.jit
     def run(lm, key):
-        out = generate(lm, jnp.asarray(d.prompts), key,
-                       prompt_mask=jnp.asarray(d.prompt_mask),
+        out = generate(lm, prompts, key, prompt_mask=prompt_mask,
                        max_new_tokens=d.max_new_tokens,
                        stop_token_ids=arith.stop_ids(d.tok),
                        pad_token_id=d.tok.pad_token_id)
-        return jnp.mean(arith.text_scores(out.tokens, jnp.asarray(d.prompts)),
-                        axis=0)
+        return jnp.mean(arith.text_scores(out.tokens, prompts), axis=0)
     s = run(lm, key)
     return float(s[0]), float(s[1])
 
 
-def run(quick: bool = False, seed: int = 0) -> dict:
+def run(quick: bool = False, seed: int = 0, plot: str | None = None) -> dict:
     cfg = QUICK if quick else FULL
     d = arith.data()
     tok = d.tok
@@ -126,12 +129,16 @@ def run(quick: bool = False, seed: int = 0) -> dict:
 
     # 2. RLHF-PPO against it.
     policy = ActorCriticLM(copy.deepcopy(base), rngs=nnx.Rngs(seed + 1))
+    ppo_config = PPOConfig(beta=cfg["beta"], kl_target=cfg["kl_target"],
+                           kl_horizon=200.0, gamma=1.0, gae_lambda=0.95,
+                           vf_coeff=0.1, entropy_coeff=0.0, num_epochs=2,
+                           max_grad_norm=1.0)
+    # The learning rate decays linearly to zero over the run.
     trainer = PPOTrainer(
-        policy, nnx.Optimizer(policy, optax.adam(cfg["lr"]), wrt=nnx.Param),
-        PPOConfig(beta=cfg["beta"], kl_target=cfg["kl_target"],
-                  kl_horizon=200.0, gamma=1.0, gae_lambda=0.95,
-                  vf_coeff=0.1, entropy_coeff=0.0, num_epochs=2,
-                  max_grad_norm=1.0),
+        policy, nnx.Optimizer(policy, optax.adam(optax.linear_schedule(
+            cfg["lr"], 0.0, cfg["ppo_steps"] * ppo_config.num_epochs
+            * ppo_config.num_minibatches)), wrt=nnx.Param),
+        ppo_config,
         reference_model=base,
         generation=GenerationConfig(max_new_tokens=d.max_new_tokens,
                                     stop_token_ids=arith.stop_ids(tok),
@@ -156,6 +163,8 @@ def run(quick: bool = False, seed: int = 0) -> dict:
         curve["success"].append(float(np.mean(exact)))
     ppo_seconds = time.perf_counter() - t1
     after = success(policy.lm, jax.random.fold_in(key, 2), d)
+    if plot is not None:
+        _plot(plot, curve, before[0], after[0], float(after_rm["accuracy"]))
     return dict(
         before=dict(rm_accuracy=float(before_rm["accuracy"]),
                     success=before[0], format=before[1]),
@@ -164,6 +173,34 @@ def run(quick: bool = False, seed: int = 0) -> dict:
         final_kl=float(np.mean(curve["kl"][-10:])),
         max_kl=float(np.max(curve["kl"])), curve=curve,
         rm_seconds=rm_seconds, ppo_seconds=ppo_seconds)
+
+
+def _plot(path, curve, before, after, rm_accuracy):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def smooth(x, w=10):
+        x = np.asarray(x, float)
+        return np.convolve(x, np.ones(w) / w, mode="valid") if len(x) > w \
+            else x
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(smooth(curve["score"]))
+    axes[0].set_title(f"reward-model score (RM held-out acc. "
+                      f"{rm_accuracy:.3f})")
+    axes[1].plot(smooth(curve["success"]))
+    axes[1].axhline(before, ls=":", c="gray", label=f"before {before:.3f}")
+    axes[1].axhline(after, ls="--", c="k", label=f"after {after:.3f}")
+    axes[1].set_title("true exact-answer success of the samples")
+    axes[1].legend(loc="lower right")
+    axes[2].plot(smooth(curve["kl"]))
+    axes[2].set_title("KL to the reference (nats per answer)")
+    for ax in axes:
+        ax.set_xlabel("PPO step (10-step mean)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -296,6 +296,124 @@ def grpo_epochs_margin(state, batch):
     return worst, params
 
 
+def seq_policy(params, obs):
+    """Sequence actor-critic: token logits ``[n, L, V]`` and values
+    ``[n, L]`` from one feature row per sequence."""
+    return (jnp.einsum("nd,dlv->nlv", obs, params["w"]),
+            obs @ params["v"])
+
+
+def _seq_params(seed=0):
+    rng = _rng(seed)
+    return {"w": jnp.asarray(0.3 * rng.standard_normal((D, L, V)),
+                             jnp.float32),
+            "v": jnp.asarray(0.3 * rng.standard_normal((D, L)), jnp.float32)}
+
+
+def _seq_log_probs(params, obs, actions):
+    """``[n, L]`` float64 log-probs of ``actions`` under ``seq_policy``."""
+    logits = np.einsum("nd,dlv->nlv", np.asarray(obs, np.float64),
+                       np.asarray(params["w"], np.float64))
+    logits = logits - logits.max(-1, keepdims=True)
+    log_sm = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return np.take_along_axis(log_sm, np.asarray(actions)[..., None],
+                              -1)[..., 0]
+
+
+def ppo_seq_problem(seed=6):
+    """RLHF-PPO on sequences: scores ``[B]``, per-token KL to a reference
+    (``state.ref_params``), GAE over the completion mask, the adaptive
+    KL coefficient, two epochs of two minibatches of sequences."""
+    rng = _rng(seed)
+    lengths = rng.integers(1, L + 1, B)
+    mask = (np.arange(L)[None] < lengths[:, None]).astype(np.float32)
+    params = _seq_params()
+    obs = jnp.asarray(rng.standard_normal((B, D)), jnp.float32)
+    actions = jnp.asarray(rng.integers(0, V, (B, L)))
+    # Sampled from the policy: the old log-probs are its own.
+    old = jnp.asarray(_seq_log_probs(params, obs, actions), jnp.float32)
+    batch = dict(observations=obs, actions=actions,
+                 rewards=jnp.asarray(rng.standard_normal(B), jnp.float32),
+                 log_probs=old,
+                 values=jnp.asarray(rng.standard_normal((B, L)), jnp.float32),
+                 mask=jnp.asarray(mask))
+    config = afn.ppo.PPOConfig(num_epochs=2, num_minibatches=2, beta=0.1,
+                               kl_target=0.5, kl_horizon=100.0,
+                               policy=seq_policy, optimizer=SGD)
+    state = afn.ppo.init(params, config, key=jax.random.key(5),
+                         ref_params=_reference(params, seed=13))
+    return afn.ppo.update, state, batch
+
+
+def reward_model_problem(seed=7):
+    """Bradley-Terry pairs of sequences scored by a linear head on the
+    mean of masked token features, with per-pair margins and centering."""
+    rng = _rng(seed)
+
+    def side():
+        # Every side has a valid token (two empty sides would tie exactly).
+        lengths = rng.integers(1, L + 1, B)
+        return dict(tokens=jnp.asarray(rng.standard_normal((B, L, D)),
+                                       jnp.float32),
+                    mask=jnp.asarray((np.arange(L)[None] < lengths[:, None])
+                                     .astype(np.float32)))
+
+    def model(params, obs):
+        m = obs["mask"][..., None]
+        mean = jnp.sum(obs["tokens"] * m, 1) / jnp.maximum(jnp.sum(m, 1), 1)
+        return mean @ params["w"] + params["b"]
+
+    batch = dict(chosen=side(), rejected=side(),
+                 margin=jnp.asarray(rng.uniform(0, 0.5, B), jnp.float32))
+    params = {"w": jnp.asarray(rng.standard_normal(D), jnp.float32),
+              "b": jnp.asarray(0.1, jnp.float32)}
+    config = afn.reward_model.RewardModelConfig(
+        center_coeff=0.01, max_grad_norm=1.0, model=model, optimizer=SGD)
+    return (afn.reward_model.update,
+            afn.reward_model.init(params, config), batch)
+
+
+def reward_model_margin(state, batch):
+    """How far ``accuracy`` (pairs with r_chosen > r_rejected at the
+    pre-update parameters) is from a tie."""
+    model = state.config.model
+    gap = (np.asarray(model(state.params, batch["chosen"]), np.float64)
+           - np.asarray(model(state.params, batch["rejected"]), np.float64))
+    return float(np.min(np.abs(gap)))
+
+
+def ppo_seq_margin(state, batch):
+    """How far ``clip_fraction`` is from a tie at every minibatch step of
+    the sequence update, replayed from the public pieces; returns
+    ``(margin, replayed params)``."""
+    from artifex_fn._src.algorithms.batching import shuffle_indices
+
+    cfg = state.config
+    samples, _ = afn.ppo.prepare(
+        afn.ppo.with_reference_log_probs(state, batch), cfg)
+    n, k = samples["mask"].shape[0], cfg.num_minibatches
+    _, *epoch_keys = jax.random.split(state.key, cfg.num_epochs + 1)
+    grad_fn = jax.jit(jax.grad(afn.ppo.minibatch_loss, has_aux=True),
+                      static_argnums=2)
+    params, worst = state.params, np.inf
+    for epoch_key in epoch_keys:
+        perm = np.asarray(shuffle_indices(epoch_key, n))
+        for j in range(k):
+            idx = perm[j * (n // k):(j + 1) * (n // k)]
+            mb = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[idx],
+                                        samples)
+            lp = _seq_log_probs(params, mb["observations"], mb["actions"])
+            worst = min(worst, _clip_margin(
+                lp - np.asarray(mb["log_probs"], np.float64), mb["mask"],
+                cfg.clip_param))
+            grads, _ = grad_fn(params, mb, cfg)
+            norm = float(optax.global_norm(grads))
+            scale = min(1.0, cfg.max_grad_norm / max(norm, 1e-30))
+            params = jax.tree_util.tree_map(
+                lambda p, g: p - 0.5 * scale * g, params, grads)  # SGD(0.5)
+    return worst, params
+
+
 CASES = {
     # "bnpo" reduces like "dapo" (token_mean) within one update.
     **{f"grpo-{a}": (lambda a=a: grpo_problem(a))
@@ -305,12 +423,14 @@ CASES = {
     "reinforce": reinforce_problem,
     "dpo": lambda: dpo_problem(False),
     "simpo": lambda: dpo_problem(True),
+    "ppo-seq": ppo_seq_problem,
+    "reward-model": reward_model_problem,
 }
 # Tie margin of each case's discrete metrics (clip_fraction,
 # reward_accuracy) where its update evaluates them.
 MARGINS = {"grpo-grpo": grpo_margin, "grpo-dapo": grpo_margin,
            "grpo-dr_grpo": grpo_margin, "dpo": dpo_margin,
-           "simpo": dpo_margin}
+           "simpo": dpo_margin, "reward-model": reward_model_margin}
 
 
 def _with_micro_batches(state, k):
@@ -354,6 +474,9 @@ VARIANTS = [(f"{n}dev", dict(data=n), 1) for n in (2, 8)]
 MICRO = [("micro3", None, 3)]
 MICRO_CASES = ("reinforce", "simpo")
 EXTRA = [("fsdp4x2", dict(data=4, fsdp=2), 1), ("8dev-micro3", dict(data=8), 3)]
+# Micro-batches with and without 8 devices, no FSDP (the kernels are not
+# split by the other cases' FSDP check: 6 x 5 x 5 and 6 are).
+SEQ_CASES = ("ppo-seq", "reward-model")
 EXTRA_CASES = ("grpo-grpo", "ppo", "dpo")
 
 
@@ -384,8 +507,9 @@ def run_devices():
         update, state, batch = make()
         reference = _result(*jax.jit(update)(state, batch))
         margin = None
-        if name in ("ppo", "grpo-epochs"):
-            replay = ppo_margin if name == "ppo" else grpo_epochs_margin
+        if name in ("ppo", "grpo-epochs", "ppo-seq"):
+            replay = {"ppo": ppo_margin, "grpo-epochs": grpo_epochs_margin,
+                      "ppo-seq": ppo_seq_margin}[name]
             margin, replayed = replay(state, batch)
             # The replay took the update's steps (else its margin means
             # nothing).
@@ -394,8 +518,9 @@ def run_devices():
             margin = MARGINS[name](state, batch)
         variants = ((VARIANTS if name.startswith("grpo") else VARIANTS[1:])
                     + (EXTRA if name in EXTRA_CASES else [])
-                    + (EXTRA[1:] if name == "grpo-epochs" else [])
-                    + (MICRO if name in MICRO_CASES else []))
+                    + (EXTRA[1:] if name in ("grpo-epochs",) + SEQ_CASES
+                       else [])
+                    + (MICRO if name in MICRO_CASES + SEQ_CASES else []))
         for label, mesh_shape, k in variants:
             if name == "ppo" and k == 3:
                 k = 4          # minibatches of 24 samples; 4 divides 24 too
@@ -419,7 +544,7 @@ def run_devices():
                 metric_names=sorted(got["metrics"]))), flush=True)
 
 
-DISCRETE = ("clip_fraction", "reward_accuracy", "d_accuracy")
+DISCRETE = ("clip_fraction", "reward_accuracy", "d_accuracy", "accuracy")
 
 
 def _trainer_cases():
@@ -517,6 +642,22 @@ def _trainer_cases():
                             afn.families.gan.GANConfig(latent_dim=2),
                             discriminator=d, d_optimizer=opt(d), key=7)
 
+    def reward_model():
+        from artifex_fn.families.autoregressive import TinyCausalLM
+        lm = TinyCausalLM(V + 2, d_model=8, num_heads=2, num_layers=1,
+                          rngs=nnx.Rngs(0))
+        m = afn.reward_model.SequenceRewardModel(lm, 8, pad_token_id=0,
+                                                 rngs=nnx.Rngs(1))
+        return T.RewardModelTrainer(
+            m, opt(m), afn.reward_model.RewardModelConfig(center_coeff=0.01),
+            key=8)
+
+    def token_side():
+        lengths = rng.integers(1, L + 1, B)
+        return dict(tokens=jnp.asarray(rng.integers(1, V + 2, (B, L))),
+                    mask=jnp.asarray((np.arange(L)[None] < lengths[:, None])
+                                     .astype(np.float32)))
+
     ppo_batch = _ppo_batch(rng)
     prompts = dict(observations=jnp.asarray(rng.standard_normal((8, D)),
                                             jnp.float32))
@@ -528,6 +669,7 @@ def _trainer_cases():
             mask=jnp.asarray(_mask(rng, B, L)))
 
     pairs = dict(chosen=side(), rejected=side())
+    rm_pairs = dict(chosen=token_side(), rejected=token_side())
     x6 = jnp.asarray(rng.standard_normal((16, D)), jnp.float32)
     x2 = jnp.asarray(rng.standard_normal((16, 2)), jnp.float32)
     reward = lambda samples, conditions: (samples % 2).astype(jnp.float32)
@@ -541,6 +683,7 @@ def _trainer_cases():
         "DiffusionTrainer": (diffusion, x2, plain),
         "FlowTrainer": (flow, x2, plain),
         "GANTrainer": (gan, x2, plain),
+        "RewardModelTrainer": (reward_model, rm_pairs, plain),
     }
 
 

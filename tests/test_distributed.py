@@ -2,8 +2,9 @@
 
 Device counts are fixed when a JAX process starts, so the multi-device
 checks run ``tests/distributed_worker.py`` in subprocesses: one with 8
-forced host devices (every algorithm and every GRPO aggregation mode on 8
-devices, the GRPO cases also on 2, a 4 x 2 FSDP mesh, and micro-batched),
+forced host devices (every algorithm, RLHF-PPO on sequences and the reward
+model included, and every GRPO aggregation mode on 8 devices, the GRPO
+cases also on 2, a 4 x 2 FSDP mesh, and micro-batched),
 and a pair of processes joined by ``jax.distributed`` on localhost. The in-process tests
 cover micro-batching against the one-batch step, the (sum, count) form of
 the math layer, trainers and the error messages.
@@ -34,7 +35,7 @@ HERE = Path(__file__).parent
 WORKER = HERE / "distributed_worker.py"
 TOL = 1e-5
 CASES = ("grpo-grpo", "grpo-dapo", "grpo-dr_grpo", "grpo-epochs", "ppo",
-         "reinforce", "dpo", "simpo")
+         "reinforce", "dpo", "simpo", "ppo-seq", "reward-model")
 VARIANTS = ("2dev", "8dev")
 MICRO_CASES = ("reinforce", "simpo")
 # The smallest distance from a tie that the discrete metrics
@@ -43,6 +44,9 @@ MICRO_CASES = ("reinforce", "simpo")
 TIE_MARGIN = 1e-4
 EXTRA_CASES = ("grpo-grpo", "ppo", "dpo")
 EXTRA = ("fsdp4x2", "8dev-micro3")
+# RLHF-PPO on sequences (per-token KL to a reference, adaptive beta) and
+# the Bradley-Terry reward model: micro-batched, on 8 devices and both.
+SEQ_CASES = ("ppo-seq", "reward-model")
 
 
 def _env(devices=None):
@@ -88,8 +92,8 @@ def test_update_equals_single_device(device_results, case):
     away from their ties."""
     variants = ((VARIANTS if case.startswith("grpo") else VARIANTS[1:])
                 + (EXTRA if case in EXTRA_CASES else ())
-                + (EXTRA[1:] if case == "grpo-epochs" else ())
-                + (("micro3",) if case in MICRO_CASES else ()))
+                + (EXTRA[1:] if case in ("grpo-epochs",) + SEQ_CASES else ())
+                + (("micro3",) if case in MICRO_CASES + SEQ_CASES else ()))
     for variant in variants:
         row = device_results[(case, variant)]
         if case != "reinforce":   # REINFORCE reports no discrete metric
@@ -110,7 +114,8 @@ def test_aggregation_modes_equal_single_device(device_results, mode):
 
 
 TRAINERS = ("PPOTrainer", "GRPOTrainer", "DPOTrainer", "VAETrainer",
-            "DiffusionTrainer", "FlowTrainer", "GANTrainer")
+            "DiffusionTrainer", "FlowTrainer", "GANTrainer",
+            "RewardModelTrainer")
 
 
 @DEVICES_GROUP
