@@ -33,15 +33,22 @@ from artifex_fn._src.policy_gradients import clipped_surrogate_loss
 from artifex_fn._src.policy_gradients import importance_ratio
 from artifex_fn._src.policy_gradients import policy_gradient_loss
 from artifex_fn._src.policy_gradients import value_loss
+from artifex_fn._src.preference import KTOLoss
+from artifex_fn._src.preference import ORPOLoss
 from artifex_fn._src.preference import PREFERENCE_LOSS_TYPES
 from artifex_fn._src.preference import PreferenceLoss
 from artifex_fn._src.preference import bradley_terry_loss
 from artifex_fn._src.preference import dpo_loss
+from artifex_fn._src.preference import kto_loss
+from artifex_fn._src.preference import orpo_loss
 from artifex_fn._src.preference import simpo_loss
 
 # Algorithms: `afn.ppo.update`, `afn.grpo.GRPOConfig`, ...
 from artifex_fn import dpo
 from artifex_fn import grpo
+from artifex_fn import kto
+from artifex_fn import online_dpo
+from artifex_fn import orpo
 from artifex_fn import ppo
 from artifex_fn import reinforce
 from artifex_fn import reward_model
@@ -60,6 +67,8 @@ __all__ = (
     "AGGREGATION_MODES",
     "GroupAdvantages",
     "GroupSelection",
+    "KTOLoss",
+    "ORPOLoss",
     "TrainState",
     "PREFERENCE_LOSS_TYPES",
     "PreferenceLoss",
@@ -83,8 +92,13 @@ __all__ = (
     "kl_estimate",
     "kl_from_log_probs",
     "kl_from_logits",
+    "kto",
+    "kto_loss",
     "lambda_returns",
     "normalize_advantages",
+    "online_dpo",
+    "orpo",
+    "orpo_loss",
     "overlong_penalty",
     "policy_gradient_loss",
     "ppo",

@@ -414,6 +414,89 @@ def ppo_seq_margin(state, batch):
     return worst, params
 
 
+def online_dpo_problem(seed=8):
+    """Online DPO: 6 groups of 4 sampled responses ranked by rewards (two
+    groups tied), DPO on best against worst with a reference."""
+    rng = _rng(seed)
+    rewards = rng.integers(0, 3, B).astype(np.float32)
+    rewards[4:8] = 1.0                       # a tie
+    rewards[12:16] = 0.0                     # another
+    batch = dict(
+        observations=jnp.asarray(rng.standard_normal((B, L, D)), jnp.float32),
+        actions=jnp.asarray(rng.integers(0, V, (B, L))),
+        mask=jnp.asarray(_mask(rng, B, L)), rewards=jnp.asarray(rewards))
+    config = afn.online_dpo.OnlineDPOConfig(
+        num_generations=G, beta=0.5, policy=token_policy, optimizer=SGD)
+    state = afn.online_dpo.init(_params(), config,
+                                ref_params=_reference(_params(), seed=14))
+    return afn.online_dpo.update, state, batch
+
+
+def online_dpo_margin(state, batch):
+    """How far ``reward_accuracy`` is from a tie: the smallest |implicit
+    reward margin| over the decisive pairs with a valid token."""
+    cfg = state.config
+    pairs, decisive, _ = afn.online_dpo.select_pairs(
+        batch, group_size=cfg.num_generations)
+
+    def ratio(side):
+        lp = _token_log_probs(state.params, side["observations"],
+                              side["actions"], side["mask"]).sum(-1)
+        ref = _token_log_probs(state.ref_params, side["observations"],
+                               side["actions"], side["mask"]).sum(-1)
+        return lp - ref, np.asarray(side["mask"]).sum(-1)
+
+    (rc, nc), (rr, nr) = ratio(pairs["chosen"]), ratio(pairs["rejected"])
+    live = (np.asarray(decisive) > 0) & ((nc + nr) > 0)
+    return float(np.min(np.abs(cfg.beta * (rc - rr))[live]))
+
+
+def kto_problem(seed=9):
+    """KTO: unpaired examples (two thirds desirable), the reference point
+    on mismatched rows, reference log-probs from ``state.ref_params``."""
+    rng = _rng(seed)
+
+    def rows():
+        return dict(
+            observations=jnp.asarray(rng.standard_normal((B, L, D)),
+                                     jnp.float32),
+            actions=jnp.asarray(rng.integers(0, V, (B, L))),
+            mask=jnp.asarray(_mask(rng, B, L)))
+
+    batch = dict(rows(), desirable=jnp.asarray(np.arange(B) % 3 != 0),
+                 kl=rows())
+    config = afn.kto.KTOConfig(beta=0.5, desirable_weight=1.0,
+                               undesirable_weight=1.5, policy=token_policy,
+                               optimizer=SGD)
+    # A reference below the policy on the kl rows: z_ref > 0, unclamped.
+    state = afn.kto.init(_params(), config,
+                         ref_params=_reference(_params(), seed=15))
+    return afn.kto.update, state, batch
+
+
+def orpo_problem(seed=10):
+    """ORPO on pairs of masked token responses, no reference."""
+    update, state, batch = dpo_problem(True, seed=seed)
+    config = afn.orpo.ORPOConfig(lambda_=0.2, policy=token_policy,
+                                 optimizer=SGD)
+    return afn.orpo.update, afn.orpo.init(state.params, config), batch
+
+
+def orpo_margin(state, batch):
+    """How far ``reward_accuracy`` (pairs whose chosen response has the
+    higher mean token log-prob) is from a tie, over pairs with a valid
+    token (two empty responses tie at 0 on every machine)."""
+    def mean_lp(side):
+        lp = _token_log_probs(state.params, side["observations"],
+                              side["actions"], side["mask"]).sum(-1)
+        n = np.asarray(side["mask"]).sum(-1)
+        return lp / np.maximum(n, 1.0), n
+
+    (ac, nc), (ar, nr) = mean_lp(batch["chosen"]), mean_lp(batch["rejected"])
+    live = (nc + nr) > 0
+    return float(np.min(np.abs(ac - ar)[live]))
+
+
 CASES = {
     # "bnpo" reduces like "dapo" (token_mean) within one update.
     **{f"grpo-{a}": (lambda a=a: grpo_problem(a))
@@ -425,12 +508,16 @@ CASES = {
     "simpo": lambda: dpo_problem(True),
     "ppo-seq": ppo_seq_problem,
     "reward-model": reward_model_problem,
+    "online-dpo": online_dpo_problem,
+    "kto": kto_problem,
+    "orpo": orpo_problem,
 }
 # Tie margin of each case's discrete metrics (clip_fraction,
 # reward_accuracy) where its update evaluates them.
 MARGINS = {"grpo-grpo": grpo_margin, "grpo-dapo": grpo_margin,
            "grpo-dr_grpo": grpo_margin, "dpo": dpo_margin,
-           "simpo": dpo_margin, "reward-model": reward_model_margin}
+           "simpo": dpo_margin, "reward-model": reward_model_margin,
+           "online-dpo": online_dpo_margin, "orpo": orpo_margin}
 
 
 def _with_micro_batches(state, k):
@@ -476,7 +563,7 @@ MICRO_CASES = ("reinforce", "simpo")
 EXTRA = [("fsdp4x2", dict(data=4, fsdp=2), 1), ("8dev-micro3", dict(data=8), 3)]
 # Micro-batches with and without 8 devices, no FSDP (the kernels are not
 # split by the other cases' FSDP check: 6 x 5 x 5 and 6 are).
-SEQ_CASES = ("ppo-seq", "reward-model")
+SEQ_CASES = ("ppo-seq", "reward-model", "online-dpo", "kto", "orpo")
 EXTRA_CASES = ("grpo-grpo", "ppo", "dpo")
 
 

@@ -127,3 +127,31 @@ def test_grpo_knobs_metrics_and_a_lora_policy_over_the_base():
         assert np.isfinite(float(metrics[name])), name
     with pytest.raises(ValueError, match="keep_groups"):
         arith.grpo_program(dict(arith.TEST_SETTINGS["grpo"], keep_groups=3))
+
+
+# Each on the small pre-trained model (REDUCED), a few seconds of updates.
+_PREFERENCE_RUNS = {
+    "online_dpo": dict(iterations=40),
+    "kto": dict(iterations=40),
+    "orpo": dict(iterations=40),
+}
+
+
+@ARITH_GROUP
+@pytest.mark.parametrize("algo", sorted(_PREFERENCE_RUNS))
+def test_reduced_online_dpo_kto_orpo_raise_success(algo):
+    """Online DPO from its own ranked samples, KTO from unpaired right and
+    wrong answers, ORPO from pairs without a reference: each raises the
+    exact-answer success read from the text, and KTO and ORPO rank the
+    held-out pairs (KTO's implicit reward starts at exactly 0: the policy
+    is its reference)."""
+    summary = experiments.train(
+        "arith", algo, overrides=dict(REDUCED, **_PREFERENCE_RUNS[algo]),
+        out=None, chunks=1, progress=False, plot=False, log=None)
+    before, after = summary["before"], summary["after"]
+    assert after["success"][0][0] >= before["success"][0][0] + 0.15
+    assert after["format"][0][0] >= 0.85
+    if algo == "kto":
+        assert before["reward_accuracy"][0][0] == 0.0
+    if algo != "online_dpo":
+        assert after["reward_accuracy"][0][0] >= 0.9

@@ -35,7 +35,8 @@ HERE = Path(__file__).parent
 WORKER = HERE / "distributed_worker.py"
 TOL = 1e-5
 CASES = ("grpo-grpo", "grpo-dapo", "grpo-dr_grpo", "grpo-epochs", "ppo",
-         "reinforce", "dpo", "simpo", "ppo-seq", "reward-model")
+         "reinforce", "dpo", "simpo", "ppo-seq", "reward-model",
+         "online-dpo", "kto", "orpo")
 VARIANTS = ("2dev", "8dev")
 MICRO_CASES = ("reinforce", "simpo")
 # The smallest distance from a tie that the discrete metrics
@@ -44,9 +45,10 @@ MICRO_CASES = ("reinforce", "simpo")
 TIE_MARGIN = 1e-4
 EXTRA_CASES = ("grpo-grpo", "ppo", "dpo")
 EXTRA = ("fsdp4x2", "8dev-micro3")
-# RLHF-PPO on sequences (per-token KL to a reference, adaptive beta) and
-# the Bradley-Terry reward model: micro-batched, on 8 devices and both.
-SEQ_CASES = ("ppo-seq", "reward-model")
+# RLHF-PPO on sequences (per-token KL to a reference, adaptive beta), the
+# Bradley-Terry reward model, online DPO, KTO (its reference point a
+# whole-batch statistic) and ORPO: micro-batched, on 8 devices and both.
+SEQ_CASES = ("ppo-seq", "reward-model", "online-dpo", "kto", "orpo")
 
 
 def _env(devices=None):
@@ -96,7 +98,7 @@ def test_update_equals_single_device(device_results, case):
                 + (("micro3",) if case in MICRO_CASES + SEQ_CASES else ()))
     for variant in variants:
         row = device_results[(case, variant)]
-        if case != "reinforce":   # REINFORCE reports no discrete metric
+        if case not in ("reinforce", "kto"):  # no discrete metric
             assert row["margin"] > TIE_MARGIN, (variant, row)
         assert row["params"] <= TOL, (variant, row)
         assert row["metrics"] <= TOL, (variant, row)

@@ -23,6 +23,12 @@ and :math:`\\rho_l` (rejected), and :math:`h = \\beta(\\rho_w - \\rho_l)`:
 Each returns unreduced per-pair losses and the implicit rewards
 (:math:`\\beta\\rho` for DPO, :math:`\\frac{\\beta}{|y|}\\log\\pi_\\theta(y|x)`
 for SimPO), the latter without gradient, for metrics.
+
+Two more take other inputs: :func:`kto_loss` (KTO, Ethayarajh et al. 2024)
+scores *unpaired* responses, each labelled desirable or undesirable,
+against a KL reference point; :func:`orpo_loss` (ORPO, Hong et al. 2024)
+is reference-free and compares the odds of the chosen and rejected
+responses' length-normalised likelihoods.
 """
 
 from __future__ import annotations
@@ -246,3 +252,187 @@ def bradley_terry_loss(
         gap = gap - margin.astype(dt)
     loss = -jax.nn.log_sigmoid(gap) + center_coeff * jnp.square(rw + rl)
     return checks.nan_unless(ok, loss.astype(out_dtype))
+
+
+class KTOLoss(NamedTuple):
+    """Per-example KTO loss and implicit rewards (both ``[B]``).
+
+    Attributes:
+      loss: per-example losses.
+      rewards: implicit rewards ``beta * (log pi - log pi_ref)`` (no
+        gradient).
+    """
+    loss: jax.Array
+    rewards: jax.Array
+
+
+def kto_loss(
+    policy_log_probs: jax.Array,
+    ref_log_probs: jax.Array,
+    desirable: jax.Array,
+    kl_ref: jax.Array | float,
+    *,
+    beta: float | jax.Array = 0.1,
+    desirable_weight: float | jax.Array = 1.0,
+    undesirable_weight: float | jax.Array = 1.0,
+) -> KTOLoss:
+    r"""Kahneman-Tversky Optimization loss per example (Ethayarajh et al.
+    2024, section 4): unpaired responses, each desirable or undesirable.
+
+    With the log-ratio :math:`\rho = \log\pi_\theta(y|x) -
+    \log\pi_{ref}(y|x)` and the reference point
+    :math:`z = \max(\mathrm{KL}_{ref}, 0)` (an estimate of
+    :math:`\mathrm{KL}(\pi_\theta \| \pi_{ref})`, held constant:
+    ``stop_gradient``):
+
+    .. math::
+        \ell = \begin{cases}
+          \lambda_D\,(1 - \sigma(\beta(\rho - z))) & y \text{ desirable}\\
+          \lambda_U\,(1 - \sigma(\beta(z - \rho))) & y \text{ undesirable}
+        \end{cases}
+
+    (the paper's :math:`\lambda_y - v(x, y)`). Both cases are computed as
+    :math:`\sigma(\cdot)` of the negated argument and selected with
+    ``where``, so neither branch can put NaN into the value or the
+    gradient of the other.
+
+    Args:
+      policy_log_probs: ``[B]`` policy log-prob sums of the responses.
+      ref_log_probs: ``[B]`` reference log-prob sums (no gradient).
+      desirable: ``[B]`` booleans (nonzero: desirable).
+      kl_ref: the KL estimate, a scalar or ``[B]``; clamped at 0, no
+        gradient.
+      beta: inverse temperature of the implicit reward, ``> 0``.
+      desirable_weight: :math:`\lambda_D \ge 0`.
+      undesirable_weight: :math:`\lambda_U \ge 0`.
+
+    Returns:
+      A :class:`KTOLoss` of ``[B]`` arrays.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import artifex_fn as afn
+      >>> out = afn.kto_loss(jnp.array([-1.0, -1.0]), jnp.array([-1.0, -1.0]),
+      ...                    jnp.array([True, False]), 0.0)
+      >>> out.loss    # rho = z = 0: 1 - sigmoid(0) either way
+      Array([0.5, 0.5], dtype=float32)
+    """
+    ok = checks.all_ok(
+        checks.check_hparam(beta, "beta", lo=0.0, lo_open=True),
+        checks.check_hparam(desirable_weight, "desirable_weight", lo=0.0),
+        checks.check_hparam(undesirable_weight, "undesirable_weight",
+                            lo=0.0))
+    pl, rl = _pair_arrays([("policy_log_probs", policy_log_probs),
+                           ("ref_log_probs", ref_log_probs)])
+    checks.check_min_rank(pl, 1, "policy_log_probs")
+    desirable = jnp.asarray(desirable)
+    checks.check_same_shape(desirable, "desirable", pl, "policy_log_probs")
+    kl_ref = jnp.asarray(kl_ref)
+    checks.check_broadcastable(kl_ref, pl.shape, "kl_ref")
+    out_dtype, dt = checks.float_dtypes(pl, rl)
+    rho = pl.astype(dt) - lax.stop_gradient(rl).astype(dt)
+    z = lax.stop_gradient(jnp.maximum(kl_ref.astype(dt), 0.0))
+    # 1 - sigmoid(x) = sigmoid(-x), without the cancellation for large x.
+    desirable_loss = desirable_weight * jax.nn.sigmoid(beta * (z - rho))
+    undesirable_loss = undesirable_weight * jax.nn.sigmoid(beta * (rho - z))
+    loss = jnp.where(desirable.astype(bool), desirable_loss, undesirable_loss)
+    return checks.nan_unless(ok, KTOLoss(
+        loss.astype(out_dtype),
+        lax.stop_gradient(beta * rho).astype(out_dtype)))
+
+
+class ORPOLoss(NamedTuple):
+    """Per-pair ORPO odds-ratio term, log-odds and implicit rewards (``[B]``).
+
+    Attributes:
+      loss: the odds-ratio term
+        :math:`-\\lambda\\log\\sigma(\\text{log-odds})` per pair (without
+        the SFT term).
+      log_odds: :math:`\\log\\frac{odds(y_w|x)}{odds(y_l|x)}`.
+      chosen_rewards: :math:`\\lambda` times the chosen responses' mean token
+        log-probs (no gradient).
+      rejected_rewards: the same for the rejected responses.
+    """
+    loss: jax.Array
+    log_odds: jax.Array
+    chosen_rewards: jax.Array
+    rejected_rewards: jax.Array
+
+
+# Mean token log-probs are clamped to at most this value before the log-odds:
+# log(1 - p) = log(-expm1(a)) is -inf at a = 0 (p = 1, e.g. an empty
+# response), and its gradient grows like 1/|a|; at -1e-6 both stay finite.
+ORPO_MAX_MEAN_LOG_PROB = -1e-6
+
+
+def _log_odds(mean_log_prob):
+    """``log(p / (1 - p))`` for ``p = exp(a)``, stable for ``a <= 0``."""
+    a = jnp.minimum(mean_log_prob, ORPO_MAX_MEAN_LOG_PROB)
+    return a - jnp.log(-jnp.expm1(a))
+
+
+def orpo_loss(
+    chosen_log_probs: jax.Array,
+    rejected_log_probs: jax.Array,
+    chosen_lengths: jax.Array,
+    rejected_lengths: jax.Array,
+    *,
+    lambda_: float | jax.Array = 0.1,
+) -> ORPOLoss:
+    r"""Odds-ratio term of ORPO per preference pair (Hong et al. 2024,
+    section 4): no reference model.
+
+    With the mean token log-probs :math:`a = \frac{1}{|y|}\log\pi_\theta(y|x)`
+    (lengths below one treated as one) and
+    :math:`\mathrm{odds}(y|x) = \frac{e^{a}}{1 - e^{a}}`:
+
+    .. math::
+        \text{log-odds} = (a_w - a_l)
+          - \left(\log(1 - e^{a_w}) - \log(1 - e^{a_l})\right),\qquad
+        \ell_{OR} = -\lambda\log\sigma(\text{log-odds})
+
+    :math:`\log(1 - e^{a})` is computed as ``log(-expm1(a))`` with ``a``
+    clamped to at most ``-1e-6``, so that a
+    response of probability one (or an empty response, ``a = 0``) gives a
+    finite value and gradient. The full ORPO loss adds the SFT term, the
+    negative log-likelihood of the chosen responses as a token mean
+    (:mod:`artifex_fn.orpo`). The implicit rewards follow TRL's
+    ``ORPOTrainer``: :math:`\lambda a_w` and :math:`\lambda a_l`.
+
+    Args:
+      chosen_log_probs: ``[B]`` policy log-prob sums of the chosen responses.
+      rejected_log_probs: ``[B]`` same for the rejected responses.
+      chosen_lengths: ``[B]`` token counts of the chosen responses.
+      rejected_lengths: ``[B]`` token counts of the rejected responses.
+      lambda_: weight of the odds-ratio term, ``>= 0`` (the paper uses 0.1
+        to 0.25).
+
+    Returns:
+      An :class:`ORPOLoss` of ``[B]`` arrays.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import artifex_fn as afn
+      >>> half = jnp.log(jnp.array([0.5]))   # p = 1/2: odds 1
+      >>> out = afn.orpo_loss(2 * half, 2 * half, jnp.array([2.0]),
+      ...                     jnp.array([2.0]), lambda_=1.0)
+      >>> out.log_odds, out.loss            # equal odds: log 2
+      (Array([0.], dtype=float32), Array([0.6931472], dtype=float32))
+    """
+    ok = checks.check_hparam(lambda_, "lambda_", lo=0.0)
+    pc, pr = _pair_arrays([("chosen_log_probs", chosen_log_probs),
+                           ("rejected_log_probs", rejected_log_probs)])
+    checks.check_min_rank(pc, 1, "chosen_log_probs")
+    lc, lr = _pair_arrays([("chosen_lengths", chosen_lengths),
+                           ("rejected_lengths", rejected_lengths)])
+    checks.check_same_shape(lc, "chosen_lengths", pc, "chosen_log_probs")
+    out_dtype, dt = checks.float_dtypes(pc, pr)
+    a_w = pc.astype(dt) / jnp.maximum(lc.astype(dt), 1.0)
+    a_l = pr.astype(dt) / jnp.maximum(lr.astype(dt), 1.0)
+    log_odds = _log_odds(a_w) - _log_odds(a_l)
+    loss = -lambda_ * jax.nn.log_sigmoid(log_odds)
+    cast = lambda x: x.astype(out_dtype)
+    return checks.nan_unless(ok, ORPOLoss(
+        cast(loss), cast(log_odds),
+        cast(lax.stop_gradient(lambda_ * a_w)),
+        cast(lax.stop_gradient(lambda_ * a_l))))

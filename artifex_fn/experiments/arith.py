@@ -118,12 +118,29 @@ RANGES = {algo: dict({k: v for k, v in lm.RANGES[algo].items()
           for algo in ("grpo", "dpo")}
 RANGES["grpo"].update(num_epochs=_COUNT, num_minibatches=_COUNT,
                       keep_groups=Range.count(0), lora_rank=Range.count(0))
+# Online DPO, KTO and ORPO (programs in arith_preference, re-exported at
+# the end of this module).
+RANGES["online_dpo"] = dict(
+    {k: v for k, v in RANGES["grpo"].items()
+     if k not in ("clip_param", "entropy_coeff", "num_epochs",
+                  "num_minibatches", "keep_groups", "lora_rank")},
+    beta=Range.positive(), rpo_alpha=Range.non_negative())
+_PAIR_RANGES = {k: v for k, v in RANGES["dpo"].items() if k != "beta"}
+RANGES["kto"] = dict(_PAIR_RANGES, batch_examples=Range.count(2),
+                     beta=Range.positive(),
+                     desirable_weight=Range.non_negative(),
+                     undesirable_weight=Range.non_negative())
+del RANGES["kto"]["batch_pairs"]
+RANGES["orpo"] = dict(_PAIR_RANGES, lambda_=Range.non_negative())
 
 _TEST_COMMON = dict(iterations=2, pretrain_steps=2, pretrain_batch=8,
                     d_model=16, num_layers=1, eval_repeats=1)
 TEST_SETTINGS = dict(
     grpo=dict(_TEST_COMMON, num_groups=2, num_generations=4),
-    dpo=dict(_TEST_COMMON, batch_pairs=8, eval_pairs=16))
+    dpo=dict(_TEST_COMMON, batch_pairs=8, eval_pairs=16),
+    online_dpo=dict(_TEST_COMMON, num_groups=2, num_generations=4),
+    kto=dict(_TEST_COMMON, batch_examples=8, eval_pairs=16),
+    orpo=dict(_TEST_COMMON, batch_pairs=8, eval_pairs=16))
 
 
 def check_settings(algo: str, settings: dict) -> None:
@@ -637,3 +654,14 @@ def dpo_program(settings: dict | None = None) -> Program:
         description="DPO on arithmetic in words: right vs wrong answers",
         show=lambda params, key: show_samples(
             graphdef, params0 if params is None else params, key))
+
+
+# -- online DPO, KTO, ORPO (artifex_fn.experiments.arith_preference) ---------
+# Imported last: that module builds on this one.
+from artifex_fn.experiments import arith_preference as _preference  # noqa: E402
+
+SETTINGS.update(_preference.SETTINGS)
+HPARAMS.update(_preference.HPARAMS)
+online_dpo_program = _preference.online_dpo_program
+kto_program = _preference.kto_program
+orpo_program = _preference.orpo_program

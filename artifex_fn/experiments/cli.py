@@ -192,8 +192,9 @@ examples:
   artifex-fn train --algo grpo --task lm --steps 100 --set beta=0.02
   artifex-fn train --config run.toml --seeds 4""")
     tr.add_argument("--task", help="task name (see below)")
-    tr.add_argument("--algo", help="algorithm: reinforce, ppo, grpo or dpo "
-                                   "(each task supports some)")
+    tr.add_argument("--algo", help="algorithm: reinforce, ppo, grpo, dpo, "
+                                   "online_dpo, kto or orpo (each task "
+                                   "supports some)")
     tr.add_argument("--seeds", type=int, default=None,
                     help="number of seeds trained at once with jax.vmap "
                          "(default 1)")

@@ -54,8 +54,8 @@ cancels), the loss is DPO's (Rafailov et al. 2023)
       {p_{ref}(x^w_{t-1}|x^w_t)} - \\log\\tfrac{p_\\theta(x^l_{t-1}|x^l_t)}
       {p_{ref}(x^l_{t-1}|x^l_t)}\\big]\\Big),
 
-i.e. :func:`artifex_fn.dpo.update` with the chains as two ``[B, T]``
-"sequences" and the reference log-probs from ``ref_params``. Pairs are drawn
+i.e. DPO with the chains as ``[B, T]`` "sequences" and the reference
+log-probs from ``ref_params``. Pairs are drawn
 from the **current** policy, not the reference (online DPO, as in Guo et al.
 2024): the compared chains then lie where the policy puts its mass, so the
 preferences keep informing it as it moves away from the pre-trained model
@@ -70,16 +70,13 @@ the first such index of the group, which for exchangeable samples is a
 uniformly random choice among the tied ones (best-vs-worst of K, as in the
 iterative DPO of Yuan et al. 2024). With in-wedge rate ``p`` a group of 4
 holds a decisive pair with probability ``1 - p^4 - (1-p)^4`` (0.68 at
-``p = 0.25``) against ``2p(1-p)`` for a single pair. Groups whose rewards all agree are **ties**: a binary reward
-carries no preference between them, so they are dropped by a zero
-``mask`` on both sides. Their sequence log-probs and reference log-probs
-are then all exactly ``0``, the DPO margin is identically ``0`` and the
-pair adds the constant ``log 2`` with zero gradient; the loss is still
-averaged over all pairs, so the step on the decisive ones is scaled by
-their fraction (Adam's normalisation absorbs most of that), and DPO's
-metrics (``loss``, ``reward_accuracy``, ...) average over all pairs, masked
-ones included; ``decisive_pairs`` is the fraction kept. No secondary score
-breaks ties: e.g. preferring the sample nearer the wedge's centre angle
+``p = 0.25``) against ``2p(1-p)`` for a single pair. Groups whose
+rewards all agree are **ties**: a binary reward carries no preference
+between them, so they are left out of the loss. All of this is
+:func:`artifex_fn.online_dpo.update` on the ``[N * K, T]`` chains: the
+loss and DPO's metrics (``loss``, ``reward_accuracy``, ...) are means over
+the decisive pairs, and ``decisive_pairs`` is their fraction. No secondary
+score breaks ties: e.g. preferring the sample nearer the wedge's centre angle
 (67.5 degrees) would pull mass *between* the two rewarded modes.
 
 Sequence-level DPO has no per-step trust region, and pushing down the
@@ -124,8 +121,8 @@ import optax
 from flax import nnx
 from jax import lax
 
-from artifex_fn import dpo
 from artifex_fn import grpo
+from artifex_fn import online_dpo
 from artifex_fn.experiments._program import Program
 from artifex_fn.experiments._program import adam
 from artifex_fn.experiments._program import gaussian_init
@@ -266,32 +263,6 @@ def evaluate_chains(eps_apply, params, ref_params, key, n: int):
         mode_entropy=cov["mode_entropy"], kl_to_pretrained=jnp.mean(kl)))
 
 
-def _pairs(trajectory, num_starts: int, group: int):
-    """Online Diffusion-DPO pairs: per start, a best and a worst chain;
-    ties masked (see the module docstring). Returns ``(pairs, metrics)``."""
-    rewards = in_region(trajectory[-1]).reshape(num_starts, group)
-    # Only the (observation, action) layout of ddpo_batch is used here:
-    # both sides are re-scored by the policy and the reference.
-    chains = diffusion.ddpo_batch(
-        trajectory, jnp.zeros(trajectory.shape[:2])[1:])
-    chains = jax.tree_util.tree_map(
-        lambda x: x.reshape((num_starts, group) + x.shape[1:]),
-        dict(observations=chains["observations"], actions=chains["actions"]))
-    decisive = (jnp.max(rewards, 1) > jnp.min(rewards, 1)).astype(
-        jnp.float32)
-    mask = jnp.broadcast_to(decisive[:, None], (num_starts, NUM_TIMESTEPS))
-
-    def side(index):
-        return dict(jax.tree_util.tree_map(
-            lambda x: jax.vmap(lambda xi, i: xi[i])(x, index), chains),
-            mask=mask)
-
-    pairs = dict(chosen=side(jnp.argmax(rewards, axis=1)),
-                 rejected=side(jnp.argmin(rewards, axis=1)))
-    return pairs, dict(mean_reward=jnp.mean(rewards),
-                       decisive_pairs=jnp.mean(decisive))
-
-
 def _program(algo: str, settings) -> Program:
     s = resolve_settings(f"diffusion/{algo}", SETTINGS[algo], RANGES[algo],
                          settings)
@@ -300,7 +271,7 @@ def _program(algo: str, settings) -> Program:
     optimizer = adam()
     group = s["group_size"]
     num_starts = s["num_groups"] if algo == "grpo" else s["num_pairs"]
-    module = grpo if algo == "grpo" else dpo
+    module = grpo if algo == "grpo" else online_dpo
 
     def config(hp):
         if algo == "grpo":
@@ -308,9 +279,10 @@ def _program(algo: str, settings) -> Program:
                 num_generations=group, beta=hp["beta"],
                 clip_param=hp["clip_param"], entropy_coeff=0.0,
                 policy=policy, optimizer=optimizer)
-        return dpo.DPOConfig(beta=hp["beta"],
-                             label_smoothing=hp["label_smoothing"],
-                             policy=policy, optimizer=optimizer)
+        return online_dpo.OnlineDPOConfig(
+            num_generations=group, beta=hp["beta"],
+            label_smoothing=hp["label_smoothing"], policy=policy,
+            optimizer=optimizer)
 
     def init(key, hp):
         k_pre, k_state, k_run = jax.random.split(key, 3)
@@ -326,17 +298,21 @@ def _program(algo: str, settings) -> Program:
         key, k_chains = jax.random.split(carry["key"])
         _, trajectory, log_probs = grouped_chains(
             eps_apply, state.params, k_chains, num_starts, group)
+        rewards = in_region(trajectory[-1])
         if algo == "grpo":
-            batch, extra = diffusion.ddpo_batch(
-                trajectory, log_probs, in_region(trajectory[-1])), {}
+            batch = diffusion.ddpo_batch(trajectory, log_probs, rewards)
         else:
-            batch, extra = _pairs(trajectory, num_starts, group)
+            # The chains as [N * K, T] "sequences" in groups of K; the pairs
+            # are chosen by online_dpo.update (ties left out).
+            chains = diffusion.ddpo_batch(trajectory, log_probs, rewards)
+            batch = dict(observations=chains["observations"],
+                         actions=chains["actions"], rewards=rewards)
         # Reference log-probs once per rollout, not once per inner update.
         batch = module.with_reference_log_probs(state, batch)
         state, metrics = lax.scan(lambda st, _: module.update(st, batch),
                                   state, None, length=s["inner_updates"])
         metrics = jax.tree_util.tree_map(lambda m: m[-1], metrics)
-        return dict(train=state, key=key), scalars(dict(metrics, **extra))
+        return dict(train=state, key=key), scalars(metrics)
 
     def evaluate(carry, key, hp):
         del hp

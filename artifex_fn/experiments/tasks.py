@@ -175,12 +175,15 @@ TASKS: dict[str, Task] = {
                 "'digits sum to 26' (GRPO) or preference pairs (DPO)"),
     "arith": Task(
         name="arith", module="artifex_fn.experiments.arith",
-        algos=("grpo", "dpo"),
-        steps_key=dict(grpo="iterations", dpo="iterations"),
+        algos=("grpo", "dpo", "online_dpo", "kto", "orpo"),
+        steps_key=dict(grpo="iterations", dpo="iterations",
+                       online_dpo="iterations", kto="iterations",
+                       orpo="iterations"),
         steps_unit="RL updates",
         summary="arithmetic posed in words to a small LM with a BPE "
-                "tokenizer; reward read from the decoded text (GRPO) or "
-                "right-vs-wrong answer pairs (DPO)"),
+                "tokenizer; reward read from the decoded text (GRPO, online "
+                "DPO), right-vs-wrong answer pairs (DPO, ORPO) or unpaired "
+                "right and wrong answers (KTO)"),
     "diffusion": Task(
         name="diffusion", module="artifex_fn.experiments.diffusion",
         algos=("grpo", "dpo"),

@@ -1,7 +1,8 @@
 """Trainer layer (layer 3): NNX trainers, reward functions, callbacks.
 
 The RL trainers wrap the pure algorithms of :mod:`artifex_fn.reinforce`,
-:mod:`artifex_fn.ppo`, :mod:`artifex_fn.grpo` and :mod:`artifex_fn.dpo`,
+:mod:`artifex_fn.ppo`, :mod:`artifex_fn.grpo`, :mod:`artifex_fn.dpo`,
+:mod:`artifex_fn.kto` and :mod:`artifex_fn.orpo`,
 the family trainers (VAE, GAN, diffusion, flow, energy, autoregressive)
 those of :mod:`artifex_fn.families`, around a Flax NNX model and
 ``nnx.Optimizer``; their configs are the algorithms' and families' own
@@ -43,8 +44,11 @@ from artifex_fn.training.trainers.diffusion import DiffusionTrainer
 from artifex_fn.training.trainers.energy import EnergyTrainer
 from artifex_fn.training.trainers.flow import FlowTrainer
 from artifex_fn.training.trainers.gan import GANTrainer
+from artifex_fn.training.trainers.preference import KTOTrainer
+from artifex_fn.training.trainers.preference import ORPOTrainer
 from artifex_fn.training.trainers.rl import DPOTrainer
 from artifex_fn.training.trainers.rl import GRPOTrainer
+from artifex_fn.training.trainers.rl import OnlineDPOTrainer
 from artifex_fn.training.trainers.rl import PPOTrainer
 from artifex_fn.training.trainers.rl import REINFORCETrainer
 from artifex_fn.training.trainers.rl import RewardModelTrainer
@@ -53,8 +57,10 @@ from artifex_fn.training.trainers.vae import VAETrainer
 __all__ = (
     # trainers
     "Trainer", "REINFORCETrainer", "PPOTrainer", "GRPOTrainer", "DPOTrainer",
+    "KTOTrainer", "ORPOTrainer",
     "VAETrainer", "GANTrainer", "DiffusionTrainer", "FlowTrainer",
     "EnergyTrainer", "AutoregressiveTrainer", "RewardModelTrainer",
+    "OnlineDPOTrainer",
     # reward functions
     "RewardFunction", "ConstantReward", "CompositeReward", "ThresholdReward",
     "ScaledReward", "ClippedReward", "TextReward", "format_reward",

@@ -66,6 +66,11 @@ class DPOConfig:
         (SimPO: ``"sigmoid"`` or ``"hinge"``).
       simpo_margin: SimPO's target reward margin (``margin`` of
         :func:`artifex_fn.simpo_loss`).
+      rpo_alpha: weight ``alpha >= 0`` of the length-normalised negative
+        log-likelihood of the chosen response, ``-log pi(y_w|x) / |y_w|``,
+        added to each pair's loss (RPO: Pang et al. 2024, "Iterative
+        Reasoning Preference Optimization", eq. 1; TRL's ``rpo_alpha``);
+        0 (the default) is plain DPO / SimPO.
       max_grad_norm: optional global-norm gradient clipping.
       num_micro_batches: accumulate each step's gradient over this many
         micro-batches of pairs (must divide ``B``); same step, a ``k``-th
@@ -79,6 +84,7 @@ class DPOConfig:
     reference_free: bool = False
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     simpo_margin: float = 0.5
+    rpo_alpha: float = 0.0
     max_grad_norm: float | None = None
     num_micro_batches: int = 1
     policy: Callable[..., Any] | None = None
@@ -86,6 +92,7 @@ class DPOConfig:
 
     BOUNDS = dict(
         beta=Bound(0.0, lo_open=True), simpo_margin=Bound(),
+        rpo_alpha=Bound(0.0),
         max_grad_norm=Bound(0.0, lo_open=True, optional=True))
 
     def __post_init__(self):
@@ -211,18 +218,16 @@ def _scored(params, batch, config):
     return out
 
 
-def rows_loss(params, batch, config: DPOConfig, totals):
-    """This shard's share of the DPO/SimPO loss: ``(loss, metrics)``.
-
-    Every value is a sum over the shard's pairs divided by the number of
-    pairs of the whole batch (``totals["pairs"]``), so shares of disjoint
-    shards add up to the full-batch means.
-    """
+def pair_losses(params, batch, config: DPOConfig):
+    """Per-pair losses: ``(PreferenceLoss, chosen [B], rejected [B],
+    chosen_lengths [B])``, the policy's sequence log-probs (sums; SimPO
+    normalises inside its loss) of either batch form, scored under DPO's
+    or SimPO's loss."""
     flat = _scored(params, batch, config)
     chosen = jnp.asarray(flat["chosen_log_probs"])
     rejected = jnp.asarray(flat["rejected_log_probs"])
+    ones = jnp.ones(chosen.shape, jnp.float32)
     if config.reference_free:
-        ones = jnp.ones(chosen.shape, jnp.float32)
         out = simpo_loss(chosen, rejected,
                          flat.get("chosen_lengths", ones),
                          flat.get("rejected_lengths", ones),
@@ -240,12 +245,22 @@ def rows_loss(params, batch, config: DPOConfig, totals):
                        flat["ref_rejected_log_probs"], beta=config.beta,
                        loss_type=config.loss_type,
                        label_smoothing=config.label_smoothing)
-    pairs = totals["pairs"]
-    mean = lambda x: jnp.sum(x) / pairs
-    total = mean(out.loss)
+    return out, chosen, rejected, flat.get("chosen_lengths", ones)
+
+
+def pair_metrics(out, chosen, rejected, chosen_lengths, config, mean):
+    """``(loss, metrics)`` of per-pair results reduced by ``mean`` (a
+    share of a sum over the batch's pairs); with ``config.rpo_alpha`` the
+    loss adds its length-normalised NLL of the chosen responses
+    (``nll_loss``)."""
+    dpo_total = mean(out.loss)
+    nll = -chosen / jnp.maximum(jnp.asarray(chosen_lengths, chosen.dtype),
+                                1.0)
+    nll_total = mean(nll)
+    total = dpo_total + config.rpo_alpha * nll_total
     margin = out.chosen_rewards - out.rejected_rewards
     metrics = dict(
-        loss=total, dpo_loss=total,
+        loss=total, dpo_loss=dpo_total, nll_loss=lax.stop_gradient(nll_total),
         reward_accuracy=mean((margin > 0).astype(jnp.float32)),
         chosen_reward=mean(out.chosen_rewards),
         rejected_reward=mean(out.rejected_rewards),
@@ -255,13 +270,27 @@ def rows_loss(params, batch, config: DPOConfig, totals):
     return total, metrics
 
 
+def rows_loss(params, batch, config: DPOConfig, totals):
+    """This shard's share of the DPO/SimPO loss: ``(loss, metrics)``.
+
+    Every value is a sum over the shard's pairs divided by the number of
+    pairs of the whole batch (``totals["pairs"]``), so shares of disjoint
+    shards add up to the full-batch means.
+    """
+    out, chosen, rejected, lengths = pair_losses(params, batch, config)
+    pairs = totals["pairs"]
+    return pair_metrics(out, chosen, rejected, lengths, config,
+                        lambda x: jnp.sum(x) / pairs)
+
+
 def loss(params, batch, config: DPOConfig):
     """DPO or SimPO loss averaged over pairs; returns ``(loss, metrics)``.
 
-    Metrics: ``loss, dpo_loss, reward_accuracy, chosen_reward,
+    Metrics: ``loss, dpo_loss, nll_loss, reward_accuracy, chosen_reward,
     rejected_reward, reward_margin, chosen_log_probs,
     rejected_log_probs`` (rewards are the implicit rewards, scaled by
-    ``beta`` as in the papers).
+    ``beta`` as in the papers; ``loss = dpo_loss + rpo_alpha * nll_loss``,
+    ``nll_loss`` the chosen responses' length-normalised NLL).
     """
     pairs = jnp.asarray(max(check_batch(batch), 1), jnp.float32)
     return checks.nan_unless(bounds_ok(config), rows_loss(

@@ -1,4 +1,4 @@
-"""NNX trainers for REINFORCE, PPO, GRPO, DPO and reward models.
+"""NNX trainers for REINFORCE, PPO, GRPO, online DPO, DPO and reward models.
 
 Each trainer is a thin shell over an algorithm's pure ``update``: a step
 reads the model's trainable variables and the optimiser state, runs
@@ -37,6 +37,7 @@ from artifex_fn import TrainState
 from artifex_fn import truncated_completions
 from artifex_fn import dpo as _dpo
 from artifex_fn import grpo as _grpo
+from artifex_fn import online_dpo as _online_dpo
 from artifex_fn import ppo as _ppo
 from artifex_fn import reinforce as _reinforce
 from artifex_fn import reward_model as _reward_model
@@ -166,8 +167,8 @@ class _RLTrainer(Trainer):
                                           "with_reference_log_probs"):
             raise ValueError(
                 f"{type(self).__name__} does not use a reference model "
-                "(only GRPO, DPO and PPO do): drop `reference_model` / "
-                "`lora_reference`.")
+                "(only GRPO, DPO, online DPO, KTO and PPO do): drop "
+                "`reference_model` / `lora_reference`.")
         if reference_model is not None:
             if self.lora_reference:
                 raise ValueError(
@@ -581,7 +582,99 @@ class PPOTrainer(_RLTrainer):
                 self.config, beta=float(metrics["next_beta"]))
 
 
-class GRPOTrainer(_RLTrainer):
+class _GroupSampler(_RLTrainer):
+    """Generating trainers that sample ``config.num_generations``
+    responses per prompt (GRPO, online DPO): the sampling program, the
+    rollout record and ``train_step(batch, reward_fn, key)``."""
+
+    def __init__(self, model, optimizer, config=None, *,
+                 jit_reward: bool = True, **kwargs):
+        super().__init__(model, optimizer, config, **kwargs)
+        self.jit_reward = jit_reward
+        self._jit_generation()
+
+    def _pure_sample(self, params, rest, config, prompts, prompt_mask, key):
+        g = config.num_generations
+        conditions, prompt_mask = jax.tree_util.tree_map(
+            lambda x: jnp.repeat(x, g, axis=0), (prompts, prompt_mask))
+        gen = self.generation
+        if gen.autoregressive:
+            model = (nnx.merge(self.graphdef, params, rest) if rest is not None
+                     else nnx.merge(self.graphdef, params))
+            out = sampling.generate(
+                _token_model(self.apply_fn, model), conditions, key,
+                prompt_mask=prompt_mask, **gen.sampling_kwargs())
+            observations = dict(prompt=conditions, completion=out.tokens)
+            if prompt_mask is not None:
+                observations["prompt_mask"] = prompt_mask
+            rollout = dict(observations=observations, actions=out.tokens,
+                           log_probs=lax.stop_gradient(out.log_probs),
+                           mask=out.mask)
+            if gen.eos_token_id is not None or gen.stop_token_ids:
+                rollout["truncated"] = truncated_completions(
+                    out.tokens, out.mask, eos_token_id=gen.eos_token_id,
+                    stop_token_ids=gen.stop_token_ids)
+            samples = out.tokens
+        else:
+            model_apply = functools.partial(_apply, self.graphdef, rest,
+                                            self.apply_fn, params)
+            samples, log_probs = sampling.sample_one_step(
+                model_apply, conditions, key)
+            rollout = dict(observations=conditions, actions=samples,
+                           log_probs=lax.stop_gradient(log_probs))
+        return rollout, samples, conditions
+
+    def _update_on_rollout(self, update_args, batch, info, rollout,
+                           samples, conditions, rewards):
+        """The update on a scored batch, its metrics joined with ``info``
+        and the rollout's, and the record of ``last_rollout``."""
+        params, opt_state, opt_step, state_key, metrics = self._pure_update(
+            *update_args, batch)
+        metrics = self._rollout_metrics(dict(metrics, **info), rollout)
+        return (params, opt_state, opt_step, state_key, metrics,
+                self._last_rollout(rollout, samples, conditions, rewards))
+
+    @staticmethod
+    def _last_rollout(rollout, samples, conditions, rewards):
+        """What ``trainer.last_rollout`` holds after a generating step."""
+        obs = rollout["observations"]
+        return dict(samples=samples, conditions=conditions, rewards=rewards,
+                    log_probs=rollout["log_probs"], mask=rollout.get("mask"),
+                    prompt_mask=(obs.get("prompt_mask")
+                                 if isinstance(obs, dict) else None))
+
+    @staticmethod
+    def _rollout_metrics(metrics, rollout):
+        if "mask" in rollout:
+            metrics = dict(metrics, completion_length=jnp.mean(
+                jnp.sum(rollout["mask"], axis=1)))
+        return metrics
+
+    def train_step(self, batch, reward_fn=None, key=None):
+        """Update on collected groups, or generate-score-update with a reward.
+
+        Args:
+          batch: collected groups (the algorithm's batch layout), or, with
+            ``reward_fn``, prompts/conditions under ``observations``.
+          reward_fn: ``(samples, conditions) -> rewards [B * G]``.
+          key: PRNG key for sampling (default: split from the trainer key).
+
+        Returns:
+          Device metrics; with generation also ``completion_length`` for
+          token models.
+        """
+        if reward_fn is None:
+            if key is not None:
+                raise ValueError("`key` is only used with `reward_fn`.")
+            return _RLTrainer.train_step(self, batch)
+        config = self.config_arg()
+        if isinstance(batch, dict) and "group_size" in batch:
+            config = dataclasses.replace(
+                config, num_generations=_grpo.group_size_of(batch, config))
+        return self._generate_step(batch, reward_fn, key, config)
+
+
+class GRPOTrainer(_GroupSampler):
     """GRPO on an NNX policy, from collected groups or by generating them.
 
     Args:
@@ -651,8 +744,8 @@ class GRPOTrainer(_RLTrainer):
                  **kwargs):
         # kwargs: reference_model, lora_reference, ref_sync_steps,
         # ref_sync_mix, generation, apply_fn, key (the class docstring).
-        super().__init__(model, optimizer, config, **kwargs)
-        self.jit_reward = jit_reward
+        super().__init__(model, optimizer, config, jit_reward=jit_reward,
+                         **kwargs)
         if keep_groups is not None and (
                 not isinstance(keep_groups, (int, np.integer))
                 or keep_groups < 1):
@@ -666,7 +759,6 @@ class GRPOTrainer(_RLTrainer):
                 "`mask_truncated_completions` needs the generation's stop "
                 "tokens (`generation.eos_token_id` or `stop_token_ids`) to "
                 "tell a finished completion from a truncated one.")
-        self._jit_generation()
 
     def _num_updates(self, config) -> int:
         return config.num_epochs * config.num_minibatches
@@ -678,37 +770,6 @@ class GRPOTrainer(_RLTrainer):
             batch = {k: v for k, v in batch.items() if k != "group_size"}
             config = dataclasses.replace(config, num_generations=size)
         return batch, config
-
-    def _pure_sample(self, params, rest, config, prompts, prompt_mask, key):
-        g = config.num_generations
-        conditions, prompt_mask = jax.tree_util.tree_map(
-            lambda x: jnp.repeat(x, g, axis=0), (prompts, prompt_mask))
-        gen = self.generation
-        if gen.autoregressive:
-            model = (nnx.merge(self.graphdef, params, rest) if rest is not None
-                     else nnx.merge(self.graphdef, params))
-            out = sampling.generate(
-                _token_model(self.apply_fn, model), conditions, key,
-                prompt_mask=prompt_mask, **gen.sampling_kwargs())
-            observations = dict(prompt=conditions, completion=out.tokens)
-            if prompt_mask is not None:
-                observations["prompt_mask"] = prompt_mask
-            rollout = dict(observations=observations, actions=out.tokens,
-                           log_probs=lax.stop_gradient(out.log_probs),
-                           mask=out.mask)
-            if gen.eos_token_id is not None or gen.stop_token_ids:
-                rollout["truncated"] = truncated_completions(
-                    out.tokens, out.mask, eos_token_id=gen.eos_token_id,
-                    stop_token_ids=gen.stop_token_ids)
-            samples = out.tokens
-        else:
-            model_apply = functools.partial(_apply, self.graphdef, rest,
-                                            self.apply_fn, params)
-            samples, log_probs = sampling.sample_one_step(
-                model_apply, conditions, key)
-            rollout = dict(observations=conditions, actions=samples,
-                           log_probs=lax.stop_gradient(log_probs))
-        return rollout, samples, conditions
 
     def _pure_scored_update(self, params, rest, opt_state, opt_step, step,
                             state_key, ref_state, config, rollout, samples,
@@ -724,51 +785,48 @@ class GRPOTrainer(_RLTrainer):
             info["dynamic_sampling/fill_rate"] = sel.fill_rate
             info["dynamic_sampling/qualifying_groups"] = (
                 sel.num_qualifying.astype(jnp.float32))
-        params, opt_state, opt_step, state_key, metrics = self._pure_update(
-            params, rest, opt_state, opt_step, step, state_key, ref_state,
-            config, batch)
-        metrics = self._rollout_metrics(dict(metrics, **info), rollout)
-        return (params, opt_state, opt_step, state_key, metrics,
-                self._last_rollout(rollout, samples, conditions, rewards))
+        return self._update_on_rollout(
+            (params, rest, opt_state, opt_step, step, state_key, ref_state,
+             config), batch, info, rollout, samples, conditions, rewards)
 
-    @staticmethod
-    def _last_rollout(rollout, samples, conditions, rewards):
-        """What ``trainer.last_rollout`` holds after a generating step."""
-        obs = rollout["observations"]
-        return dict(samples=samples, conditions=conditions, rewards=rewards,
-                    log_probs=rollout["log_probs"], mask=rollout.get("mask"),
-                    prompt_mask=(obs.get("prompt_mask")
-                                 if isinstance(obs, dict) else None))
 
-    @staticmethod
-    def _rollout_metrics(metrics, rollout):
-        if "mask" in rollout:
-            metrics = dict(metrics, completion_length=jnp.mean(
-                jnp.sum(rollout["mask"], axis=1)))
-        return metrics
+class OnlineDPOTrainer(_GroupSampler):
+    """Online DPO (:mod:`artifex_fn.online_dpo`): DPO on best-versus-worst
+    pairs of the current policy's own samples.
 
-    def train_step(self, batch, reward_fn=None, key=None):
-        """Update on collected groups, or generate-score-update with a reward.
+    ``train_step(batch, reward_fn, key)`` samples ``num_generations``
+    responses for each prompt of ``batch["observations"]`` exactly as
+    :class:`GRPOTrainer` does (token models with the key-value cache and
+    ragged prompts, or one-step policies), ranks each group with
+    ``reward_fn(samples, conditions)`` (a function, a text reward on the
+    host, or a trained :class:`~artifex_fn.reward_model.SequenceRewardModel`),
+    and takes one DPO step on the best against the worst of every group
+    whose rewards differ; ties are left out. ``train_step(batch)`` trains
+    on collected groups (keys of :mod:`artifex_fn.online_dpo`). The
+    reference is ``reference_model`` (refreshed every ``ref_sync_steps``
+    steps if set), the LoRA base with ``lora_reference=True``, or none with
+    ``reference_free=True`` (SimPO's loss on the pairs).
 
-        Args:
-          batch: collected groups (see :mod:`artifex_fn.grpo`), or, with
-            ``reward_fn``, prompts/conditions under ``observations``.
-          reward_fn: ``(samples, conditions) -> rewards [B * G]``.
-          key: PRNG key for sampling (default: split from the trainer key).
+    Metrics: those of :func:`artifex_fn.online_dpo.update` (``loss,
+    reward_accuracy, reward_margin, decisive_pairs, chosen_score,
+    rejected_score, ...``), ``rewards/<name>/{mean,std,frac_zero_std}``
+    over every sample and ``completion_length`` for token models;
+    ``trainer.last_rollout`` as for :class:`GRPOTrainer`.
+    """
+    _algorithm = _online_dpo
+    config_type = _online_dpo.OnlineDPOConfig
 
-        Returns:
-          Device metrics; with generation also ``completion_length`` for
-          token models.
-        """
-        if reward_fn is None:
-            if key is not None:
-                raise ValueError("`key` is only used with `reward_fn`.")
-            return super().train_step(batch)
-        config = self.config_arg()
-        if isinstance(batch, dict) and "group_size" in batch:
-            config = dataclasses.replace(
-                config, num_generations=_grpo.group_size_of(batch, config))
-        return self._generate_step(batch, reward_fn, key, config)
+    def _pure_scored_update(self, params, rest, opt_state, opt_step, step,
+                            state_key, ref_state, config, rollout, samples,
+                            conditions, rewards, parts):
+        info = _grpo.reward_metrics(dict(parts, total=rewards),
+                                    group_size=config.num_generations)
+        batch = {k: rollout[k] for k in ("observations", "actions", "mask")
+                 if k in rollout}
+        batch["rewards"] = rewards
+        return self._update_on_rollout(
+            (params, rest, opt_state, opt_step, step, state_key, ref_state,
+             config), batch, info, rollout, samples, conditions, rewards)
 
 
 class DPOTrainer(_RLTrainer):
