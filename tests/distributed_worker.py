@@ -211,44 +211,45 @@ def dpo_margin(state, batch):
     return float(np.min(np.abs(margin[live])))
 
 
-def ppo_margin(state, batch):
-    """How far PPO's ``clip_fraction`` is from a tie at every minibatch
-    step: the update is replayed step by step in NumPy float64 (shuffle,
-    minibatch loss, clipping, SGD) from the public pieces; the replay's
-    final parameters are returned to check it against the real update."""
+def _replay(state, rows, loss_fn, log_probs, *loss_args):
+    """Replays an epochs-of-minibatches update step by step from the
+    public pieces (the update's shuffles, ``loss_fn(params, minibatch,
+    config, *loss_args)``'s gradient, clipping, SGD(0.5)); returns
+    ``(smallest distance of a valid log-ratio from the clip bounds,
+    replayed params)``. ``log_probs(params, minibatch)`` is the float64
+    policy."""
     from artifex_fn._src.algorithms.batching import shuffle_indices
 
     cfg = state.config
-    samples, _ = afn.ppo.prepare(batch, cfg)
-    n = samples["mask"].shape[0]
-    k = cfg.num_minibatches
+    n, k = rows["mask"].shape[0], cfg.num_minibatches
     _, *epoch_keys = jax.random.split(state.key, cfg.num_epochs + 1)
-    params = state.params
-    grad_fn = jax.jit(jax.grad(afn.ppo.minibatch_loss, has_aux=True),
-                      static_argnums=2)
-    worst = np.inf
+    grad_fn = jax.jit(jax.grad(loss_fn, has_aux=True), static_argnums=2)
+    params, worst = state.params, np.inf
     for epoch_key in epoch_keys:
         perm = np.asarray(shuffle_indices(epoch_key, n))
         for j in range(k):
             idx = perm[j * (n // k):(j + 1) * (n // k)]
-            mb = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[idx],
-                                        samples)
-            logits = (np.asarray(mb["observations"], np.float64)
-                      @ np.asarray(params["w"], np.float64)
-                      + np.asarray(params["b"], np.float64))
-            logits -= logits.max(-1, keepdims=True)
-            log_sm = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-            lp = np.take_along_axis(log_sm, np.asarray(mb["actions"])[:, None],
-                                    -1)[:, 0]
+            mb = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[idx], rows)
             worst = min(worst, _clip_margin(
-                lp - np.asarray(mb["log_probs"], np.float64), mb["mask"],
+                log_probs(params, mb)
+                - np.asarray(mb["log_probs"], np.float64), mb["mask"],
                 cfg.clip_param))
-            grads, _ = grad_fn(params, mb, cfg)
+            grads, _ = grad_fn(params, mb, cfg,
+                               *[f(mb, cfg) for f in loss_args])
             norm = float(optax.global_norm(grads))
             scale = min(1.0, cfg.max_grad_norm / max(norm, 1e-30))
             params = jax.tree_util.tree_map(
                 lambda p, g: p - 0.5 * scale * g, params, grads)  # SGD(0.5)
     return worst, params
+
+
+def ppo_margin(state, batch):
+    """How far PPO's ``clip_fraction`` is from a tie at every minibatch
+    step (:func:`_replay`, flat samples)."""
+    samples, _ = afn.ppo.prepare(batch, state.config)
+    return _replay(state, samples, afn.ppo.minibatch_loss,
+                   lambda p, mb: _token_log_probs(p, mb["observations"],
+                                                  mb["actions"]))
 
 
 def grpo_epochs_problem(seed=2):
@@ -266,34 +267,14 @@ def grpo_epochs_problem(seed=2):
 
 def grpo_epochs_margin(state, batch):
     """How far ``clip_fraction`` is from a tie at every step of a
-    multi-epoch GRPO update, replayed step by step from the public pieces
-    (whole-batch advantages, the update's shuffles, each minibatch's
-    denominators, SGD); returns ``(margin, replayed params)``."""
-    from artifex_fn._src.algorithms.batching import shuffle_indices
-
-    cfg = state.config
-    rows, _, _ = afn.grpo.prepare(batch, cfg)
+    multi-epoch GRPO update (:func:`_replay`: whole-batch advantages, each
+    minibatch's denominators)."""
+    rows, _, _ = afn.grpo.prepare(batch, state.config)
     rows = afn.grpo.with_reference_log_probs(state, rows)
-    n, k = rows["log_probs"].shape[0], cfg.num_minibatches
-    _, *epoch_keys = jax.random.split(state.key, cfg.num_epochs + 1)
-    grad_fn = jax.jit(jax.grad(afn.grpo.rows_loss, has_aux=True),
-                      static_argnums=2)
-    params, worst = state.params, np.inf
-    for epoch_key in epoch_keys:
-        perm = np.asarray(shuffle_indices(epoch_key, n))
-        for j in range(k):
-            idx = perm[j * (n // k):(j + 1) * (n // k)]
-            mb = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[idx], rows)
-            lp = _token_log_probs(params, mb["observations"], mb["actions"])
-            worst = min(worst, _clip_margin(
-                lp - np.asarray(mb["log_probs"], np.float64), mb["mask"],
-                cfg.clip_param))
-            grads, _ = grad_fn(params, mb, cfg, afn.grpo.totals_of(mb, cfg))
-            norm = float(optax.global_norm(grads))
-            scale = min(1.0, cfg.max_grad_norm / max(norm, 1e-30))
-            params = jax.tree_util.tree_map(
-                lambda p, g: p - 0.5 * scale * g, params, grads)  # SGD(0.5)
-    return worst, params
+    return _replay(state, rows, afn.grpo.rows_loss,
+                   lambda p, mb: _token_log_probs(p, mb["observations"],
+                                                  mb["actions"]),
+                   afn.grpo.totals_of)
 
 
 def seq_policy(params, obs):
@@ -384,34 +365,12 @@ def reward_model_margin(state, batch):
 
 def ppo_seq_margin(state, batch):
     """How far ``clip_fraction`` is from a tie at every minibatch step of
-    the sequence update, replayed from the public pieces; returns
-    ``(margin, replayed params)``."""
-    from artifex_fn._src.algorithms.batching import shuffle_indices
-
-    cfg = state.config
+    the sequence update (:func:`_replay`)."""
     samples, _ = afn.ppo.prepare(
-        afn.ppo.with_reference_log_probs(state, batch), cfg)
-    n, k = samples["mask"].shape[0], cfg.num_minibatches
-    _, *epoch_keys = jax.random.split(state.key, cfg.num_epochs + 1)
-    grad_fn = jax.jit(jax.grad(afn.ppo.minibatch_loss, has_aux=True),
-                      static_argnums=2)
-    params, worst = state.params, np.inf
-    for epoch_key in epoch_keys:
-        perm = np.asarray(shuffle_indices(epoch_key, n))
-        for j in range(k):
-            idx = perm[j * (n // k):(j + 1) * (n // k)]
-            mb = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[idx],
-                                        samples)
-            lp = _seq_log_probs(params, mb["observations"], mb["actions"])
-            worst = min(worst, _clip_margin(
-                lp - np.asarray(mb["log_probs"], np.float64), mb["mask"],
-                cfg.clip_param))
-            grads, _ = grad_fn(params, mb, cfg)
-            norm = float(optax.global_norm(grads))
-            scale = min(1.0, cfg.max_grad_norm / max(norm, 1e-30))
-            params = jax.tree_util.tree_map(
-                lambda p, g: p - 0.5 * scale * g, params, grads)  # SGD(0.5)
-    return worst, params
+        afn.ppo.with_reference_log_probs(state, batch), state.config)
+    return _replay(state, samples, afn.ppo.minibatch_loss,
+                   lambda p, mb: _seq_log_probs(p, mb["observations"],
+                                                mb["actions"]))
 
 
 def online_dpo_problem(seed=8):
