@@ -16,6 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = ("mixture_means", "gaussian_mixture_2d", "mixture_coverage",
+           "digits_8x8", "digit_strings", "digit_sum")
+
 
 def mixture_means(num_modes: int = 8, radius: float = 2.0) -> jax.Array:
     """Means ``[num_modes, 2]`` equally spaced on a circle."""

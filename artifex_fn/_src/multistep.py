@@ -581,8 +581,10 @@ def lambda_returns(
         including ``V(s_T)``.
       gamma: discount in ``[0, 1]``, scalar or broadcastable to ``rewards``.
       lambda_: mixing parameter in ``[0, 1]``, scalar or broadcastable.
-      terminated, truncated, next_values, bootstrap_value, mask, time_axis,
-        stop_target_gradients, method: as in :func:`discounted_returns`.
+
+    The other arguments (``terminated``, ``truncated``, ``next_values``,
+    ``bootstrap_value``, ``mask``, ``time_axis``, ``stop_target_gradients``,
+    ``method``) are as in :func:`discounted_returns`.
 
     Returns:
       ``[..., T]`` lambda-returns in the dtype of ``rewards``/``values``.
@@ -635,8 +637,10 @@ def gae_advantages(
         including ``V(s_T)``.
       gamma: discount in ``[0, 1]``, scalar or broadcastable to ``rewards``.
       lambda_: GAE lambda in ``[0, 1]``, scalar or broadcastable.
-      terminated, truncated, next_values, bootstrap_value, mask, time_axis,
-        stop_target_gradients, method: as in :func:`discounted_returns`.
+
+    The other arguments (``terminated``, ``truncated``, ``next_values``,
+    ``bootstrap_value``, ``mask``, ``time_axis``, ``stop_target_gradients``,
+    ``method``) are as in :func:`discounted_returns`.
 
     Returns:
       ``[..., T]`` advantages in the dtype of ``rewards``/``values``.

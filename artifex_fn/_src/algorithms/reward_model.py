@@ -213,15 +213,16 @@ class SequenceRewardModel(nnx.Module):
         (e.g. :func:`likelihood_features`).
       rngs: initialises the head.
 
-    Methods:
-      ``score(tokens, mask, response_mask=None)``: ``[B]`` rewards of
+    Its methods:
+
+    * ``score(tokens, mask, response_mask=None)``: ``[B]`` rewards of
       ``tokens [B, L]`` with validity ``mask [B, L]`` (positions count
       valid tokens) and optionally which tokens are the response;
-      ``model(samples, conditions)``: the reward-function protocol, ``[B]``
+    * ``model(samples, conditions)``: the reward-function protocol, ``[B]``
       rewards of completions ``samples [B, N]`` after the left-padded
-      prompts ``conditions [B, Lp]``; ``policy_outputs(observations)``:
-      ``score`` of ``{"tokens", "mask", "response_mask"?}`` (what the
-      trainers call).
+      prompts ``conditions [B, Lp]``;
+    * ``policy_outputs(observations)``: ``score`` of ``{"tokens", "mask",
+      "response_mask"?}`` (what the trainers call).
     """
 
     def __init__(self, trunk: nnx.Module, num_features: int, *,

@@ -869,8 +869,9 @@ class ModelCheckpoint(Callback):
           The restored step (the new ``trainer.step``).
 
         Raises:
-          FileNotFoundError, ValueError, CheckpointCorruptError: as
-          :func:`restore_checkpoint`.
+          FileNotFoundError: as :func:`restore_checkpoint`.
+          ValueError: as :func:`restore_checkpoint`.
+          CheckpointCorruptError: as :func:`restore_checkpoint`.
         """
         self.wait_until_finished()
         return _restore_into(trainer, self.config.dirpath, which)
