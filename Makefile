@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-tunix clean
+.PHONY: install demo test bench bench-tunix docs docs-serve clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,15 @@ install: $(STAMP)
 # a 2-D diffusion model) with progress bars, curves and checkpoints in runs/demo.
 demo: $(STAMP)
 	$(VENV)/bin/artifex-fn demo
+
+# The documentation site (docs/, mkdocs.yml) into site/, in strict mode: a
+# broken link or anchor, a missing page or an unparsable docstring fails.
+# `make docs-serve` serves it at http://127.0.0.1:8000 and rebuilds on edits.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --strict
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_returns.py
@@ -41,4 +50,4 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis site
