@@ -226,3 +226,28 @@ def test_page_shell_commands_are_valid():
         seen.add(words[0])
     assert {"artifex-fn", "make"} <= seen
     assert cli.main(["tasks"]) == 0
+
+
+def test_config_tables_match_the_configs():
+    """Each ``### `XConfig``` table lists every field of the config with its
+    default, in order."""
+    import dataclasses
+
+    from artifex_fn import dpo, grpo, kto, online_dpo, orpo, ppo
+    from artifex_fn import reinforce, reward_model
+    configs = {c.__name__: c for c in (
+        reinforce.REINFORCEConfig, ppo.PPOConfig, grpo.GRPOConfig,
+        dpo.DPOConfig, online_dpo.OnlineDPOConfig, kto.KTOConfig,
+        orpo.ORPOConfig, reward_model.RewardModelConfig)}
+    seen = set()
+    for page in PAGES:
+        for name, rows in re.findall(
+                r"^### `(\w+Config)`\n\n\| field .*\n\|[-|]+\n((?:\|.*\n)+)",
+                _page(page), flags=re.M):
+            table = re.findall(r"^\| `(\w+)` \| (.+?) \|", rows, flags=re.M)
+            fields = dataclasses.fields(configs[name])
+            assert [f for f, _ in table] == [f.name for f in fields], name
+            for (_, shown), f in zip(table, fields):
+                assert shown == f"`{f.default!r}`", (name, f.name, shown)
+            seen.add(name)
+    assert seen == set(configs), set(configs) - seen
