@@ -33,8 +33,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_returns.py
 	$(PY) benchmarks/bench_cartpole.py
 	$(PY) benchmarks/bench_distributed.py
+	$(PY) benchmarks/bench_algorithms.py
+	$(PY) benchmarks/bench_trainers.py
 	$(PY) benchmarks/bench_generation.py
 	$(PY) benchmarks/bench_grpo_knobs.py --seeds 3
+	$(PY) examples/arith_rlhf.py --plot benchmarks/results/arith_rlhf.png
 
 # The generation benchmark with its tunix column (installs google-tunix and
 # its dependencies into the same environment).

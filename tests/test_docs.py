@@ -171,6 +171,9 @@ EXPECT = {
         _number(r"reward-model accuracy ([\d.]+)", out) == 1.0
         and all(math.isfinite(_number(rf"{k} (-?[\d.]+)", out))
                 for k in ("PPO score", "KL", "beta"))),
+    # GRPO over denoising chains moves samples into the reward's wedge.
+    "guides/diffusion.md": lambda out: (lambda m: float(m[2]) > float(m[1]))(
+        re.search(r"in the wedge: ([\d.]+) -> ([\d.]+)", out)),
     "guides/cli.md": lambda out: (pathlib.Path("runs/sweep/metrics.jsonl")
                                   .exists()),
 }

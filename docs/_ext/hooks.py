@@ -1,4 +1,8 @@
-"""MkDocs hooks: ship MathJax with the site (no network needed to read it).
+"""MkDocs hooks: the benchmark figures, and MathJax shipped with the site.
+
+The figures that ``make bench`` writes to ``benchmarks/results/*.png`` are
+added to the site as ``assets/results/*.png`` (one copy in the repository,
+where the scripts write it). MathJax: no network needed to read the site.
 
 MathJax comes from the ``django-static-mathjax`` wheel (a data-only package,
 pinned in ``constraints.txt``); its ``es5`` TeX-to-SVG bundle is copied to
@@ -9,6 +13,16 @@ from __future__ import annotations
 
 import pathlib
 import shutil
+
+
+def on_files(files, config, **kwargs):  # noqa: D103
+    from mkdocs.structure.files import File
+
+    root = pathlib.Path(config["config_file_path"]).parent
+    for png in sorted((root / "benchmarks" / "results").glob("*.png")):
+        files.append(File.generated(config, f"assets/results/{png.name}",
+                                    abs_src_path=str(png)))
+    return files
 
 
 def on_post_build(config, **kwargs):  # noqa: D103
