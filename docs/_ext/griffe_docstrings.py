@@ -28,48 +28,47 @@ def _role(match: re.Match) -> str:
 _MATH_ROLE = re.compile(r":math:`([^`]+)`")
 
 
-def _display_maths(text: str) -> str:
-    out, lines, i = [], text.splitlines(), 0
-    while i < len(lines):
-        line = lines[i]
-        stripped = line.lstrip()
-        if not stripped.startswith(".. math::"):
-            out.append(line)
-            i += 1
-            continue
-        indent = line[:len(line) - len(stripped)]
-        body = [stripped[len(".. math::"):].strip()]
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def _math_block(lines, i, indent):
+    """The ``.. math::`` directive at ``lines[i]``: its expression (same
+    line, or the lines indented below it, blank lines inside included)."""
+    body = [lines[i].strip()[len(".. math::"):].strip()]
+    i += 1
+    while i < len(lines) and (lines[i].strip() and _indent(lines[i]) > indent
+                              or not lines[i].strip() and i + 1 < len(lines)
+                              and _indent(lines[i + 1]) > indent
+                              and lines[i + 1].strip()):
+        body.append(lines[i].strip())
         i += 1
-        while i < len(lines) and (not lines[i].strip() or
-                                  len(lines[i]) - len(lines[i].lstrip())
-                                  > len(indent)):
-            if not lines[i].strip() and (i + 1 >= len(lines) or not (
-                    len(lines[i + 1]) - len(lines[i + 1].lstrip())
-                    > len(indent))):
-                break
-            body.append(lines[i].strip())
-            i += 1
-        body = [b for b in body if b]
-        out += ["", indent + "\\["] + [indent + b for b in body] + [indent + "\\]", ""]
-    return "\n".join(out)
+    body = [b for b in body if b]
+    return ["", "\\["] + body + ["\\]", ""], i
 
 
-def _fence_doctests(text: str) -> str:
+def _doctest_block(lines, i, indent):
+    """The doctest session at ``lines[i]`` up to the next blank line."""
+    block = []
+    while i < len(lines) and lines[i].strip():
+        block.append(lines[i][indent:] if _indent(lines[i]) >= indent
+                     else lines[i].strip())
+        i += 1
+    return ["```pycon"] + block + ["```"], i
+
+
+def _rewrite(text: str, marker: str, block) -> str:
+    """Replaces each run of lines starting (after indentation) with
+    ``marker`` by what ``block(lines, i, indent)`` makes of it."""
     out, lines, i = [], text.splitlines(), 0
     while i < len(lines):
-        line = lines[i]
-        stripped = line.lstrip()
-        if not stripped.startswith(">>>"):
-            out.append(line)
+        if not lines[i].lstrip().startswith(marker):
+            out.append(lines[i])
             i += 1
             continue
-        indent = line[:len(line) - len(stripped)]
-        block = []
-        while i < len(lines) and lines[i].strip():
-            block.append(lines[i][len(indent):] if lines[i].startswith(indent)
-                         else lines[i].strip())
-            i += 1
-        out += [indent + "```pycon"] + [indent + b for b in block] + [indent + "```"]
+        indent = _indent(lines[i])
+        new, i = block(lines, i, indent)
+        out += [" " * indent + b if b else b for b in new]
     return "\n".join(out)
 
 
@@ -83,7 +82,7 @@ class MarkdownDocstrings(griffe.Extension):
         value = _ROLE.sub(_role, doc.value)
         value = _MATH_ROLE.sub(lambda m: "\\(" + m.group(1) + "\\)", value)
         if ".. math::" in value:
-            value = _display_maths(value)
+            value = _rewrite(value, ".. math::", _math_block)
         if ">>>" in value:
-            value = _fence_doctests(value)
+            value = _rewrite(value, ">>>", _doctest_block)
         doc.value = value
