@@ -61,6 +61,9 @@ def test_rewards_read_the_decoded_answer():
 
 
 def test_pretrained_model_is_cached(monkeypatch):
+    # Three steps: compiled at the suite's level, not the full optimisation
+    # that conftest.py gives the long pre-training loops.
+    monkeypatch.setattr(arith, "PRETRAIN_COMPILER_OPTIONS", None)
     s = dict(arith.MODEL_SETTINGS, pretrain_steps=3, pretrain_batch=4,
              d_model=16, num_layers=1)
     params, nll = arith.pretrained(s)
@@ -97,10 +100,11 @@ def test_reduced_dpo_through_the_cli_writes_decoded_samples(tmp_path):
 
 
 def test_grpo_knobs_metrics_and_a_lora_policy_over_the_base():
-    """The knobs' metrics and progress-bar entries, and the LoRA policy:
-    its trained parameters are the adapters alone, and zero adapters give
-    the base's logits. (The knobs run, over seeds and a sweep, in
-    ``tests/test_cli.py``'s grid.)"""
+    """The knobs' progress-bar entries and the LoRA policy: its trained
+    parameters are the adapters alone, and zero adapters give the base's
+    logits. (The knobs run, over seeds and a sweep, in
+    ``tests/test_cli.py``'s grid, which also checks their metrics: the
+    reward parts' statistics and the fill rate.)"""
     from flax import nnx
 
     s = dict(arith.TEST_SETTINGS["grpo"], num_groups=3, keep_groups=2,
@@ -121,10 +125,6 @@ def test_grpo_knobs_metrics_and_a_lora_policy_over_the_base():
     zero = merge(jax.tree_util.tree_map(jnp.zeros_like, adapters))
     np.testing.assert_allclose(zero(tokens), base(tokens), rtol=1e-6,
                                atol=1e-6)
-    carry, metrics = jax.jit(program.step)(carry, arith.HPARAMS["grpo"])
-    for name in ("rewards/exact/mean", "rewards/format/std",
-                 "rewards/exact/frac_zero_std", "dynamic_sampling/fill_rate"):
-        assert np.isfinite(float(metrics[name])), name
     with pytest.raises(ValueError, match="keep_groups"):
         arith.grpo_program(dict(arith.TEST_SETTINGS["grpo"], keep_groups=3))
 

@@ -335,8 +335,9 @@ def test_single_run_equals_plain_steps(small_ppo):
 
 
 def test_ppo_cartpole_learns_quickly():
-    """2 seeds, 40k steps: the evaluation return at least triples."""
-    program = cartpole.ppo_program(dict(total_timesteps=40_960, eval_envs=16))
+    """2 seeds, 10k steps: the evaluation return at least triples
+    (measured: 16 -> 306 and 16 -> 164)."""
+    program = cartpole.ppo_program(dict(total_timesteps=10_240, eval_envs=16))
     res = runner.run(program, hparams=dict(cartpole.HPARAMS["ppo"], lr=1e-3),
                      num_seeds=2, chunks=1, progress=False)
     before, after = res.before["eval_return"], res.after["eval_return"]
@@ -401,6 +402,10 @@ def test_generative_task_runs_over_seeds_and_sweep(task, algo):
     assert res.metrics[program.curve].shape == (2, 2, n)
     for k, v in res.metrics.items():
         assert np.all(np.isfinite(v)), k
+    if (task, algo) == ("arith", "grpo"):   # the knobs' metrics
+        assert {"rewards/exact/mean", "rewards/format/std",
+                "rewards/exact/frac_zero_std",
+                "dynamic_sampling/fill_rate"} <= set(res.metrics)
     for side in (res.before, res.after):
         assert side[program.score].shape == (2, 2)
         for k, v in side.items():
