@@ -59,7 +59,7 @@ FULL = dict(model=arith.MODEL_SETTINGS, rm_steps=600, rm_pairs=64,
             rm_lr=1e-2, ppo_steps=400, prompts=128, lr=5e-4, beta=0.1,
             kl_target=2.0)
 QUICK = dict(model=dict(arith.MODEL_SETTINGS, **arith.SMALL_MODEL),
-             rm_steps=200, rm_pairs=32, rm_lr=1e-2, ppo_steps=60,
+             rm_steps=200, rm_pairs=32, rm_lr=1e-2, ppo_steps=30,
              prompts=128, lr=1e-3, beta=0.1, kl_target=2.0)
 
 

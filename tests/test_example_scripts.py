@@ -126,9 +126,9 @@ def test_example_command_line(capsys):
 def test_arith_rlhf():
     """A reward model learns the task's preferences from pairs; PPO against
     it (the true answers never shown) raises the true exact-answer success
-    at a small KL to the pre-trained model. Measured on three seeds:
-    reward-model accuracy 0.949, success 0.17 -> 0.37, 0.21 -> 0.37,
-    0.20 -> 0.37, KL under 1.2 nats."""
+    at a small KL to the pre-trained model. Measured on three seeds (30
+    PPO steps): reward-model accuracy 0.949, success 0.169 -> 0.330,
+    0.207 -> 0.350, 0.196 -> 0.346, KL under 0.92 nats."""
     out = _load("arith_rlhf").run(quick=True, seed=0)
     before, after = out["before"], out["after"]
     assert before["rm_accuracy"] < 0.5        # the untrained head
@@ -137,4 +137,4 @@ def test_arith_rlhf():
     assert after["success"] >= before["success"] + 0.1
     assert after["format"] >= 0.9
     assert 0.0 < out["final_kl"] and out["max_kl"] < 10.0
-    assert len(out["curve"]["success"]) == 60
+    assert len(out["curve"]["success"]) == 30
