@@ -82,10 +82,11 @@ def test_pretrained_model_is_cached(monkeypatch):
 @ARITH_GROUP
 def test_reduced_dpo_through_the_cli_writes_decoded_samples(tmp_path):
     """DPO ranks held-out pairs and raises success; the run's files
-    include samples of decoded answers before and after."""
+    include samples of decoded answers before and after. (30 iterations:
+    held-out accuracy 0.90, success 0.205 -> 0.420.)"""
     out = tmp_path / "run"
     summary = experiments.train(
-        "arith", "dpo", overrides=dict(REDUCED, iterations=60),
+        "arith", "dpo", overrides=dict(REDUCED, iterations=30),
         out=str(out), chunks=1, progress=False, plot=False, log=None)
     before, after = summary["before"], summary["after"]
     assert before["reward_accuracy"][0][0] == 0.0
@@ -130,10 +131,14 @@ def test_grpo_knobs_metrics_and_a_lora_policy_over_the_base():
 
 
 # Each on the small pre-trained model (REDUCED), a few seconds of updates.
+# Seed 0's numbers: online DPO success 0.205 -> 0.435, format 0.96 (30
+# iterations); KTO 0.205 -> 0.505, format 0.875, accuracy 0.934 (at 30
+# iterations its format fell to 0.825); ORPO 0.205 -> 0.485, format
+# 0.955, accuracy 0.969 (20 iterations).
 _PREFERENCE_RUNS = {
-    "online_dpo": dict(iterations=40),
+    "online_dpo": dict(iterations=30),
     "kto": dict(iterations=40),
-    "orpo": dict(iterations=40),
+    "orpo": dict(iterations=20),
 }
 
 
