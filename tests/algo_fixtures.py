@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 import artifex_fn as afn
 
@@ -245,20 +246,36 @@ def with_fields(config, **fields):
     return dataclasses.replace(config, **fields)
 
 
+def _sampling_logits(model, prompts, completion, prompt_mask, *, temperature,
+                     top_k, top_p):
+    """The sampling distribution's logits of every completion step."""
+    logits = afn.sampling.completion_logits(model, prompts, completion,
+                                            prompt_mask)
+    return afn.sampling.transform_logits(logits, temperature=temperature,
+                                         top_k=top_k, top_p=top_p)
+
+
+# One compiled program, for a process where the operations of the eager
+# path are not compiled yet (``distributed_worker.py``: 3.7 s less); in
+# the test session they are, and each sampler's program would compile anew.
+_compiled_sampling_logits = nnx.jit(
+    _sampling_logits, static_argnames=("temperature", "top_k", "top_p"))
+
+
 def draw_margin(model, prompts, prompt_mask, out, key, *, temperature=1.0,
-                top_k=None, top_p=None):
+                top_k=None, top_p=None, compiled=False):
     """How far each draw of :func:`artifex_fn.sampling.generate` was from
     drawing another token: the smallest distance, relative to the total
     probability, between ``u * total`` and a CDF boundary of the step's
     sampling distribution, over the steps that were drawn (``out.mask``).
     Logits are recomputed without the cache; a margin far above float32
     rounding means two samplers with logits equal to 1e-5 draw the same
-    tokens from the same key."""
-    logits = afn.sampling.completion_logits(model, prompts, out.tokens,
-                                            prompt_mask)
-    x = np.asarray(afn.sampling.transform_logits(
-        logits, temperature=temperature, top_k=top_k, top_p=top_p),
-        np.float64)
+    tokens from the same key. ``compiled``: the logits in one jitted
+    program instead of op by op."""
+    logits = _compiled_sampling_logits if compiled else _sampling_logits
+    x = np.asarray(logits(model, prompts, out.tokens, prompt_mask,
+                          temperature=temperature, top_k=top_k, top_p=top_p),
+                   np.float64)
     cdf = np.cumsum(np.exp(x - x.max(-1, keepdims=True)), -1)
     cdf /= cdf[..., -1:]
     margin = np.inf

@@ -827,7 +827,8 @@ def run_lm_generation():
     assert np.array_equal(a["prompt_mask"], mask)
     drawn = sampling.Generation(tokens=a["samples"], mask=a["mask"],
                                 log_probs=a["log_probs"])
-    margin = draw_margin(make().model, padded, mask, drawn, key, top_p=0.95)
+    margin = draw_margin(make().model, padded, mask, drawn, key, top_p=0.95,
+                         compiled=True)
     tokens_equal = bool(np.array_equal(a["samples"], b["samples"]))
     log_probs = float(np.max(np.abs(
         np.asarray(a["log_probs"]) - np.asarray(b["log_probs"]))))
