@@ -16,9 +16,9 @@ from artifex_fn.experiments import arith
 
 # A smaller pre-training (a few seconds) with a stronger signal: the model
 # learns the format and leans towards the right answers, as at full size.
-# This run and the README's GRPO-on-text example (tests/test_readme.py,
-# which asserts its reward rises) share it through the disk cache, on one
-# test worker.
+# This run and the docs' GRPO-on-text example (tests/test_docs.py, which
+# asserts its reward rises) share it through the disk cache, on one test
+# worker.
 ARITH_GROUP = pytest.mark.xdist_group("arith-reduced")
 REDUCED = dict(arith.SMALL_MODEL, eval_repeats=1)
 
