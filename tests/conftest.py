@@ -6,14 +6,11 @@ same program again: every trainer instance (and every ``jax.jit`` of a new
 function object) traces and compiles its step anew, even when the program
 is identical to one compiled a moment before. JAX's persistent compilation
 cache, keyed on the program and compile options, turns those repeats into
-a lookup. The cache lives in a fresh temporary directory, created by the
-first process of the test session (pytest's own) and shared by its
-pytest-xdist workers and the subprocesses that the tests start
-(``test_checkpoint.py``), which inherit it through the environment; a
-program compiled on one worker is then a lookup on the other. A size limit
-turns on JAX's file lock around every read and write of the cache, so that
-the processes never see a half-written entry. The first process removes it
-at the end. Executables from the cache are those XLA compiles for the same
+a lookup. The cache lives in a fresh temporary directory private to this
+process (each pytest-xdist worker has its own, so that no two processes
+write one file at the same time) and is removed at the end; subprocesses
+that the tests start (``test_checkpoint.py``) inherit it through the
+environment. Executables from the cache are those XLA compiles for the same
 program: nothing the tests check depends on whether it was used.
 """
 
@@ -51,26 +48,17 @@ settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI", "").lower() not in ("", "0", "false"):
     settings.load_profile("ci")
 
-_OWN_JAX_CACHE = "ARTIFEX_FN_TEST_JAX_CACHE" not in os.environ
-if _OWN_JAX_CACHE:
-    os.environ["ARTIFEX_FN_TEST_JAX_CACHE"] = tempfile.mkdtemp(
-        prefix="artifex-fn-test-jax-cache-")
-_CACHE_DIR = os.environ["ARTIFEX_FN_TEST_JAX_CACHE"]
-# 16 GiB: never reached by the suite (about 1 GiB); any limit makes JAX
-# lock the cache directory around each read and write.
-_CACHE_MAX_BYTES = 16 << 30
+_CACHE_DIR = tempfile.mkdtemp(prefix="artifex-fn-test-jax-cache-")
 _CACHE_ENV = {
     "JAX_COMPILATION_CACHE_DIR": _CACHE_DIR,
     # Cache every program: the repeats are mostly small ones.
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    "JAX_COMPILATION_CACHE_MAX_SIZE": str(_CACHE_MAX_BYTES),
 }
 os.environ.update(_CACHE_ENV)
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-jax.config.update("jax_compilation_cache_max_size", _CACHE_MAX_BYTES)
 
 
 # Tokenizers and pre-trained models that tasks cache on disk
@@ -93,8 +81,7 @@ arith.PRETRAIN_COMPILER_OPTIONS = {"xla_backend_optimization_level": 3}
 
 
 def _remove_cache():
-    if _OWN_JAX_CACHE:
-        shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
     if _OWN_TASK_CACHE:
         shutil.rmtree(os.environ["ARTIFEX_FN_CACHE"], ignore_errors=True)
 
