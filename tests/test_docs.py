@@ -146,10 +146,17 @@ def test_site_builds_in_strict_mode(tmp_path):
     assert (tmp_path / "site" / "assets" / "mathjax" / "tex-svg.js").exists()
 
 
-# Pages whose examples read the arith task's small pre-trained model run
-# where tests/test_arith.py has cached it (one xdist group).
-ARITH_PAGES = ("getting-started.md", "guides/language-models.md",
-               "guides/preferences.md")
+# Pages run on the xdist worker of the tests whose work they share: the
+# arith task's small pre-trained model (cached on disk by
+# tests/test_arith.py), and programs that another test compiles with the
+# same shapes (a lookup in the worker's compilation cache).
+PAGE_GROUPS = {
+    "getting-started.md": "arith-reduced",
+    "guides/language-models.md": "arith-reduced",
+    "guides/preferences.md": "tiny-lm-trainers",   # tests/test_rlhf.py, test_online_dpo.py
+    "guides/cli.md": "cartpole-ppo-step",         # tests/test_cli.py
+    "guides/diffusion.md": "diffusion-example",   # tests/test_example_scripts.py
+}
 
 
 def _number(pattern: str, out: str) -> float:
@@ -184,8 +191,8 @@ def _python_pages():
 
 
 @pytest.mark.parametrize(
-    "page", [pytest.param(p, marks=pytest.mark.xdist_group("arith-reduced"))
-             if p in ARITH_PAGES else p for p in _python_pages()])
+    "page", [pytest.param(p, marks=pytest.mark.xdist_group(PAGE_GROUPS[p]))
+             if p in PAGE_GROUPS else p for p in _python_pages()])
 def test_page_examples_run(page, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)        # examples that write runs/ write here
     scope = {"__name__": "__docs__"}

@@ -44,6 +44,8 @@ def test_lm_grpo_dpo():
     assert after["dpo_margin"] > 0.5
 
 
+# docs/guides/diffusion.md runs the same programs on this worker.
+@pytest.mark.xdist_group("diffusion-example")
 def test_diffusion_grpo(tmp_path):
     """GRPO (DDPO) moves the pre-trained model's samples into the wedge,
     at a finite KL to it."""

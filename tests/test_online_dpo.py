@@ -164,6 +164,8 @@ def test_bad_input():
         online_dpo.update(state, dict(_batch(), log_probs=jnp.zeros((12, L))))
 
 
+# docs/guides/preferences.md runs the same programs on this worker.
+@pytest.mark.xdist_group("tiny-lm-trainers")
 def test_trainer_raises_the_reward_and_compiles_once():
     """A tiny LM learns to emit token 7, from its own samples ranked by a
     count of 7s; one compiled program for all steps."""

@@ -266,6 +266,8 @@ def test_sequence_update_micro_batches_and_adaptive_beta():
     assert_trees_close(got.params, want.params, rtol=1e-5, atol=1e-6)
 
 
+# docs/guides/preferences.md runs the same programs on this worker.
+@pytest.mark.xdist_group("tiny-lm-trainers")
 def test_ppo_trainer_generates_scores_with_a_reward_model_and_compiles_once():
     lm = _lm(4)
     policy = ActorCriticLM(lm, rngs=nnx.Rngs(5))
