@@ -32,7 +32,7 @@ _GROUPED = aft.grouped_rewards(max_group_size=6)
 _PAIRS_UP = aft.grouped_rewards(max_group_size=6, min_group_size=2)
 
 
-PROPERTY = settings(max_examples=examples(40, ci_share=4), deadline=None,
+PROPERTY = settings(max_examples=examples(40, ci_share=8), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 

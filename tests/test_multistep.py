@@ -27,7 +27,7 @@ BATCH = 4
 RTOL, ATOL = 1e-4, 1e-3
 
 
-PROPERTY = settings(max_examples=examples(40, ci_share=4), deadline=None,
+PROPERTY = settings(max_examples=examples(40, ci_share=8), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 # Ways of passing the bootstrap values, evaluated by `_all_outputs`.
