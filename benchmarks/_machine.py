@@ -1,17 +1,7 @@
-"""What the benchmark tables print about the machine."""
+"""What the benchmark tables print about the machine (the library's own
+helpers, re-exported for the scripts here)."""
 
 from __future__ import annotations
 
-import platform
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` says."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from artifex_fn.experiments.outputs import cpu_model  # noqa: F401
+from artifex_fn.experiments.outputs import made_on  # noqa: F401

@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _machine import cpu_model  # noqa: E402
+from _machine import made_on  # noqa: E402
 
 SETTINGS = {
     "baseline": dict(),
@@ -50,12 +50,6 @@ SETTINGS = {
     "dynamic": dict(keep_groups=16),
     "lora": dict(lora_rank=8),
 }
-
-
-def describe() -> str:
-    """When and where the numbers were made."""
-    return (f"{time.strftime('%Y-%m-%d')}, {cpu_model()}, "
-            f"{os.cpu_count()} CPUs")
 
 
 def smooth(x, k=20):
@@ -132,7 +126,7 @@ def main():
               f"{' / '.join(f'{a:.3f}' for a in after)}, samples to 0.9: "
               f"{reach}, {seconds:.0f} s", flush=True)
 
-    print(f"\n{describe()}\n")
+    print(f"\n{made_on()}\n")
     print("| setting | success before -> after (per seed) | generated "
           "samples to smoothed success 0.9 | wall time |")
     print("|---|---|---|---|")
@@ -169,7 +163,7 @@ def main():
     ax.set_xlabel("generated answers")
     ax.set_ylabel("exact-answer success (smoothed)")
     ax.set_title("GRPO on arith: knobs", fontsize=10)
-    ax.text(0.99, 0.01, describe(), transform=ax.transAxes, fontsize=6,
+    ax.text(0.99, 0.01, made_on(), transform=ax.transAxes, fontsize=6,
             ha="right", va="bottom", color="grey")
     ax.legend()
     fig.tight_layout()

@@ -175,24 +175,12 @@ def run(quick: bool = False, seed: int = 0, plot: str | None = None) -> dict:
         rm_seconds=rm_seconds, ppo_seconds=ppo_seconds)
 
 
-def _made() -> str:
-    """When and where the figure was made: date, CPU model, CPU count."""
-    import os
-    import platform
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} CPUs"
-
-
 def _plot(path, curve, before, after, rm_accuracy):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from artifex_fn.experiments.outputs import made_on
 
     def smooth(x, w=10):
         x = np.asarray(x, float)
@@ -212,7 +200,7 @@ def _plot(path, curve, before, after, rm_accuracy):
     axes[2].set_title("KL to the reference (nats per answer)")
     for ax in axes:
         ax.set_xlabel("PPO step (10-step mean)")
-    fig.text(0.995, 0.005, _made(), fontsize=6, ha="right", va="bottom",
+    fig.text(0.995, 0.005, made_on(), fontsize=6, ha="right", va="bottom",
              color="grey")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

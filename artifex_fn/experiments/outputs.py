@@ -27,10 +27,30 @@ import errno
 import json
 import math
 import os
+import platform
 import shutil
+import time
 from typing import Any, Mapping
 
 import numpy as np
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def made_on() -> str:
+    """When and where a figure or table was made: date, CPU, CPU count."""
+    return (f"{time.strftime('%Y-%m-%d')}, {cpu_model()}, "
+            f"{os.cpu_count()} CPUs")
 
 
 class WriteError(OSError):
