@@ -699,6 +699,20 @@ def _trainer_cases():
                             afn.families.gan.GANConfig(latent_dim=2),
                             discriminator=d, d_optimizer=opt(d), key=7)
 
+    def reinforce():
+        m = Tokens(nnx.Rngs(0))
+        return T.REINFORCETrainer(m, opt(m),
+                                  afn.reinforce.REINFORCEConfig(), key=11)
+
+    def kto():
+        m = Tokens(nnx.Rngs(0))
+        return T.KTOTrainer(m, opt(m), afn.kto.KTOConfig(),
+                            reference_model=Tokens(nnx.Rngs(1)), key=9)
+
+    def orpo():
+        m = Tokens(nnx.Rngs(0))
+        return T.ORPOTrainer(m, opt(m), afn.orpo.ORPOConfig(), key=10)
+
     def reward_model():
         from artifex_fn.families.autoregressive import TinyCausalLM
         lm = TinyCausalLM(V + 2, d_model=8, num_heads=2, num_layers=1,
@@ -733,9 +747,14 @@ def _trainer_cases():
     plain = lambda tr, b: tr.train_step(b)
     return {
         "PPOTrainer": (ppo, ppo_batch, plain),
+        "REINFORCETrainer": (reinforce, {k: ppo_batch[k] for k in (
+            "observations", "actions", "rewards")}, plain),
         "GRPOTrainer": (grpo, prompts, lambda tr, b: tr.train_step(
             b, reward, key=jax.random.key(9))),
         "DPOTrainer": (dpo, pairs, plain),
+        # Unpaired rows: KTO's reference point z mixes rows of every device.
+        "KTOTrainer": (kto, afn.kto.pairs_to_unpaired(pairs), plain),
+        "ORPOTrainer": (orpo, pairs, plain),
         "VAETrainer": (vae, x6, plain),
         "DiffusionTrainer": (diffusion, x2, plain),
         "FlowTrainer": (flow, x2, plain),
@@ -787,57 +806,80 @@ def run_trainers():
 
 
 def run_lm_generation():
-    """GRPOTrainer generating from TinyCausalLM (key-value cache, ragged
-    prompts, top-p), sharded over 8 devices against plain: the tokens, the
-    behaviour log-probs, the parameters and the metrics of a step, and
-    the plain draws' distance from a flip (see ``draw_margin``)."""
+    """Generating trainers on TinyCausalLM (key-value cache, ragged
+    prompts, top-p), sharded over 8 devices against plain: GRPO (4 samples
+    a prompt) and RLHF-PPO (an actor-critic decoder, one sample a prompt,
+    a per-token KL to a reference and the adaptive coefficient). For each:
+    the tokens, the behaviour log-probs, the parameters and the metrics of
+    a step, and the plain draws' distance from a flip (see
+    ``draw_margin``)."""
     from flax import nnx
 
     from algo_fixtures import draw_margin
     from artifex_fn import sampling
     from artifex_fn import training
+    from artifex_fn.families.autoregressive import ActorCriticLM
+    from artifex_fn.families.autoregressive import TinyCausalLM
     gen = sampling.GenerationConfig(max_new_tokens=4, eos_token_id=1,
                                     top_p=0.95)
 
-    def make():
-        m = afn.families.autoregressive.TinyCausalLM(
-            16, d_model=16, num_heads=2, num_layers=1, rngs=nnx.Rngs(0))
+    def lm(seed=0):
+        return TinyCausalLM(16, d_model=16, num_heads=2, num_layers=1,
+                            rngs=nnx.Rngs(seed))
+
+    def grpo():
+        m = lm()
         return training.GRPOTrainer(
             m, nnx.Optimizer(m, SGD, wrt=nnx.Param),
             afn.grpo.GRPOConfig(num_generations=G, beta=0.0),
             generation=gen, key=0)
 
+    def ppo():
+        # One epoch of one minibatch: the ratios stay at 1 up to rounding,
+        # far from the clip bounds.
+        m = ActorCriticLM(lm(), rngs=nnx.Rngs(2))
+        return training.PPOTrainer(
+            m, nnx.Optimizer(m, SGD, wrt=nnx.Param),
+            afn.ppo.PPOConfig(beta=0.05, kl_target=0.5, gamma=1.0,
+                              num_epochs=1, num_minibatches=1),
+            reference_model=lm(1), generation=gen, key=0)
+
     prompts = [[3, 4, 5], [6, 7], [8], [9, 10, 11, 12], [5], [6, 6],
                [7, 8, 9], [10]]
     reward = lambda samples, conditions: jnp.mean(
         (samples == 5).astype(jnp.float32), axis=-1)
-    plain, sharded = make(), make().shard(afn.distributed.make_mesh())
-    key = jax.random.key(50)   # draws 2e-4 from a flip
-    metrics = {}
-    for label, trainer in (("plain", plain), ("8dev", sharded)):
-        metrics[label] = _host(trainer.train_step(
-            dict(observations=prompts), reward, key))
-    a, b = plain.last_rollout, sharded.last_rollout
-    # The plain step's draws (from the initial parameters, which a fresh
-    # ``make()`` holds) against the prompts the trainer padded: their
-    # distance from a flip.
-    padded, mask = sampling.pad_prompts(prompts)
-    padded, mask = np.repeat(padded, G, 0), np.repeat(mask, G, 0)
-    assert np.array_equal(a["conditions"], padded)
-    assert np.array_equal(a["prompt_mask"], mask)
-    drawn = sampling.Generation(tokens=a["samples"], mask=a["mask"],
-                                log_probs=a["log_probs"])
-    margin = draw_margin(make().model, padded, mask, drawn, key, top_p=0.95,
-                         compiled=True)
-    tokens_equal = bool(np.array_equal(a["samples"], b["samples"]))
-    log_probs = float(np.max(np.abs(
-        np.asarray(a["log_probs"]) - np.asarray(b["log_probs"]))))
-    print(json.dumps(dict(
-        case="GRPOTrainer-lm", variant="8dev", margin=margin,
-        tokens_equal=tokens_equal, log_probs=log_probs,
-        params=_rel_diff(_trainer_params(sharded), _trainer_params(plain)),
-        metrics=_rel_diff(metrics["8dev"], metrics["plain"]),
-        metric_names=sorted(metrics["8dev"]))), flush=True)
+    # Keys whose draws stay 2.4e-4 (GRPO) and 1.1e-3 (PPO) from a flip.
+    for name, make, group, key in (("GRPOTrainer-lm", grpo, G, 50),
+                                   ("PPOTrainer-lm", ppo, 1, 50)):
+        key = jax.random.key(key)
+        plain, sharded = make(), make().shard(afn.distributed.make_mesh())
+        metrics = {}
+        for label, trainer in (("plain", plain), ("8dev", sharded)):
+            metrics[label] = {k: v for k, v in _host(trainer.train_step(
+                dict(observations=prompts), reward, key)).items()
+                if k not in DISCRETE}
+        a, b = plain.last_rollout, sharded.last_rollout
+        # The plain step's draws (from the initial parameters, which a
+        # fresh ``make()`` holds) against the prompts the trainer padded:
+        # their distance from a flip.
+        padded, mask = sampling.pad_prompts(prompts)
+        padded, mask = np.repeat(padded, group, 0), np.repeat(mask, group, 0)
+        assert np.array_equal(a["conditions"], padded)
+        assert np.array_equal(a["prompt_mask"], mask)
+        drawn = sampling.Generation(tokens=a["samples"], mask=a["mask"],
+                                    log_probs=a["log_probs"])
+        margin = draw_margin(make().model, padded, mask, drawn, key,
+                             top_p=0.95, compiled=True)
+        tokens_equal = bool(np.array_equal(a["samples"], b["samples"]))
+        log_probs = float(np.max(np.abs(
+            np.asarray(a["log_probs"]) - np.asarray(b["log_probs"]))))
+        print(json.dumps(dict(
+            case=name, variant="8dev", margin=margin,
+            tokens_equal=tokens_equal, log_probs=log_probs,
+            params=_rel_diff(_trainer_params(sharded),
+                             _trainer_params(plain)),
+            metrics=_rel_diff(metrics["8dev"], metrics["plain"]),
+            metric_names=sorted(metrics["8dev"]))), flush=True)
 
 
 def _runner_program():

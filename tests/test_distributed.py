@@ -118,9 +118,9 @@ def test_aggregation_modes_equal_single_device(device_results, mode):
         assert row["params"] <= TOL and row["metrics"] <= TOL, row
 
 
-TRAINERS = ("PPOTrainer", "GRPOTrainer", "DPOTrainer", "VAETrainer",
-            "DiffusionTrainer", "FlowTrainer", "GANTrainer",
-            "RewardModelTrainer")
+TRAINERS = ("PPOTrainer", "REINFORCETrainer", "GRPOTrainer", "DPOTrainer",
+            "KTOTrainer", "ORPOTrainer", "VAETrainer", "DiffusionTrainer",
+            "FlowTrainer", "GANTrainer", "RewardModelTrainer")
 
 
 @DEVICES_GROUP
@@ -136,11 +136,14 @@ def test_trainer_shard_equals_plain(device_results, trainer):
 
 
 @DEVICES_GROUP
-def test_token_generation_sharded_equals_plain(device_results):
-    """GRPOTrainer on TinyCausalLM (cache, ragged prompts, top-p) sharded
-    over 8 devices: the same tokens (the draws keep their distance from a
-    flip), behaviour log-probs within 1e-5, then the same update."""
-    row = device_results[("GRPOTrainer-lm", "8dev")]
+@pytest.mark.parametrize("case", ["GRPOTrainer-lm", "PPOTrainer-lm"])
+def test_token_generation_sharded_equals_plain(device_results, case):
+    """GRPOTrainer and RLHF-PPO's PPOTrainer (an actor-critic decoder, a
+    reference, the adaptive KL coefficient) generating from TinyCausalLM
+    (cache, ragged prompts, top-p), sharded over 8 devices: the same
+    tokens (the draws keep their distance from a flip), behaviour
+    log-probs within 1e-5, then the same update."""
+    row = device_results[(case, "8dev")]
     assert row["margin"] > TIE_MARGIN, row
     assert row["tokens_equal"], row
     assert row["log_probs"] <= TOL, row
@@ -167,6 +170,9 @@ def test_device_results_cover_the_metrics(device_results):
         assert name in names
     names = device_results[("ppo", "8dev")]["metric_names"]
     assert {"value_loss", "explained_variance", "advantage_std"} <= set(names)
+    names = device_results[("PPOTrainer-lm", "8dev")]["metric_names"]
+    assert {"kl", "beta", "non_score_reward", "score", "value_loss"} <= set(
+        names)
 
 
 def _free_port():
