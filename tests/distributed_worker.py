@@ -808,8 +808,9 @@ def run_trainers():
 def run_lm_generation():
     """Generating trainers on TinyCausalLM (key-value cache, ragged
     prompts, top-p), sharded over 8 devices against plain: GRPO (4 samples
-    a prompt) and RLHF-PPO (an actor-critic decoder, one sample a prompt,
-    a per-token KL to a reference and the adaptive coefficient). For each:
+    a prompt), RLHF-PPO (an actor-critic decoder, one sample a prompt,
+    a per-token KL to a reference and the adaptive coefficient) and online
+    DPO (4 samples a prompt ranked into pairs, a reference). For each:
     the tokens, the behaviour log-probs, the parameters and the metrics of
     a step, and the plain draws' distance from a flip (see
     ``draw_margin``)."""
@@ -844,13 +845,22 @@ def run_lm_generation():
                               num_epochs=1, num_minibatches=1),
             reference_model=lm(1), generation=gen, key=0)
 
+    def online_dpo():
+        m = lm()
+        return training.OnlineDPOTrainer(
+            m, nnx.Optimizer(m, SGD, wrt=nnx.Param),
+            afn.online_dpo.OnlineDPOConfig(num_generations=G, beta=0.1),
+            reference_model=lm(1), generation=gen, key=0)
+
     prompts = [[3, 4, 5], [6, 7], [8], [9, 10, 11, 12], [5], [6, 6],
                [7, 8, 9], [10]]
     reward = lambda samples, conditions: jnp.mean(
         (samples == 5).astype(jnp.float32), axis=-1)
-    # Keys whose draws stay 2.4e-4 (GRPO) and 1.1e-3 (PPO) from a flip.
+    # Keys whose draws stay 2.4e-4 (GRPO, online DPO: the same draws) and
+    # 1.1e-3 (PPO) from a flip.
     for name, make, group, key in (("GRPOTrainer-lm", grpo, G, 50),
-                                   ("PPOTrainer-lm", ppo, 1, 50)):
+                                   ("PPOTrainer-lm", ppo, 1, 50),
+                                   ("OnlineDPOTrainer-lm", online_dpo, G, 50)):
         key = jax.random.key(key)
         plain, sharded = make(), make().shard(afn.distributed.make_mesh())
         metrics = {}

@@ -136,10 +136,12 @@ def test_trainer_shard_equals_plain(device_results, trainer):
 
 
 @DEVICES_GROUP
-@pytest.mark.parametrize("case", ["GRPOTrainer-lm", "PPOTrainer-lm"])
+@pytest.mark.parametrize("case", ["GRPOTrainer-lm", "PPOTrainer-lm",
+                                  "OnlineDPOTrainer-lm"])
 def test_token_generation_sharded_equals_plain(device_results, case):
-    """GRPOTrainer and RLHF-PPO's PPOTrainer (an actor-critic decoder, a
-    reference, the adaptive KL coefficient) generating from TinyCausalLM
+    """GRPOTrainer, RLHF-PPO's PPOTrainer (an actor-critic decoder, a
+    reference, the adaptive KL coefficient) and OnlineDPOTrainer (ranked
+    pairs, a reference) generating from TinyCausalLM
     (cache, ragged prompts, top-p), sharded over 8 devices: the same
     tokens (the draws keep their distance from a flip), behaviour
     log-probs within 1e-5, then the same update."""
