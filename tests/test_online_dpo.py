@@ -83,6 +83,64 @@ def test_select_pairs_by_hand():
     assert float(info["rejected_score"]) == pytest.approx((0 - 1 + 0) / 3)
 
 
+def test_pair_rows_are_the_rows_select_pairs_takes():
+    batch = _batch()
+    chosen, rejected = online_dpo.pair_rows(batch["rewards"], group_size=K)
+    np.testing.assert_array_equal(chosen, [1, 3, 6, 11])
+    np.testing.assert_array_equal(rejected, [0, 3, 7, 9])
+    with pytest.raises(ValueError, match="not a multiple of group_size=5"):
+        online_dpo.pair_rows(batch["rewards"], group_size=5)
+    with pytest.raises(ValueError, match=r"`rewards` must be \[N \* K\]"):
+        online_dpo.pair_rows(jnp.zeros((4, 3)), group_size=K)
+
+
+def test_trainer_scores_only_the_pairs_with_the_reference():
+    """With a reference model the trainer's reference sees the pairs' 2 N
+    rows, not all K N, and its step equals the layer-2 update given the
+    reference log-probs of every row."""
+    seen = []
+
+    class Logits(nnx.Module):
+        def __init__(self, rngs):
+            self.w = nnx.Linear(D, V, rngs=rngs)
+
+        def __call__(self, obs):
+            seen.append(obs.shape[0])
+            return self.w(obs)
+
+    g, rng = 4, np.random.default_rng(5)
+    groups = dict(observations=jnp.asarray(rng.standard_normal((12, D)),
+                                           jnp.float32),
+                  actions=jnp.asarray(rng.integers(0, V, 12)),
+                  rewards=jnp.asarray(rng.standard_normal(12), jnp.float32))
+    model, reference = Logits(nnx.Rngs(0)), Logits(nnx.Rngs(1))
+    trainer = training.OnlineDPOTrainer(
+        model, nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.Param),
+        online_dpo.OnlineDPOConfig(num_generations=g, beta=0.5),
+        reference_model=reference, key=1)
+    pure = lambda m: {"w": nnx.state(m, nnx.Param)["w"]["kernel"].get_value(),
+                      "b": nnx.state(m, nnx.Param)["w"]["bias"].get_value()}
+    params, ref_params = pure(model), pure(reference)
+    seen.clear()
+    trainer.train_step(groups)
+    # Traced for the policy and for the reference, each on the 3 chosen
+    # and the 3 rejected rows: never on the 12 rows.
+    assert seen == [3, 3, 3, 3], seen
+    cfg = online_dpo.OnlineDPOConfig(
+        num_generations=g, beta=0.5, optimizer=optax.sgd(0.5),
+        policy=lambda p, o: distrax.Categorical(logits=o @ p["w"] + p["b"]))
+    every_row = online_dpo.with_reference_log_probs(
+        online_dpo.init(params, cfg, ref_params=ref_params), groups)
+    assert every_row["ref_log_probs"].shape == (12,)
+    want = online_dpo.update(online_dpo.init(params, cfg), every_row)[0]
+    got = pure(model)
+    np.testing.assert_allclose(got["w"], want.params["w"], rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(got["b"], want.params["b"], rtol=1e-5,
+                               atol=1e-6)
+    assert not np.allclose(got["w"], params["w"])
+
+
 def test_loss_is_dpo_over_the_decisive_pairs():
     """By hand: -log sigmoid(beta * margin) averaged over decisive pairs;
     the tie's rows may hold NaN and change nothing."""

@@ -106,6 +106,41 @@ def _check(batch, group_size: int) -> int:
     return n_rows // group_size
 
 
+def pair_rows(rewards, *, group_size: int):
+    """Rows of each group's best and worst sample.
+
+    Args:
+      rewards: ``[N * K]`` rewards, groups of ``K = group_size``
+        consecutive rows.
+      group_size: ``K``.
+
+    Returns:
+      ``(chosen, rejected)``, two ``[N]`` int arrays of row indices into
+      the batch: the first row of each group's highest and of its lowest
+      reward (the same row in a group whose rewards are all equal). These
+      are the rows :func:`select_pairs` pairs, so a caller can score only
+      them (a reference model, say) and leave the other ``(K - 2) N`` rows
+      alone.
+
+    >>> chosen, rejected = pair_rows(jnp.array([0.0, 2.0, 1.0, 5.0, 5.0, 3.0]),
+    ...                              group_size=3)
+    >>> chosen.tolist(), rejected.tolist()
+    ([1, 3], [0, 5])
+    """
+    r = jnp.asarray(rewards, jnp.float32)
+    if r.ndim != 1:
+        raise ValueError(f"`rewards` must be [N * K] (one reward a sample), "
+                         f"got shape {r.shape}.")
+    if r.shape[0] % group_size:
+        raise ValueError(
+            f"`rewards` holds {r.shape[0]} rows, not a multiple of "
+            f"group_size={group_size}.")
+    n = r.shape[0] // group_size
+    r = r.reshape(n, group_size)
+    base = jnp.arange(n) * group_size
+    return base + jnp.argmax(r, axis=1), base + jnp.argmin(r, axis=1)
+
+
 def select_pairs(batch, *, group_size: int):
     """Best-versus-worst pairs of each group of ``group_size`` samples.
 
@@ -124,14 +159,11 @@ def select_pairs(batch, *, group_size: int):
       rejected samples of the decisive groups, 0 without any).
     """
     n = _check(batch, group_size)
+    best, worst = pair_rows(batch["rewards"], group_size=group_size)
     rewards = jnp.asarray(batch["rewards"], jnp.float32).reshape(n, group_size)
-    best = jnp.argmax(rewards, axis=1)
-    worst = jnp.argmin(rewards, axis=1)
     decisive = (jnp.max(rewards, 1) > jnp.min(rewards, 1)).astype(jnp.float32)
-    base = jnp.arange(n) * group_size
 
-    def take(index):
-        rows = base + index
+    def take(rows):
         keys = ("observations", "actions") + (("mask",) if "mask" in batch
                                               else ())
         return {k: jax.tree_util.tree_map(lambda x: jnp.asarray(x)[rows],
@@ -140,8 +172,8 @@ def select_pairs(batch, *, group_size: int):
     pairs = dict(chosen=take(best), rejected=take(worst))
     if "ref_log_probs" in batch:
         ref = jnp.asarray(batch["ref_log_probs"])
-        pairs["ref_chosen_log_probs"] = ref[base + best]
-        pairs["ref_rejected_log_probs"] = ref[base + worst]
+        pairs["ref_chosen_log_probs"] = ref[best]
+        pairs["ref_rejected_log_probs"] = ref[worst]
     count = jnp.sum(decisive)
     per = lambda x: jnp.sum(x * decisive) / jnp.maximum(count, 1.0)
     info = dict(decisive_pairs=jnp.mean(decisive),

@@ -258,6 +258,15 @@ class _RLTrainer(Trainer):
         """Adds the reference model's log-probs the batch lacks: from
         ``reference_model`` (``ref_state``) or, with ``lora_reference``,
         from ``params`` and ``rest`` with every LoRA adapter zeroed."""
+        ref = self._reference_state(config, ref_state, params, rest)
+        if ref is None:
+            return batch
+        return self._algorithm.with_reference_log_probs(ref, batch)
+
+    def _reference_state(self, config, ref_state, params=None, rest=None):
+        """A ``TrainState`` whose ``ref_params`` and ``config.policy`` score
+        the reference (``None`` without one): the algorithms'
+        ``with_reference_log_probs`` take it."""
         if self.lora_reference and params is not None:
             policy = functools.partial(_apply_pair, self.graphdef,
                                        self._policy_apply_fn(self.apply_fn))
@@ -265,14 +274,13 @@ class _RLTrainer(Trainer):
                 (_zero_where(params, self._lora_leaves[0]),
                  _zero_where(rest, self._lora_leaves[1])))
         elif ref_state is None:
-            return batch
+            return None
         else:
             policy = self._ref_policy()
-        ref = TrainState(
+        return TrainState(
             params=None, opt_state=None, step=None, key=None,
             ref_params=ref_state,
             config=dataclasses.replace(config, policy=policy))
-        return self._algorithm.with_reference_log_probs(ref, batch)
 
     def _num_updates(self, config) -> int:
         return 1
@@ -815,6 +823,34 @@ class OnlineDPOTrainer(_GroupSampler):
     """
     _algorithm = _online_dpo
     config_type = _online_dpo.OnlineDPOConfig
+
+    def _with_reference(self, config, ref_state, batch, params=None,
+                        rest=None):
+        """The reference scores the pairs' rows only (``2 N`` sequences
+        instead of ``K N``: :func:`artifex_fn.online_dpo.pair_rows`); the
+        other rows' ``ref_log_probs`` are 0, which the update never reads."""
+        ref = self._reference_state(config, ref_state, params, rest)
+        if (ref is None or config.reference_free
+                or "ref_log_probs" in batch or "rewards" not in batch):
+            # (Without rewards the update names what is missing.)
+            return batch
+        chosen, rejected = _online_dpo.pair_rows(
+            batch["rewards"], group_size=config.num_generations)
+
+        def side(rows):
+            return {k: jax.tree_util.tree_map(lambda x: jnp.asarray(x)[rows],
+                                              batch[k])
+                    for k in ("observations", "actions", "mask")
+                    if k in batch}
+
+        scored = _dpo.with_reference_log_probs(
+            ref, dict(chosen=side(chosen), rejected=side(rejected)))
+        n_rows = jnp.shape(batch["rewards"])[0]
+        ref_log_probs = (
+            jnp.zeros((n_rows,), scored["ref_chosen_log_probs"].dtype)
+            .at[chosen].set(scored["ref_chosen_log_probs"])
+            .at[rejected].set(scored["ref_rejected_log_probs"]))
+        return dict(batch, ref_log_probs=ref_log_probs)
 
     def _pure_scored_update(self, params, rest, opt_state, opt_step, step,
                             state_key, ref_state, config, rollout, samples,
