@@ -666,16 +666,13 @@ def _trainer_cases():
         return T.PPOTrainer(m, opt(m), afn.ppo.PPOConfig(num_minibatches=2),
                             key=1)
 
-    def grpo():
-        m = Tokens(nnx.Rngs(0))
-        return T.GRPOTrainer(m, opt(m),
-                             afn.grpo.GRPOConfig(num_generations=G),
-                             reference_model=Tokens(nnx.Rngs(1)), key=2)
-
-    def dpo():
-        m = Tokens(nnx.Rngs(0))
-        return T.DPOTrainer(m, opt(m), afn.dpo.DPOConfig(),
-                            reference_model=Tokens(nnx.Rngs(1)), key=3)
+    def tokens(cls, config, key, reference=False):
+        """A trainer of ``cls`` on a ``Tokens`` policy (and reference)."""
+        def make():
+            m = Tokens(nnx.Rngs(0))
+            ref = dict(reference_model=Tokens(nnx.Rngs(1))) if reference else {}
+            return cls(m, opt(m), config, key=key, **ref)
+        return make
 
     def vae():
         m = VAE(nnx.Rngs(0))
@@ -699,19 +696,13 @@ def _trainer_cases():
                             afn.families.gan.GANConfig(latent_dim=2),
                             discriminator=d, d_optimizer=opt(d), key=7)
 
-    def reinforce():
-        m = Tokens(nnx.Rngs(0))
-        return T.REINFORCETrainer(m, opt(m),
-                                  afn.reinforce.REINFORCEConfig(), key=11)
-
-    def kto():
-        m = Tokens(nnx.Rngs(0))
-        return T.KTOTrainer(m, opt(m), afn.kto.KTOConfig(),
-                            reference_model=Tokens(nnx.Rngs(1)), key=9)
-
-    def orpo():
-        m = Tokens(nnx.Rngs(0))
-        return T.ORPOTrainer(m, opt(m), afn.orpo.ORPOConfig(), key=10)
+    grpo = tokens(T.GRPOTrainer, afn.grpo.GRPOConfig(num_generations=G), 2,
+                  reference=True)
+    dpo = tokens(T.DPOTrainer, afn.dpo.DPOConfig(), 3, reference=True)
+    kto = tokens(T.KTOTrainer, afn.kto.KTOConfig(), 9, reference=True)
+    orpo = tokens(T.ORPOTrainer, afn.orpo.ORPOConfig(), 10)
+    reinforce = tokens(T.REINFORCETrainer, afn.reinforce.REINFORCEConfig(),
+                       11)
 
     def reward_model():
         from artifex_fn.families.autoregressive import TinyCausalLM

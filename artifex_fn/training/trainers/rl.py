@@ -834,17 +834,12 @@ class OnlineDPOTrainer(_GroupSampler):
                 or "ref_log_probs" in batch or "rewards" not in batch):
             # (Without rewards the update names what is missing.)
             return batch
-        chosen, rejected = _online_dpo.pair_rows(
-            batch["rewards"], group_size=config.num_generations)
-
-        def side(rows):
-            return {k: jax.tree_util.tree_map(lambda x: jnp.asarray(x)[rows],
-                                              batch[k])
-                    for k in ("observations", "actions", "mask")
-                    if k in batch}
-
+        g = config.num_generations
+        chosen, rejected = _online_dpo.pair_rows(batch["rewards"],
+                                                 group_size=g)
+        pairs, _, _ = _online_dpo.select_pairs(batch, group_size=g)
         scored = _dpo.with_reference_log_probs(
-            ref, dict(chosen=side(chosen), rejected=side(rejected)))
+            ref, {k: pairs[k] for k in ("chosen", "rejected")})
         n_rows = jnp.shape(batch["rewards"])[0]
         ref_log_probs = (
             jnp.zeros((n_rows,), scored["ref_chosen_log_probs"].dtype)
